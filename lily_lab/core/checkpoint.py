@@ -1,0 +1,346 @@
+"""``save_adapter`` / ``load_adapter``: safetensors + JSON, lily_lab's own layout or PEFT's.
+
+lily_lab layout (a directory)::
+
+    lily_adapter.json                  config, groups and site names, name and SHA-256 of the weights
+    adapter-<sha256[:16]>.safetensors  each shared tensor once: g<k>.A<j>, g<k>.B, g<k>.router<i>
+
+The weights file is named after its content and the JSON is replaced last, atomically: the JSON is
+the commit point, so a save that dies half-way leaves the previous checkpoint loadable. Loading
+checks the hash, so a corrupted weights file is refused rather than silently loaded.
+
+PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` with the keys PEFT's ``lily``
+tuner writes (every site's own copy of the shared tensors), loadable by
+``peft.PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LilyConfig
+from .errors import CheckpointError, LilyLabError
+from .inject import add_lily, get_state, plan_groups, remove_lily
+from .layer import LilyLayer
+from . import peft_format
+
+LILY_JSON = "lily_adapter.json"
+FORMAT_NAME = "lily_lab-adapter"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "lily_lab") -> Path:
+    """Write the model's Lily adapter to ``directory`` (created if missing); return its path.
+
+    ``format="lily_lab"`` stores each shared tensor once and keeps every option (routing mode,
+    temperature, top-k, Conv1D sites). ``format="peft"`` writes what PEFT's ``lily`` tuner writes,
+    for adapters PEFT can express (batch routing, temperature 1, no top-k, ``nn.Linear`` sites).
+    """
+    state = get_state(model)
+    if state is None:
+        raise CheckpointError("this model has no lily_lab Lily adapter to save; call add_lily(model, config) first")
+    layers = _layers_by_group(model)
+    if format == "lily_lab":
+        files = _lily_files(state, layers)
+    elif format == "peft":
+        files = peft_format.peft_files(model, state.config, layers)
+    else:
+        raise CheckpointError(f"format must be 'lily_lab' or 'peft', got {format!r}")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory; choose a directory path")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files:  # the last file written is the commit point
+        _atomic_write(directory / name, data)
+    if format == "lily_lab":
+        keep = json.loads(files[-1][1])["weights_file"]
+        for old in directory.glob("adapter-*.safetensors"):
+            if old.name != keep:
+                old.unlink(missing_ok=True)
+    return directory
+
+
+def _lily_files(state, layers: dict[str, list[tuple[str, LilyLayer]]]) -> list[tuple[str, bytes]]:
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for k, (key, members) in enumerate(layers.items()):
+        seen_A: set[int] = set()
+        for _, layer in members:
+            if layer.a_index not in seen_A:
+                seen_A.add(layer.a_index)
+                tensors[f"g{k}.A{layer.a_index}"] = _plain(layer.lily_A)
+            tensors[f"g{k}.router{layer.index}"] = _plain(layer.lily_router)
+        m0 = members[0][1]
+        tensors[f"g{k}.B"] = _plain(m0.lily_B)
+        groups.append({"key": key, "target": m0.target, "d_in": m0.d_in, "d_out": m0.d_out,
+                       "sites": [name for name, _ in members]})
+    weights = save(tensors, metadata={"format": FORMAT_NAME})
+    digest = hashlib.sha256(weights).hexdigest()
+    weights_file = f"adapter-{digest[:16]}.safetensors"
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": state.config.to_dict(),
+        "groups": groups,
+        "weights_file": weights_file,
+        "weights_sha256": digest,
+    }
+    return [(weights_file, weights), (LILY_JSON, json.dumps(meta, indent=2).encode())]
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a lily_lab or PEFT Lily adapter directory into ``model`` and return it.
+
+    ``model`` is either the base model (Lily is added with the saved config) or a model already
+    carrying a lily_lab adapter of the same layout (its weights and options are replaced). On any
+    error — missing or corrupted files, a config that is not valid, an adapter that does not fit
+    this model — a :class:`~lily_lab.LilyLabError` is raised and the model is left as it was.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no adapter directory at {str(directory)!r}")
+    if (directory / LILY_JSON).is_file():
+        config, layout, tensors = _read_lily(directory)
+    elif (directory / peft_format.PEFT_CONFIG).is_file():
+        config, per_site = peft_format.read_peft(directory)
+        layout, tensors = None, per_site
+    else:
+        raise CheckpointError(
+            f"{str(directory)!r} holds no adapter: expected {LILY_JSON} (lily_lab) or "
+            f"{peft_format.PEFT_CONFIG} (PEFT); found {sorted(p.name for p in directory.iterdir())[:10]}"
+        )
+    return _apply(model, config, layout, tensors)
+
+
+def _read_lily(directory: Path):
+    meta = _read_json(directory / LILY_JSON)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{LILY_JSON} is not a lily_lab adapter description (no 'format': {FORMAT_NAME!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{LILY_JSON}: format_version must be an integer ≥ 1, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{LILY_JSON} has format_version {version}, newer than the {FORMAT_VERSION} this lily_lab "
+            "reads: upgrade lily_lab to load it"
+        )
+    known = {"format", "format_version", "config", "groups", "weights_file", "weights_sha256"}
+    if set(meta) != known:
+        extra, missing = sorted(set(meta) - known), sorted(known - set(meta))
+        raise CheckpointError(f"{LILY_JSON}: unexpected keys {extra}, missing keys {missing}")
+    config = _config_from(meta["config"])
+    layout = _check_layout(meta["groups"])
+    name, digest = meta["weights_file"], meta["weights_sha256"]
+    if not (isinstance(name, str) and "/" not in name and "\\" not in name and name.endswith(".safetensors")):
+        raise CheckpointError(f"{LILY_JSON}: weights_file must be a file name in the directory, got {name!r}")
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(f"the weights file {name!r} named by {LILY_JSON} is missing from {str(directory)!r}")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(
+            f"{name} is corrupted or was changed after saving: its SHA-256 does not match {LILY_JSON}; "
+            "save the adapter again"
+        )
+    raw = read_safetensors(data, name)
+    tensors: dict[tuple, torch.Tensor] = {}
+    for k, group in enumerate(layout):
+        for j in range(-(-len(group["sites"]) // config.stride_A)):
+            tensors[(group["key"], "A", j)] = _take(raw, f"g{k}.A{j}", name)
+        tensors[(group["key"], "B")] = _take(raw, f"g{k}.B", name)
+        for i in range(len(group["sites"])):
+            tensors[(group["key"], "router", i)] = _take(raw, f"g{k}.router{i}", name)
+    if raw:
+        raise CheckpointError(f"{name} has tensors this adapter does not use: {sorted(raw)[:5]}")
+    return config, layout, tensors
+
+
+def _apply(model: nn.Module, config: LilyConfig, layout: list[dict] | None, tensors: dict) -> nn.Module:
+    """Check that the adapter fits ``model``, then (and only then) change the model.
+
+    ``layout=None`` means a PEFT directory: ``tensors`` is per site and the layout is the model's.
+    """
+    state = get_state(model)
+    if state is not None:
+        ours = [{"key": g.key, "d_in": g.d_in, "d_out": g.d_out, "sites": [s.name for s in g.sites]}
+                for g in state.groups]
+        structural = ("r", "stride_A", "num_B")
+        if any(getattr(state.config, f) != getattr(config, f) for f in structural):
+            raise CheckpointError(
+                "the adapter's r / stride_A / num_B ("
+                f"{config.r}/{config.stride_A}/{config.num_B}) differ from the model's adapter "
+                f"({state.config.r}/{state.config.stride_A}/{state.config.num_B}); "
+                "call remove_lily(model) first to load a different layout"
+            )
+    else:
+        try:
+            planned = plan_groups(model, config)
+        except LilyLabError as err:
+            raise CheckpointError(f"the adapter does not fit this model: {err}") from None
+        ours = [{"key": g.key, "d_in": g.d_in, "d_out": g.d_out, "sites": [s.name for s in g.sites]}
+                for g in planned]
+    if layout is None:
+        layout, tensors = ours, peft_format.to_group_tensors(tensors, ours, config)
+    _compare_layouts(layout, ours, config)
+    _check_tensors(tensors, layout, config)
+    added = state is None
+    if added:
+        add_lily(model, config)
+    try:
+        layers = _layers_by_group(model)
+        with torch.no_grad():
+            for group in layout:
+                for _, layer in layers[group["key"]]:
+                    if layer.index % config.stride_A == 0:
+                        layer.lily_A.copy_(tensors[(group["key"], "A", layer.a_index)])
+                    if layer.index == 0:
+                        layer.lily_B.copy_(tensors[(group["key"], "B")])
+                    layer.lily_router.copy_(tensors[(group["key"], "router", layer.index)])
+                    layer.scaling, layer.routing = config.scaling, config.routing
+                    layer.router_temperature, layer.router_top_k = config.router_temperature, config.router_top_k
+        get_state(model).config = config
+    except BaseException:
+        if added:
+            remove_lily(model)
+        raise
+    return model
+
+
+def _compare_layouts(saved: list[dict], ours: list[dict], config: LilyConfig) -> None:
+    """Raise naming the first site where the saved adapter and this model disagree."""
+    fit = "the adapter does not fit this model"
+    for g_s, g_o in zip(saved, ours):
+        if (g_s["d_out"], g_s["d_in"]) != (g_o["d_out"], g_o["d_in"]) or g_s["key"] != g_o["key"]:
+            raise CheckpointError(
+                f"{fit}: site {g_s['sites'][0]!r} has weight shape {g_s['d_out']}x{g_s['d_in']} (d_out x d_in) "
+                f"in the adapter, but the matching site here, {g_o['sites'][0]!r}, has "
+                f"{g_o['d_out']}x{g_o['d_in']}"
+            )
+        for i, (name_s, name_o) in enumerate(zip(g_s["sites"], g_o["sites"])):
+            if name_s != name_o:
+                raise CheckpointError(f"{fit}: site {i} of group {g_s['key']!r} is {name_s!r} in the adapter, {name_o!r} here")
+        if len(g_s["sites"]) != len(g_o["sites"]):
+            raise CheckpointError(
+                f"{fit}: group {g_s['key']!r} has {len(g_s['sites'])} sites in the adapter and "
+                f"{len(g_o['sites'])} here"
+            )
+    if len(saved) != len(ours):
+        extra = saved[len(ours):] or ours[len(saved):]
+        raise CheckpointError(
+            f"{fit}: {len(saved)} groups in the adapter, {len(ours)} here (first unmatched: group "
+            f"{extra[0]['key']!r}, site {extra[0]['sites'][0]!r})"
+        )
+
+
+def _check_tensors(tensors: dict, layout: list[dict], config: LilyConfig) -> None:
+    r, E = config.r, config.num_B
+    for group in layout:
+        for key, t in tensors.items():
+            if key[0] != group["key"]:
+                continue
+            want = {"A": (r, group["d_in"]), "B": (E, r, group["d_out"]), "router": (E, r)}[key[1]]
+            if tuple(t.shape) != want:
+                raise CheckpointError(
+                    f"tensor {key[1]}{key[2] if len(key) > 2 else ''} of group {group['key']!r} has shape "
+                    f"{tuple(t.shape)}, expected {want} for r={r}, num_B={E}"
+                )
+            if not t.is_floating_point():
+                raise CheckpointError(f"tensor {key[1]} of group {group['key']!r} has dtype {t.dtype}, expected a float")
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"tensor {key[1]} of group {group['key']!r} holds NaN or infinite values")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def read_safetensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return dict(load(data))
+    except Exception as err:  # safetensors raises its own error types, and others on odd headers
+        raise CheckpointError(f"{name} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path.name} is not valid JSON ({err}); save the adapter again") from None
+
+
+def _config_from(data: Any) -> LilyConfig:
+    try:
+        return LilyConfig.from_dict(data)
+    except (TypeError, LilyLabError) as err:
+        raise CheckpointError(f"the adapter's config is invalid: {err}") from None
+
+
+def _check_layout(groups: Any) -> list[dict]:
+    ok = isinstance(groups, list) and groups and all(
+        isinstance(g, dict) and set(g) == {"key", "target", "d_in", "d_out", "sites"}
+        and isinstance(g["key"], str) and isinstance(g["target"], str)
+        and all(isinstance(g[d], int) and not isinstance(g[d], bool) and g[d] > 0 for d in ("d_in", "d_out"))
+        and isinstance(g["sites"], list) and g["sites"] and all(isinstance(s, str) for s in g["sites"])
+        for g in groups
+    )
+    if not ok:
+        raise CheckpointError(f"{LILY_JSON}: 'groups' is malformed; save the adapter again")
+    return groups
+
+
+def _take(raw: dict, key: str, name: str) -> torch.Tensor:
+    if key not in raw:
+        raise CheckpointError(f"{name} has no tensor {key!r}: the file does not match its description")
+    return raw.pop(key)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def _layers_by_group(model: nn.Module) -> dict[str, list[tuple[str, LilyLayer]]]:
+    """``{group key: [(site name, layer), …]}`` in traversal order."""
+    layers: dict[str, list[tuple[str, LilyLayer]]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LilyLayer):
+            layers.setdefault(mod.group, []).append((name, mod))
+    return layers
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass

@@ -1,0 +1,161 @@
+"""``LilyConfig``: what to adapt and how, validated on construction, with a JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import LilyConfigError
+
+ROUTING_MODES = ("batch", "sequence", "token")
+
+#: Version of the JSON layout written by :meth:`LilyConfig.to_json`. Readers accept this version
+#: and older ones; a newer file is rejected with a message asking to upgrade lily_lab.
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass
+class LilyConfig:
+    """How Lily adapts a model.
+
+    A Lily adapter adds ``Δy = scaling · h · Σ_e π_e B_e`` to each adapted linear layer (a *site*),
+    where ``h = x A_jᵀ`` is a low-rank projection of the input and ``π`` a mixture of the ``B``
+    experts chosen by the site's router. Sites are grouped by the target name they matched and
+    their weight shape; inside a group, neighbouring sites share ``A`` and all sites share one bank
+    of ``B`` experts.
+
+    Attributes:
+        target_modules: Which layers to adapt. A list of module-name suffixes (``["query",
+            "value"]`` adapts every module whose dotted name is ``query`` or ends in ``.query``), or
+            one regular expression matched against the whole dotted name (``r".*\\.(q|v)_proj"``).
+            This is PEFT's rule.
+        r: Rank of the low-rank projection: ``A`` maps ``d_in → r`` and each expert ``B_e`` maps
+            ``r → d_out``. The update of one site has rank at most ``r``.
+        stride_A: How many consecutive sites of a group share one ``A`` projector. ``1`` gives
+            every site its own ``A``; ``4`` makes sites 0–3 share one, 4–7 the next, and so on.
+        num_B: Number of ``B`` experts in each group's bank. The bank is shared by every site of
+            the group; each site's router mixes the experts. ``1`` means one shared ``B`` and no
+            routing at all (useful for teaching: Lily without the router).
+        scaling: Plain multiplier of the adapter's output (no ``alpha / r`` as in LoRA).
+        routing: How the router's per-token distributions ``p`` become the mixture ``π``:
+            ``"batch"`` averages ``p`` over every token of the forward call — padding and other
+            samples included — as the paper and PEFT do, so one sample's output depends on the
+            rest of its batch; ``"sequence"`` averages per sequence, skipping padding when the
+            model is called with an ``attention_mask``, so outputs do not depend on batching;
+            ``"token"`` uses each token's own distribution, ``π_t = p_t``.
+        router_temperature: Divides the router logits before the softmax. Above 1 the router's
+            distributions are flatter, below 1 sharper.
+        router_top_k: Keep only the ``k`` largest router probabilities of each token,
+            renormalised to sum to 1, before any averaging. ``None`` keeps all ``num_B``.
+        init_weights: ``True`` (the paper's and PEFT's choice) starts the experts ``B`` at zero,
+            so the adapted model starts exactly as the base model. ``False`` starts them
+            kaiming-uniform like ``A`` and the routers.
+        exclude_modules: Modules never adapted even if they match ``target_modules``: a list of
+            names or suffixes, or one regular expression, with the same rule.
+    """
+
+    target_modules: list[str] | str
+    r: int = 32
+    stride_A: int = 1
+    num_B: int = 2
+    scaling: float = 1.0
+    routing: str = "batch"
+    router_temperature: float = 1.0
+    router_top_k: int | None = None
+    init_weights: bool = True
+    exclude_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = _check_names("target_modules", self.target_modules, allow_none=False)
+        self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_none=True)
+        for name in ("r", "stride_A", "num_B"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise LilyConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if not _is_number(self.scaling) or not math.isfinite(self.scaling):
+            raise LilyConfigError(f"scaling must be a finite number, got {self.scaling!r}")
+        if self.routing not in ROUTING_MODES:
+            raise LilyConfigError(
+                f"routing must be one of {', '.join(map(repr, ROUTING_MODES))}, got {self.routing!r}"
+            )
+        t = self.router_temperature
+        if not _is_number(t) or not math.isfinite(t) or t <= 0:
+            raise LilyConfigError(f"router_temperature must be a finite number > 0, got {t!r}")
+        k = self.router_top_k
+        if k is not None and (not _is_int(k) or not 1 <= k <= self.num_B):
+            raise LilyConfigError(
+                f"router_top_k must be None or an integer in 1..num_B (1..{self.num_B}), got {k!r}"
+            )
+        if not isinstance(self.init_weights, bool):
+            raise LilyConfigError(f"init_weights must be True or False, got {self.init_weights!r}")
+        self.scaling = float(self.scaling)
+        self.router_temperature = float(self.router_temperature)
+
+    # ------------------------------------------------------------------ JSON round trip
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values, plus ``format_version``."""
+        return {"format_version": CONFIG_FORMAT_VERSION, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "LilyConfig":
+        """Build a config from :meth:`to_dict`'s output; unknown keys and newer versions raise."""
+        if not isinstance(data, dict):
+            raise LilyConfigError(f"a Lily config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if not _is_int(version) or version < 1:
+            raise LilyConfigError(
+                f"format_version must be an integer ≥ 1 (this lily_lab writes {CONFIG_FORMAT_VERSION}), "
+                f"got {version!r}"
+            )
+        if version > CONFIG_FORMAT_VERSION:
+            raise LilyConfigError(
+                f"this config has format_version {version}, newer than the {CONFIG_FORMAT_VERSION} this "
+                "lily_lab reads: upgrade lily_lab to load it"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LilyConfigError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}"
+            )
+        if "target_modules" not in data:
+            raise LilyConfigError("the config has no 'target_modules'")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LilyConfig":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise LilyConfigError(f"the config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_names(field: str, value: Any, *, allow_none: bool) -> list[str] | str | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        if not value:
+            raise LilyConfigError(f"{field} must not be an empty string")
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+        if not value and not allow_none:
+            raise LilyConfigError(f"{field} must name at least one module, e.g. ['query', 'value']")
+        return list(value) if not isinstance(value, set) else sorted(value)
+    raise LilyConfigError(
+        f"{field} must be a list of non-empty module-name suffixes or one regex string, got {value!r}"
+    )

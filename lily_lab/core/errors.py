@@ -1,0 +1,28 @@
+"""lily_lab's exceptions.
+
+Every error lily_lab raises on bad input is a :class:`LilyLabError`. The subclasses are also the
+builtin exception a Python user would expect (``ValueError`` for a wrong value, ``TypeError`` for a
+wrong kind of module), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LilyLabError(Exception):
+    """Base class of every error lily_lab raises on bad input."""
+
+
+class LilyConfigError(LilyLabError, ValueError):
+    """A configuration value is out of range, or a config file is malformed."""
+
+
+class TargetError(LilyLabError, ValueError):
+    """``target_modules`` matched nothing, or the model is already adapted."""
+
+
+class TargetTypeError(LilyLabError, TypeError):
+    """A matched module is not a layer Lily can wrap (``nn.Linear`` or transformers' ``Conv1D``)."""
+
+
+class CheckpointError(LilyLabError, ValueError):
+    """An adapter directory is missing, corrupted, or does not fit the model."""

@@ -1,0 +1,202 @@
+"""The Lily layer: a frozen linear layer plus a routed low-rank update.
+
+For one site with base weight ``W`` (``d_out × d_in``), shared projector ``A`` (``r × d_in``), the
+group's bank ``B`` (``E × r × d_out``) and the site's own router ``R`` (``E × r``)::
+
+    h  = x Aᵀ                      # (…, r)
+    p  = softmax(h Rᵀ / τ)         # (…, E)   one distribution per token
+    Δy = s · h · Σ_e π_e B_e       # π: the mixture, from p by the routing mode
+    y  = x Wᵀ + b + Δy
+
+``A`` and ``B`` are ``nn.Parameter`` objects shared *by identity* between sites (see
+``inject.py``); the router is the site's own.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+def base_dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or a transformers ``Conv1D`` (weight ``d_in × d_out``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D stores its weight transposed
+    return int(d_in), int(d_out)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (``y = x W + b``, ``W`` is ``d_in × d_out``)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+class CallContext:
+    """What the top-level model was called with, for layers that need it (the attention mask).
+
+    A stack, so a model called from inside another call (rare, but legal) sees its own mask.
+    """
+
+    def __init__(self) -> None:
+        self._masks: list[torch.Tensor | None] = []
+
+    def push(self, mask: torch.Tensor | None) -> None:
+        self._masks.append(mask)
+
+    def pop(self) -> None:
+        if self._masks:
+            self._masks.pop()
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self._masks[-1] if self._masks else None
+
+
+@dataclass
+class RoutingEvent:
+    """What one forward call of one site routed; handed to routing observers.
+
+    ``logits`` and ``probs`` are per token (shape ``(…, E)``, before the temperature for
+    ``logits``; after temperature and top-k for ``probs``). ``mixture`` is what was applied:
+    ``(E,)`` for batch routing, ``(batch, E)`` for sequence routing, ``(…, E)`` for token routing.
+    ``token_mask`` is ``x.shape[:-1]`` booleans (``True`` = real token) when the model's
+    ``attention_mask`` applied to this input, else ``None``.
+    """
+
+    layer: "LilyLayer"
+    logits: torch.Tensor
+    probs: torch.Tensor
+    mixture: torch.Tensor
+    token_mask: torch.Tensor | None
+
+
+class LilyLayer(nn.Module):
+    """A Lily site: wraps an ``nn.Linear`` or ``Conv1D`` (kept as ``base_layer``, untouched)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        A: nn.Parameter,
+        B: nn.Parameter,
+        router: nn.Parameter,
+        scaling: float,
+        routing: str,
+        router_temperature: float = 1.0,
+        router_top_k: int | None = None,
+        target: str = "",
+        group: str = "",
+        index: int = 0,
+        a_index: int = 0,
+        context: CallContext | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lily_A = A  # (r, d_in)       shared by stride_A consecutive sites
+        self.lily_B = B  # (E, r, d_out)   shared by the whole group
+        self.lily_router = router  # (E, r)  this site's own
+        self.scaling = scaling
+        self.routing = routing
+        self.router_temperature = router_temperature
+        self.router_top_k = router_top_k
+        self.target, self.group, self.index, self.a_index = target, group, index, a_index
+        self._context = context
+        self._observers: OrderedDict[int, Callable[[RoutingEvent], None]] = OrderedDict()
+        self.d_in, self.d_out = base_dims(base_layer)
+
+    @property
+    def num_B(self) -> int:
+        return self.lily_B.shape[0]
+
+    @property
+    def r(self) -> int:
+        return self.lily_A.shape[0]
+
+    def register_routing_observer(self, fn: Callable[[RoutingEvent], None]) -> RemovableHandle:
+        """Call ``fn(event)`` after each forward's routing; remove with ``handle.remove()``."""
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = fn
+        return handle
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        A, B, R = self.lily_A, self.lily_B, self.lily_router
+        h = F.linear(x.to(A.dtype), A)  # (…, r)
+        logits = F.linear(h, R)  # (…, E)
+        probs = torch.softmax(logits.float() / self.router_temperature, dim=-1)
+        k = self.router_top_k
+        if k is not None and k < probs.shape[-1]:
+            top, idx = probs.topk(k, dim=-1)
+            probs = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        probs = probs.to(h.dtype)
+        token_mask = self._token_mask(x)
+        delta, mixture = _MIXERS[self.routing](h, probs, B, token_mask)
+        if self._observers:
+            event = RoutingEvent(self, logits.detach(), probs.detach(), mixture.detach(), token_mask)
+            for fn in list(self._observers.values()):
+                fn(event)
+        return result + (delta * self.scaling).to(result.dtype)
+
+    def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The model's attention mask as ``x.shape[:-1]`` booleans, when it fits this input.
+
+        It fits when ``x`` is ``(batch, positions, d_in)`` and the mask ``(batch, positions)``.
+        Otherwise (no mask given, a 4-D mask, cached generation, cross-attention over another
+        sequence) every token counts.
+        """
+        mask = self._context.attention_mask if self._context is not None else None
+        if mask is None or mask.dim() != 2 or x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
+            return None
+        return mask.to(device=x.device) != 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"group={self.group!r}, index={self.index}, a_index={self.a_index}, r={self.r}, "
+            f"num_B={self.num_B}, routing={self.routing!r}, scaling={self.scaling}"
+        )
+
+
+# --------------------------------------------------------------------------- routing modes
+# Each takes h (…, r), probs (…, E), the bank B (E, r, d_out) and an optional token mask, and
+# returns (Δ before scaling (…, d_out), the mixture applied).
+
+
+def _mix_batch(h, probs, B, token_mask):
+    mixture = probs.reshape(-1, probs.shape[-1]).mean(dim=0)  # (E,) every token, padding included
+    B_mix = torch.einsum("e,erd->rd", mixture, B)  # (r, d_out)
+    return h @ B_mix, mixture
+
+
+def _mix_sequence(h, probs, B, token_mask):
+    if h.dim() < 3:  # (batch, d) or (d,): each row is a sequence of one token
+        return _mix_token(h, probs, B, token_mask)
+    batch, E = probs.shape[0], probs.shape[-1]
+    p = probs.reshape(batch, -1, E)  # (batch, tokens, E)
+    if token_mask is None:
+        mixture = p.mean(dim=1)
+    else:
+        m = token_mask.reshape(batch, -1, 1).to(p.dtype)  # (batch, tokens, 1)
+        count = m.sum(dim=1)  # (batch, 1)
+        # A sequence with no real token (all padding) falls back to the plain mean.
+        mixture = torch.where(count > 0, (p * m).sum(dim=1) / count.clamp_min(1), p.mean(dim=1))
+    B_mix = torch.einsum("be,erd->brd", mixture, B)  # (batch, r, d_out)
+    r = h.shape[-1]
+    delta = torch.bmm(h.reshape(batch, -1, r), B_mix)  # (batch, tokens, d_out)
+    return delta.reshape(*h.shape[:-1], B.shape[-1]), mixture
+
+
+def _mix_token(h, probs, B, token_mask):
+    E, r, d_out = B.shape
+    # (p ⊗ h) then one matmul with the stacked bank: never a per-token r × d_out matrix.
+    ph = (probs.unsqueeze(-1) * h.unsqueeze(-2)).reshape(*h.shape[:-1], E * r)  # (…, E·r)
+    return ph @ B.reshape(E * r, d_out), probs
+
+
+_MIXERS = {"batch": _mix_batch, "sequence": _mix_sequence, "token": _mix_token}

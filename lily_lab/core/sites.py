@@ -1,0 +1,169 @@
+"""``adapter_sites`` and ``count_parameters``: one view of lily_lab Lily, PEFT Lily and PEFT LoRA.
+
+PEFT models are read by duck typing (``lily_A`` / ``lora_A`` ``ModuleDict``s on a layer with a
+``base_layer``), so peft is never imported here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .inject import get_state, match_target
+from .layer import LilyLayer, base_dims
+
+
+@dataclass(eq=False)
+class Site:
+    """One adapted linear layer.
+
+    ``A`` (``r × d_in``), ``B`` (``E × r × d_out``; LoRA: ``E = 1``) and ``router`` (``E × r`` or
+    ``None``) are the live parameters or views of them: editing them in place under
+    ``torch.no_grad()`` edits the model.
+    """
+
+    name: str  # path in model.named_modules() of the model passed to adapter_sites
+    module: str  # the target it matched (for PEFT models: the name's last component if unknown)
+    group: str  # "<target>:<d_out>x<d_in>"
+    index: int  # position in the group, traversal order
+    a_index: int  # which A of the group it uses
+    A: torch.Tensor
+    B: torch.Tensor
+    router: torch.Tensor | None
+    scaling: float
+    kind: str  # "lily", "peft-lily" or "peft-lora"
+    layer: nn.Module = field(repr=False)  # the adapter module itself
+    parameters: tuple[nn.Parameter, ...] = field(default=(), repr=False)  # the tensors it trains
+
+    @property
+    def num_B(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.B.shape[2]
+
+
+def adapter_sites(model: nn.Module) -> list[Site]:
+    """Every adapted layer of ``model`` in traversal order (lily_lab Lily, PEFT Lily, PEFT LoRA)."""
+    sites: list[Site] = []
+    targets = _peft_targets(model)
+    # Group and A-index by identity of the shared tensors, as they really are in the model.
+    group_pos: dict[str, int] = {}
+    a_ids: dict[str, dict[int, int]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LilyLayer):
+            sites.append(
+                Site(name, mod.target, mod.group, mod.index, mod.a_index, mod.lily_A, mod.lily_B,
+                     mod.lily_router, mod.scaling, "lily", mod, (mod.lily_A, mod.lily_B, mod.lily_router))
+            )
+            continue
+        kind, adapter = _peft_kind(mod)
+        if kind is None:
+            continue
+        d_in, d_out = base_dims(mod.get_base_layer())
+        target = (match_target(name.removeprefix("base_model.model."), targets) if targets else None) or name.rsplit(".", 1)[-1]
+        group = f"{target}:{d_out}x{d_in}"
+        index = group_pos.get(group, 0)
+        group_pos[group] = index + 1
+        if kind == "peft-lily":
+            A_w, B_w, R_w = (getattr(mod, f"lily_{p}")[adapter].weight for p in ("A", "B", "router"))
+            E = R_w.shape[0]
+            ids = a_ids.setdefault(group, {})
+            a_index = ids.setdefault(id(A_w), len(ids))
+            B = B_w.view(E, B_w.shape[0] // E, B_w.shape[1])  # PEFT stacks the bank as (E·r, d_out)
+            sites.append(Site(name, target, group, index, a_index, A_w, B, R_w,
+                              float(mod.scaling[adapter]), kind, mod, (A_w, B_w, R_w)))
+        else:
+            A_w, B_w = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight  # (r, d_in), (d_out, r)
+            sites.append(Site(name, target, group, index, index, A_w, B_w.t().unsqueeze(0), None,
+                              float(mod.scaling[adapter]), kind, mod, (A_w, B_w)))
+    return sites
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``trainable``, ``total`` and ``adapter`` parameter counts, each shared tensor counted once."""
+    params = {id(p): p for p in model.parameters()}
+    adapter = {id(p): p for s in adapter_sites(model) for p in s.parameters}
+    return {
+        "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
+        "total": sum(p.numel() for p in params.values()),
+        "adapter": sum(p.numel() for p in adapter.values()),
+    }
+
+
+def lily_parameter_formula(L: int, d_in: int, d_out: int, r: int, stride_A: int, num_B: int) -> int:
+    """Trainable parameters of one group (DESIGN §2): ``⌈L/stride_A⌉·r·d_in + E·r·d_out + L·r·E``."""
+    return math.ceil(L / stride_A) * r * d_in + num_B * r * d_out + L * r * num_B
+
+
+def adapter_summary(model: nn.Module) -> str:
+    """A readable layout of the adapter: groups, shared ``A``s, banks, routers and counts."""
+    sites = adapter_sites(model)
+    if not sites:
+        return "no adapter sites in this model"
+    lines = []
+    state = get_state(model)
+    if state is not None:
+        c = state.config
+        lines.append(f"Lily adapter  r={c.r}  stride_A={c.stride_A}  num_B={c.num_B}  "
+                     f"routing={c.routing!r}  scaling={c.scaling}")
+    by_group: dict[str, list[Site]] = {}
+    for s in sites:
+        by_group.setdefault(s.group, []).append(s)
+    for group, members in by_group.items():
+        s0 = members[0]
+        n_A = len({id(p) for s in members for p in s.parameters[:1]})
+        n_params = sum({id(p): p.numel() for s in members for p in s.parameters}.values())
+        lines.append(
+            f"group {group}: {len(members)} sites ({s0.kind}), {n_A} A of {s0.r}×{s0.d_in}, "
+            f"bank of {s0.num_B} B of {s0.r}×{s0.d_out}, "
+            f"{'no routers' if s0.router is None else f'{len(members)} routers of {s0.num_B}×{s0.r}'}"
+            f" — {n_params:,} parameters"
+        )
+        for s in members:
+            lines.append(f"    [{s.index:>2}] {s.name}  A{s.a_index}")
+    counts = count_parameters(model)
+    lines.append(
+        f"adapter parameters: {counts['adapter']:,}   trainable: {counts['trainable']:,}   "
+        f"total: {counts['total']:,}   ({100 * counts['trainable'] / max(counts['total'], 1):.3f}% trainable)"
+    )
+    return "\n".join(lines)
+
+
+def _peft_kind(mod: nn.Module) -> tuple[str | None, str | None]:
+    for attr, kind in (("lily_A", "peft-lily"), ("lora_A", "peft-lora")):
+        dct = getattr(mod, attr, None)
+        if isinstance(dct, nn.ModuleDict) and hasattr(mod, "get_base_layer"):
+            active = getattr(mod, "active_adapters", None) or list(dct.keys())
+            if isinstance(active, str):
+                active = [active]
+            for name in active:
+                if name in dct:
+                    return kind, name
+    return None, None
+
+
+def _peft_targets(model: nn.Module) -> list[str] | str | None:
+    """The target_modules of a PEFT model's active adapter config, when the model carries one."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    name = getattr(model, "active_adapter", None)
+    cfg = configs.get(name) if isinstance(name, str) else None
+    cfg = cfg or next(iter(configs.values()))
+    targets = getattr(cfg, "target_modules", None)
+    if isinstance(targets, set):
+        targets = sorted(targets)
+    return targets
