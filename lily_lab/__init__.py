@@ -1,5 +1,17 @@
-"""lily_lab: Lily adapters, and tools to see what their routers and experts learned."""
+"""lily_lab: Lily adapters, and tools to see what their routers and experts learned.
 
+The public API (DESIGN §4) is importable from here; see ``__all__``.
+"""
+
+from .analysis import (
+    expert_layer_profile,
+    expert_similarity,
+    router_metrics,
+    specialization,
+    timeline_expert_similarity,
+    timeline_metrics,
+    top_tokens,
+)
 from .core import (
     CheckpointError,
     LilyConfig,
@@ -17,23 +29,27 @@ from .core import (
     remove_lily,
     save_adapter,
 )
+from .observe import Recorder, Routing, RoutingError, Timeline, record_dataset, record_routing
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LilyConfig",
-    "LilyLayer",
-    "Site",
-    "add_lily",
-    "remove_lily",
-    "adapter_sites",
-    "adapter_summary",
-    "count_parameters",
-    "save_adapter",
-    "load_adapter",
-    "LilyLabError",
-    "LilyConfigError",
-    "TargetError",
-    "TargetTypeError",
-    "CheckpointError",
+    # core
+    "LilyConfig", "LilyLayer", "Site", "add_lily", "remove_lily", "adapter_sites", "adapter_summary",
+    "count_parameters", "save_adapter", "load_adapter",
+    # observe
+    "record_routing", "record_dataset", "Recorder", "Routing", "Timeline", "RoutingCallback",
+    # analysis
+    "router_metrics", "specialization", "expert_layer_profile", "top_tokens", "expert_similarity",
+    "timeline_metrics", "timeline_expert_similarity",
+    # errors
+    "LilyLabError", "LilyConfigError", "TargetError", "TargetTypeError", "CheckpointError", "RoutingError",
 ]
+
+
+def __getattr__(name: str):
+    if name == "RoutingCallback":  # subclasses transformers' TrainerCallback: built on first use
+        from .observe import timeline
+
+        return timeline.RoutingCallback
+    raise AttributeError(f"module 'lily_lab' has no attribute {name!r}")

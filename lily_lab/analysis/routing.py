@@ -1,0 +1,167 @@
+"""Routing → metrics (DESIGN §5): pure functions from a ``Routing`` to tidy DataFrames.
+
+All entropies are natural-log and, where the name says so, divided by ``ln E`` to lie in [0, 1].
+Every metric comes from the recording's exact sums, never from its token sample.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from ..observe.routing import Routing, RoutingError, SiteRecord, _entropy
+
+METRIC_COLUMNS = ["load_entropy", "token_entropy", "routing_mi", "effective_experts", "max_usage", "cv2",
+                  "switch_balance", "z_loss"]
+
+
+def layer_of(name: str, default: int) -> int:
+    """The layer number in a module path (``encoder.layer.3.attention.self.query`` → 3)."""
+    m = re.search(r"\.(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else default
+
+
+def site_metrics(rec: SiteRecord) -> dict[str, float]:
+    """The §5 metrics of one site's sums (``n_tokens`` > 0, ``num_B`` ≥ 2)."""
+    E, n = rec.num_B, rec.n_tokens
+    u = rec.sum_probs / n
+    H_u = float(_entropy(u))
+    mean_H = rec.sum_token_entropy / n
+    f = rec.argmax_counts / n
+    mean_u = u.mean()
+    return {
+        "load_entropy": H_u / np.log(E),
+        "token_entropy": mean_H / np.log(E),
+        "routing_mi": (H_u - mean_H) / np.log(E),
+        "effective_experts": float(np.exp(H_u)),
+        "max_usage": float(u.max()),
+        "cv2": float(u.var() / mean_u**2),
+        "switch_balance": float(E * (f * u).sum()),
+        "z_loss": rec.sum_z / n,
+    }
+
+
+def _site_columns(rec: SiteRecord) -> dict:
+    return {"site": rec.name, "module": rec.module, "group": rec.group, "index": rec.index,
+            "layer": layer_of(rec.name, rec.index), "kind": rec.kind, "routing": rec.routing, "num_B": rec.num_B}
+
+
+def router_metrics(routing: Routing) -> pd.DataFrame:
+    """One row per routed site (``E ≥ 2``): site, module, group, index, layer, ``n_tokens``,
+    ``nonfinite`` and every metric of DESIGN §5. Sites that saw no token have NaN metrics."""
+    rows = []
+    for name in routing.sites:
+        rec = routing.record(name)
+        if rec.num_B < 2:
+            continue
+        row = {**_site_columns(rec), "n_tokens": rec.n_tokens, "nonfinite": rec.nonfinite}
+        row.update(site_metrics(rec) if rec.n_tokens else dict.fromkeys(METRIC_COLUMNS, np.nan))
+        rows.append(row)
+    columns = list(_site_columns_template()) + ["n_tokens", "nonfinite"] + METRIC_COLUMNS
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _site_columns_template():
+    return ("site", "module", "group", "index", "layer", "kind", "routing", "num_B")
+
+
+def _js_divergence(dists: np.ndarray) -> float:
+    """Mean pairwise Jensen–Shannon divergence (base 2, in [0, 1]) between rows of ``dists``."""
+    if len(dists) < 2:
+        return float("nan")
+    vals = []
+    for i in range(len(dists)):
+        for j in range(i + 1, len(dists)):
+            m = (dists[i] + dists[j]) / 2
+            vals.append((_entropy(m) - (_entropy(dists[i]) + _entropy(dists[j])) / 2) / np.log(2))
+    return float(np.mean(vals))
+
+
+def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> pd.DataFrame:
+    """How expert usage depends on a value: the label of the sequence (``by="label"``) or the
+    token id (``by="token"``).
+
+    One row per site × value × expert: ``usage`` = mean router probability of the expert over
+    that value's tokens, ``n_tokens`` of the value, and per site (repeated on its rows)
+    ``mutual_information`` I(value; expert) in nats, ``normalized_mi`` (÷ ln E) and
+    ``js_divergence``, the mean pairwise Jensen–Shannon divergence (bits) between the values'
+    usage vectors. Values seen fewer than ``min_count`` times are left out of the rows, not the MI.
+    """
+    if by not in ("label", "token"):
+        raise RoutingError(f"by must be 'label' or 'token', got {by!r}")
+    rows = []
+    for name in routing.sites:
+        rec = routing.record(name)
+        if rec.num_B < 2:
+            continue
+        sums = rec.label_sums if by == "label" else rec.token_sums
+        if not sums:
+            continue
+        keys = sorted(sums)
+        counts = np.array([sums[k][0] for k in keys], dtype=float)
+        usage = np.array([sums[k][1] for k in keys]) / np.maximum(counts, 1)[:, None]
+        N = counts.sum()
+        u = (usage * counts[:, None]).sum(axis=0) / N
+        mi = float(_entropy(u) - (counts / N * _entropy(usage)).sum())
+        frequent = counts >= min_count
+        js = _js_divergence(usage[frequent])
+        values = [routing.labels[k] if by == "label" else k for k in keys]
+        for v, c, uv, keep in zip(values, counts, usage, frequent):
+            if not keep:
+                continue
+            for e in range(rec.num_B):
+                rows.append({**_site_columns(rec), "value": v, "expert": e, "usage": float(uv[e]),
+                             "n_tokens": int(c), "mutual_information": mi,
+                             "normalized_mi": mi / np.log(rec.num_B), "js_divergence": js})
+    if not rows:
+        what = "labels: call recorder.annotate(labels=…) after each call" if by == "label" else \
+            "token ids: call the model with input_ids or recorder.annotate(input_ids=…)"
+        raise RoutingError(f"this recording has no {what}")
+    return pd.DataFrame(rows)
+
+
+def expert_layer_profile(routing: Routing) -> pd.DataFrame:
+    """Lily's cross-layer view: each global expert of a bank, its usage at every site of the group.
+
+    Rows group × expert × site with ``usage`` and ``share`` (the expert's usage at that site over
+    its usage summed across the group's sites), and per group × expert ``layer_entropy``
+    = H(share) / ln L: 1 when the expert serves all layers alike, 0 when it serves one layer.
+    """
+    rows = []
+    by_group: dict[str, list[SiteRecord]] = {}
+    for name in routing.sites:
+        rec = routing.record(name)
+        if rec.num_B >= 2 and rec.n_tokens:
+            by_group.setdefault(rec.group, []).append(rec)
+    for group, recs in by_group.items():
+        recs = sorted(recs, key=lambda r: r.index)
+        U = np.array([r.sum_probs / r.n_tokens for r in recs])  # (L, E)
+        share = U / np.where(U.sum(axis=0) > 0, U.sum(axis=0), 1)
+        L = len(recs)
+        for e in range(U.shape[1]):
+            H = float(_entropy(share[:, e]) / np.log(L)) if L > 1 else float("nan")
+            for i, rec in enumerate(recs):
+                rows.append({"group": group, "expert": e, "site": rec.name, "index": rec.index,
+                             "layer": layer_of(rec.name, rec.index), "usage": float(U[i, e]),
+                             "share": float(share[i, e]), "layer_entropy": H})
+    return pd.DataFrame(rows, columns=["group", "expert", "site", "index", "layer", "usage", "share", "layer_entropy"])
+
+
+def top_tokens(routing: Routing, k: int = 10, min_count: int = 3, tokenizer=None) -> pd.DataFrame:
+    """Per site and expert, the ``k`` token ids whose tokens give the expert the highest mean
+    probability (among tokens seen at least ``min_count`` times): site, expert, rank, token_id,
+    token (with a tokenizer), usage, n_tokens."""
+    spec = specialization(routing, by="token", min_count=min_count)
+    spec = spec.sort_values(["site", "expert", "usage"], ascending=[True, True, False], kind="stable")
+    top = spec.groupby(["site", "expert"], sort=False).head(k).copy()
+    top["rank"] = top.groupby(["site", "expert"], sort=False).cumcount()
+    top = top.rename(columns={"value": "token_id"})
+    if tokenizer is not None:
+        ids = sorted(set(top["token_id"].tolist()))
+        text = dict(zip(ids, tokenizer.convert_ids_to_tokens(ids)))
+        top["token"] = top["token_id"].map(text)
+    cols = ["site", "module", "group", "index", "layer", "expert", "rank", "token_id"] + \
+        (["token"] if tokenizer is not None else []) + ["usage", "n_tokens"]
+    return top[cols].reset_index(drop=True)

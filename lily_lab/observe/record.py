@@ -1,0 +1,333 @@
+"""``record_routing``: hooks that watch the routers during forward passes, removed on exit.
+
+lily_lab layers report their routing through ``LilyLayer.register_routing_observer`` (nothing is
+recomputed); PEFT ``lily`` layers are watched with a forward hook that recomputes ``h``, the logits
+and ``p`` from the layer's input — the PEFT model is not modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import adapter_sites
+from ..core.layer import LilyLayer, RoutingEvent
+from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord, _entropy
+
+DEFAULT_MAX_TOKENS = 100_000
+
+
+class Recorder:
+    """Created by :func:`record_routing`. ``routing`` is the recording so far."""
+
+    def __init__(self, model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0):
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise RoutingError(f"max_tokens must be an integer ≥ 0, got {max_tokens!r}")
+        sites = adapter_sites(model)
+        routed = [s for s in sites if s.router is not None]
+        if not routed:
+            kinds = {}
+            for s in sites:
+                kinds[s.kind] = kinds.get(s.kind, 0) + 1
+            names = {"peft-lora": "PEFT LoRA", "lily": "lily_lab Lily", "peft-lily": "PEFT Lily"}
+            found = ", ".join(f"{n} {names.get(k, k)} site{'s' * (n != 1)}" for k, n in kinds.items()) \
+                or "no adapter sites at all"
+            raise RoutingError(f"nothing to record: this model has no routed sites ({found}, no router)")
+        self.model = model
+        self._sites = routed
+        records = {}
+        for k, s in enumerate(routed):
+            E = s.num_B
+            routing = s.layer.routing if isinstance(s.layer, LilyLayer) else "batch"
+            rec = SiteRecord(s.name, s.module, s.group, s.index, s.kind, routing, E)
+            rec.tokens = Reservoir(max_tokens, {
+                "probs": ((E,), np.float32), "logits": ((E,), np.float32), "call": ((), np.int64),
+                "sequence": ((), np.int64), "position": ((), np.int64), "token_id": ((), np.int64),
+                "label": ((), np.int64)}, seed=seed + 2 * k)
+            rec.mixtures = Reservoir(max_tokens, {
+                "mixture": ((E,), np.float32), "call": ((), np.int64), "sequence": ((), np.int64)},
+                seed=seed + 2 * k + 1)
+            records[s.name] = rec
+        self._routing = Routing(records, max_tokens=max_tokens)
+        self._handles: list[Any] = []
+        self._depth = 0
+        self._call: dict | None = None  # the current or last top-level call, until flushed
+        self._mask_pos = self._ids_pos = None
+        try:
+            params = list(inspect.signature(model.forward).parameters)
+            self._mask_pos = params.index("attention_mask") if "attention_mask" in params else None
+            self._ids_pos = params.index("input_ids") if "input_ids" in params else None
+        except (TypeError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ public
+    @property
+    def routing(self) -> Routing:
+        self._flush()
+        return self._routing
+
+    def annotate(self, labels=None, input_ids=None) -> None:
+        """Tag the sequences of the last forward call with ``labels`` (one per sequence) and/or
+        their ``input_ids`` (``batch × positions``, when the model was not called with them)."""
+        call = self._call
+        if call is None or call["flushed"]:
+            raise RoutingError("annotate tags the last forward call, but no call was recorded since the last annotate/flush")
+        n = call["n_sequences"]
+        if labels is not None:
+            labels = _as_list(labels)
+            if len(labels) != n:
+                raise RoutingError(f"annotate got {len(labels)} labels, but the last call had {n} sequences")
+            call["labels"] = labels
+        if input_ids is not None:
+            ids = torch.as_tensor(input_ids).detach().cpu()
+            shape = call["shape"]
+            if ids.dim() != 2 or (shape is not None and tuple(ids.shape) != shape) or ids.shape[0] != n:
+                raise RoutingError(
+                    f"annotate got input_ids of shape {tuple(ids.shape)}, but the last call had "
+                    f"{n} sequences{f' of shape {shape}' if shape else ''}"
+                )
+            call["input_ids"] = ids.numpy().astype(np.int64)
+
+    # ------------------------------------------------------------------ hooks
+    def _attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        for s in self._sites:
+            if isinstance(s.layer, LilyLayer):
+                self._handles.append(s.layer.register_routing_observer(self._lily_observer(s.name)))
+            else:
+                self._handles.append(s.layer.register_forward_hook(self._peft_hook(s)))
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre(self, module, args, kwargs):
+        self._depth += 1
+        if self._depth > 1:
+            return
+        self._flush()
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
+            mask = args[self._mask_pos]
+        ids = kwargs.get("input_ids")
+        if ids is None and self._ids_pos is not None and len(args) > self._ids_pos:
+            ids = args[self._ids_pos]
+        mask = mask.detach().cpu() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        ids = ids.detach().cpu() if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        shape = tuple(mask.shape) if mask is not None else tuple(ids.shape) if ids is not None else None
+        r = self._routing
+        self._call = {
+            "id": r.n_calls, "seq_offset": r.n_sequences, "mask": mask, "shape": shape,
+            "input_ids": ids.numpy().astype(np.int64) if ids is not None else None,
+            "n_sequences": shape[0] if shape else None, "labels": None, "flushed": False, "pending": {},
+        }
+        r.n_calls += 1
+
+    def _post(self, module, args, kwargs, output):
+        self._depth = max(self._depth - 1, 0)
+
+    def _lily_observer(self, name: str):
+        def observe(event: RoutingEvent) -> None:
+            self._record(name, event.logits, event.probs, event.mixture)
+        return observe
+
+    def _peft_hook(self, site):
+        layer, E = site.layer, site.num_B
+
+        def hook(module, args, output):
+            with torch.no_grad():
+                x = args[0]
+                h = F.linear(x.to(site.A.dtype), site.A)
+                logits = F.linear(h, site.router)
+                probs = torch.softmax(logits, dim=-1)
+                mixture = probs.reshape(-1, E).mean(dim=0)  # PEFT's rule: every token of the call
+            self._record(site.name, logits, probs, mixture)
+        return hook
+
+    # ------------------------------------------------------------------ recording
+    def _record(self, name: str, logits: torch.Tensor, probs: torch.Tensor, mixture: torch.Tensor) -> None:
+        call = self._call
+        if call is None or self._depth == 0:  # a layer called outside the watched model's forward
+            self._pre(self.model, (), {})
+            self._depth -= 1
+            call = self._call
+        rec = self._routing.record(name)
+        E = rec.num_B
+        lead = tuple(probs.shape[:-1])
+        p_all = probs.detach().float().cpu().reshape(-1, E).numpy().astype(np.float64)
+        lg_all = logits.detach().float().cpu().reshape(-1, E).numpy().astype(np.float64)
+        # Which sequence and position each token is: (batch, positions) inputs, else one per row.
+        if len(lead) >= 2:
+            b, t = lead[0], int(np.prod(lead[1:]))
+        elif len(lead) == 1:
+            b, t = lead[0], 1
+        else:
+            b, t = 1, 1
+        if call["n_sequences"] is None:
+            call["n_sequences"] = b
+            call["shape"] = (b, t) if len(lead) == 2 else None
+        seq_local = np.repeat(np.arange(b), t)
+        position = np.tile(np.arange(t), b)
+        real = np.ones(b * t, dtype=bool)
+        mask = call["mask"]
+        if mask is not None and len(lead) == 2 and tuple(mask.shape) == lead:
+            real = mask.numpy().reshape(-1) != 0
+        finite = np.isfinite(p_all).all(axis=1) & np.isfinite(lg_all).all(axis=1)
+        rec.nonfinite += int((real & ~finite).sum())
+        keep = real & finite
+        p, lg = p_all[keep], lg_all[keep]
+        seq_k, pos_k = seq_local[keep], position[keep]
+        H = _entropy(p)
+        top = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64)
+        rec.n_tokens += len(p)
+        rec.sum_probs += p.sum(axis=0)
+        rec.sum_token_entropy += float(H.sum())
+        rec.argmax_counts += np.bincount(top, minlength=E)
+        if len(lg):
+            m = lg.max(axis=1, keepdims=True)
+            lse = (m + np.log(np.exp(lg - m).sum(axis=1, keepdims=True)))[:, 0]
+            rec.sum_z += float((lse ** 2).sum())
+        rec.n_calls += 1
+        # The mixture applied to each kept token, and sampled mixture rows.
+        mix = mixture.detach().float().cpu().numpy().astype(np.float64)
+        if rec.routing == "token" or mix.ndim > 2 or (mix.ndim == 2 and mix.shape[0] != b):
+            mix_tok = p
+            rows = {"mixture": p.astype(np.float32), "call": np.full(len(p), call["id"]),
+                    "sequence": call["seq_offset"] + seq_k}
+        elif mix.ndim == 2:  # sequence routing: one row per sequence
+            mix_tok = mix[seq_k]
+            rows = {"mixture": mix.astype(np.float32), "call": np.full(b, call["id"]),
+                    "sequence": call["seq_offset"] + np.arange(b)}
+        else:  # batch routing: one mixture for the whole call
+            mix_tok = np.broadcast_to(mix, (len(p), E))
+            rows = {"mixture": mix[None].astype(np.float32), "call": np.array([call["id"]]), "sequence": np.array([-1])}
+        if np.isfinite(mix_tok).all():
+            rec.sum_mixture += mix_tok.sum(axis=0)
+        rec.mixtures.add(rows)
+        ids = call["input_ids"]
+        token_id = ids[seq_k, pos_k] if ids is not None and ids.shape == (b, t) else np.full(len(p), -1)
+        slots = rec.tokens.add({
+            "probs": p.astype(np.float32), "logits": lg.astype(np.float32), "call": np.full(len(p), call["id"]),
+            "sequence": call["seq_offset"] + seq_k, "position": pos_k, "token_id": token_id,
+            "label": np.full(len(p), _NO_LABEL)})
+        call["pending"].setdefault(name, []).append({"p": p, "H": H, "top": top, "seq": seq_k, "pos": pos_k, "slots": slots, "b": b, "t": t})
+
+    def _flush(self) -> None:
+        """Fold the last call's labels and token ids into the sums; then it can't be annotated."""
+        call = self._call
+        if call is None or call["flushed"]:
+            return
+        call["flushed"] = True
+        r = self._routing
+        r.n_sequences += call["n_sequences"] or 0
+        codes = None
+        if call["labels"] is not None:
+            codes = []
+            for v in call["labels"]:
+                if v not in r.labels:
+                    r.labels.append(v)
+                codes.append(r.labels.index(v))
+            codes = np.array(codes, dtype=np.int64)
+        ids = call["input_ids"]
+        for name, pend in ((n, pd) for n, pds in call["pending"].items() for pd in pds):
+            rec = r.record(name)
+            E = rec.num_B
+            kept = pend["slots"] >= 0
+            if codes is not None:
+                tok_codes = codes[pend["seq"]]
+                rec.tokens.columns["label"][pend["slots"][kept]] = tok_codes[kept]
+                for c in np.unique(tok_codes):
+                    sel = tok_codes == c
+                    acc = rec.label_sums.setdefault(int(c), [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
+                    acc[0] += int(sel.sum())
+                    acc[1] = acc[1] + pend["p"][sel].sum(axis=0)
+                    acc[2] = acc[2] + np.bincount(pend["top"][sel], minlength=E)
+                    acc[3] += float(pend["H"][sel].sum())
+            if ids is not None and ids.shape == (pend["b"], pend["t"]):
+                tok = ids[pend["seq"], pend["pos"]]
+                rec.tokens.columns["token_id"][pend["slots"][kept]] = tok[kept]
+                uniq, inv = np.unique(tok, return_inverse=True)
+                sums = np.zeros((len(uniq), E))
+                np.add.at(sums, inv, pend["p"])
+                counts = np.bincount(inv, minlength=len(uniq))
+                for i, u in enumerate(uniq.tolist()):
+                    acc = rec.token_sums.setdefault(u, [0, np.zeros(E)])
+                    acc[0] += int(counts[i])
+                    acc[1] = acc[1] + sums[i]
+        call["pending"] = {}
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0) -> Iterator[Recorder]:
+    """Record what every router of ``model`` does during the forward calls inside the block.
+
+    ``max_tokens`` bounds the per-site sample of tokens kept for token-level views; the metrics'
+    sums are exact whatever it is. Hooks are removed when the block exits, also on error::
+
+        with record_routing(model) as rec:
+            model(**batch)
+            rec.annotate(labels=batch_labels)
+        routing = rec.routing
+    """
+    recorder = Recorder(model, max_tokens=max_tokens, seed=seed)
+    recorder._attach()
+    try:
+        yield recorder
+    finally:
+        recorder._detach()
+        recorder._depth = 0
+        recorder._flush()
+
+
+def record_dataset(model: nn.Module, loader, *, max_tokens: int = DEFAULT_MAX_TOKENS, label_key: str = "labels",
+                   progress: bool = True, desc: str = "recording routing", seed: int = 0) -> Routing:
+    """Run every batch of ``loader`` through ``model`` (no gradients) while recording routing.
+
+    A batch is a dict of model inputs (``label_key`` is taken out and used as labels), an
+    ``(inputs, labels)`` pair, or a tensor. Tensors are moved to the model's device.
+    """
+    from tqdm.auto import tqdm
+
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    total = len(loader) if hasattr(loader, "__len__") else None
+    with record_routing(model, max_tokens=max_tokens, seed=seed) as rec, torch.no_grad():
+        for batch in tqdm(loader, total=total, desc=desc, disable=not progress, unit="batch"):
+            labels = None
+            if isinstance(batch, dict):
+                batch = dict(batch)
+                labels = batch.pop(label_key, None)
+                model(**{k: _to(v, device) for k, v in batch.items()})
+            elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+                inputs, labels = batch
+                if isinstance(inputs, dict):
+                    model(**{k: _to(v, device) for k, v in inputs.items()})
+                else:
+                    model(_to(inputs, device))
+            else:
+                model(_to(batch, device))
+            if labels is not None:
+                rec.annotate(labels=labels)
+    return rec.routing
+
+
+def _to(v, device):
+    return v.to(device) if isinstance(v, torch.Tensor) else v
+
+
+def _as_list(labels) -> list:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().reshape(-1).tolist()
+    elif isinstance(labels, np.ndarray):
+        labels = labels.reshape(-1).tolist()
+    return [v.item() if hasattr(v, "item") else v for v in labels]

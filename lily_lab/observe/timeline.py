@@ -1,0 +1,123 @@
+"""Routing over training: a ``Timeline`` of recordings on a fixed probe batch.
+
+``observe`` keeps, per observed step, a small ``Routing`` (exact sums, a few sampled tokens)
+and, optionally, a copy of every ``B`` bank. Turning them into metrics is ``analysis``'s job:
+``lily_lab.timeline_metrics(timeline)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core import adapter_sites
+from .record import record_routing
+from .routing import Routing, RoutingError
+
+
+class Timeline:
+    """Router recordings (and ``B`` banks) of one model at chosen training steps.
+
+    ``probe`` is the batch every observation runs: a dict of model inputs (a ``labels`` entry is
+    used as annotation, not passed to the model) or a tensor. Observations run in eval mode
+    without gradients and put the model's mode back afterwards.
+    """
+
+    def __init__(self, probe: Any = None, *, track_experts: bool = True, max_tokens: int = 2048):
+        self.probe = probe
+        self.track_experts = track_experts
+        self.max_tokens = max_tokens
+        self.steps: list[int] = []
+        self.routings: list[Routing] = []
+        self.banks: list[dict[str, np.ndarray]] = []  # per step: group → (E, r, d_out)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def observe(self, model: nn.Module, step: int, probe: Any = None) -> Routing:
+        """Run the probe through ``model`` under a recorder and keep the result for ``step``."""
+        probe = self.probe if probe is None else probe
+        if probe is None:
+            raise RoutingError("Timeline.observe needs a probe batch: Timeline(probe=batch) or observe(model, step, probe)")
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        labels = None
+        was_training = model.training
+        model.eval()
+        try:
+            with record_routing(model, max_tokens=self.max_tokens) as rec, torch.no_grad():
+                if isinstance(probe, dict):
+                    inputs = {k: v for k, v in probe.items() if k != "labels"}
+                    labels = probe.get("labels")
+                    model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+                else:
+                    model(probe.to(device))
+                if labels is not None:
+                    rec.annotate(labels=labels)
+        finally:
+            model.train(was_training)
+        routing = rec.routing
+        self.steps.append(int(step))
+        self.routings.append(routing)
+        if self.track_experts:
+            banks = {}
+            for s in adapter_sites(model):
+                if s.group not in banks:
+                    banks[s.group] = s.B.detach().float().cpu().numpy().copy()
+            self.banks.append(banks)
+        return routing
+
+
+def _make_callback():
+    from transformers import TrainerCallback
+
+    class RoutingCallback(TrainerCallback):
+        """A transformers ``TrainerCallback`` that observes routing every ``every`` steps.
+
+        ``callback.timeline`` holds the observations (step 0 before training starts, then every
+        ``every`` optimizer steps, and the last step)::
+
+            cb = RoutingCallback(probe=batch, every=20)
+            Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
+            lily_lab.timeline_metrics(cb.timeline)
+        """
+
+        def __init__(self, probe: Any = None, every: int = 50, timeline: Timeline | None = None,
+                     track_experts: bool = True):
+            if not isinstance(every, int) or every < 1:
+                raise RoutingError(f"every must be an integer ≥ 1, got {every!r}")
+            self.every = every
+            self.timeline = timeline if timeline is not None else Timeline(probe, track_experts=track_experts)
+            if probe is not None:
+                self.timeline.probe = probe
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and state.global_step not in self.timeline.steps:
+                self.timeline.observe(model, state.global_step)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is not None and state.global_step % self.every == 0:
+                self.timeline.observe(model, state.global_step)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if model is not None and state.global_step not in self.timeline.steps:
+                self.timeline.observe(model, state.global_step)
+
+    return RoutingCallback
+
+
+_callback_class = None
+
+
+def __getattr__(name: str):
+    global _callback_class
+    if name == "RoutingCallback":
+        if _callback_class is None:
+            _callback_class = _make_callback()
+        return _callback_class
+    raise AttributeError(name)
