@@ -241,11 +241,18 @@ def test_mask_reaches_layers_and_is_dropped_when_the_forward_raises():
 
 
 def test_an_adapted_model_deep_copies():
-    model = ll.add_lily(bert(), ll.LilyConfig(["query", "value"], r=4, stride_A=2, num_B=3, init_weights=False))
+    model = ll.add_lily(bert(), ll.LilyConfig(["query", "value"], r=4, stride_A=2, num_B=3, init_weights=False,
+                                              routing="sequence"))
     twin = copy.deepcopy(model)
     a, b = ll.adapter_sites(model), ll.adapter_sites(twin)
     q = [s for s in b if s.group == "query:32x32"]
     assert q[0].B is q[1].B and q[0].A is q[1].A  # sharing survives deepcopy…
     assert q[0].B is not a[0].B and q[0].B.data_ptr() != a[0].B.data_ptr()  # …with storage of its own
     ids = torch.randint(0, 100, (2, 6))
-    assert torch.equal(model(input_ids=ids).last_hidden_state, twin(input_ids=ids).last_hidden_state)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    assert torch.equal(model(ids, mask).last_hidden_state, twin(ids, mask).last_hidden_state)
+    # the copy's hooks feed the copy's layers: padding is skipped in the copy too
+    alone = twin(ids[:1, :4], mask[:1, :4]).last_hidden_state
+    assert (twin(ids, mask).last_hidden_state[0, :4] - alone[0]).abs().max() <= 1e-5
+    ll.remove_lily(twin)  # removing the copy's adapter leaves the original's hooks in place
+    assert len(model._forward_pre_hooks) == 1 and ll.adapter_sites(model)

@@ -15,6 +15,9 @@ ROUTING_MODES = ("batch", "sequence", "token")
 #: and older ones; a newer file is rejected with a message asking to upgrade lily_lab.
 CONFIG_FORMAT_VERSION = 1
 
+#: Config fields that weight the optional router losses gathered by ``lily_aux_loss``.
+AUX_LOSS_FIELDS = ("balance_loss_weight", "router_z_loss_weight", "router_entropy_weight")
+
 
 @dataclass
 class LilyConfig:
@@ -54,6 +57,15 @@ class LilyConfig:
             kaiming-uniform like ``A`` and the routers.
         exclude_modules: Modules never adapted even if they match ``target_modules``: a list of
             names or suffixes, or one regular expression, with the same rule.
+        balance_loss_weight: Weight of a Switch-Transformer load-balancing loss
+            ``E · Σ_e f_e P_e`` per site (``f_e`` the share of tokens whose top expert is ``e``,
+            ``P_e`` the mean router probability): 1 when load is balanced, ``E`` when collapsed.
+            Added to :func:`lily_lab.lily_aux_loss` in training mode; 0 turns it off.
+        router_z_loss_weight: Weight of the router z-loss, the mean over tokens of
+            ``logsumexp(logits)²``: keeps router logits small and training stable. 0 turns it off.
+        router_entropy_weight: Weight of the mean per-token router entropy ``H(p_t) / ln E``:
+            a positive weight pushes each token towards a decisive choice of experts (pair it
+            with the balance loss so the choices spread over experts). 0 turns it off.
     """
 
     target_modules: list[str] | str
@@ -66,6 +78,9 @@ class LilyConfig:
     router_top_k: int | None = None
     init_weights: bool = True
     exclude_modules: list[str] | str | None = None
+    balance_loss_weight: float = 0.0
+    router_z_loss_weight: float = 0.0
+    router_entropy_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.target_modules = _check_names("target_modules", self.target_modules, allow_none=False)
@@ -88,6 +103,11 @@ class LilyConfig:
             raise LilyConfigError(
                 f"router_top_k must be None or an integer in 1..num_B (1..{self.num_B}), got {k!r}"
             )
+        for name in AUX_LOSS_FIELDS:
+            w = getattr(self, name)
+            if not _is_number(w) or not math.isfinite(w) or w < 0:
+                raise LilyConfigError(f"{name} must be a finite number ≥ 0 (0 turns it off), got {w!r}")
+            setattr(self, name, float(w))
         if not isinstance(self.init_weights, bool):
             raise LilyConfigError(f"init_weights must be True or False, got {self.init_weights!r}")
         self.scaling = float(self.scaling)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LilyConfig
+from .config import AUX_LOSS_FIELDS, LilyConfig
 from .errors import TargetError, TargetTypeError
 from .layer import CallContext, LilyLayer, base_dims, is_conv1d
 
@@ -178,6 +178,7 @@ def _build_layers(groups: list[GroupPlan], config: LilyConfig, context: CallCont
                     routing=config.routing,
                     router_temperature=config.router_temperature,
                     router_top_k=config.router_top_k,
+                    aux_weights=tuple(getattr(config, f) for f in AUX_LOSS_FIELDS),
                     target=g.target,
                     group=g.key,
                     index=i,
@@ -200,6 +201,26 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+class _MaskCapture:
+    """Forward hooks of the top-level model: push its ``attention_mask`` for the layers, pop after.
+
+    Bound methods of an object (not closures), so ``copy.deepcopy(model)`` gives the copy hooks
+    that feed the copy's own context.
+    """
+
+    def __init__(self, context: CallContext, position: int | None):
+        self.context, self.position = context, position
+
+    def pre(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.position is not None and len(args) > self.position:
+            mask = args[self.position]
+        self.context.push(mask if isinstance(mask, torch.Tensor) else None)
+
+    def post(self, module, args, kwargs, output):
+        self.context.pop()
+
+
 def _install_mask_hooks(model: nn.Module, context: CallContext) -> list[Any]:
     """Capture the top-level call's ``attention_mask`` (keyword or positional) for the layers."""
     position = None
@@ -209,19 +230,10 @@ def _install_mask_hooks(model: nn.Module, context: CallContext) -> list[Any]:
             position = params.index("attention_mask")
     except (TypeError, ValueError):
         pass
-
-    def pre(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and position is not None and len(args) > position:
-            mask = args[position]
-        context.push(mask if isinstance(mask, torch.Tensor) else None)
-
-    def post(module, args, kwargs, output):
-        context.pop()
-
+    capture = _MaskCapture(context, position)
     return [
-        model.register_forward_pre_hook(pre, with_kwargs=True),
-        model.register_forward_hook(post, with_kwargs=True, always_call=True),
+        model.register_forward_pre_hook(capture.pre, with_kwargs=True),
+        model.register_forward_hook(capture.post, with_kwargs=True, always_call=True),
     ]
 
 

@@ -14,6 +14,7 @@ group's bank ``B`` (``E × r × d_out``) and the site's own router ``R`` (``E ×
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -91,6 +92,7 @@ class LilyLayer(nn.Module):
         routing: str,
         router_temperature: float = 1.0,
         router_top_k: int | None = None,
+        aux_weights: tuple[float, float, float] = (0.0, 0.0, 0.0),
         target: str = "",
         group: str = "",
         index: int = 0,
@@ -106,6 +108,8 @@ class LilyLayer(nn.Module):
         self.routing = routing
         self.router_temperature = router_temperature
         self.router_top_k = router_top_k
+        self.aux_weights = aux_weights  # (balance, z-loss, entropy), see LilyConfig
+        self.aux_loss: torch.Tensor | None = None  # gathered and reset by lily_aux_loss(model)
         self.target, self.group, self.index, self.a_index = target, group, index, a_index
         self._context = context
         self._observers: OrderedDict[int, Callable[[RoutingEvent], None]] = OrderedDict()
@@ -138,6 +142,9 @@ class LilyLayer(nn.Module):
         probs = probs.to(h.dtype)
         token_mask = self._token_mask(x)
         delta, mixture = _MIXERS[self.routing](h, probs, B, token_mask)
+        if self.training and any(self.aux_weights) and torch.is_grad_enabled():
+            loss = _router_aux_loss(logits, probs, token_mask, self.aux_weights)
+            self.aux_loss = loss if self.aux_loss is None else self.aux_loss + loss
         if self._observers:
             event = RoutingEvent(self, logits.detach(), probs.detach(), mixture.detach(), token_mask)
             for fn in list(self._observers.values()):
@@ -161,6 +168,47 @@ class LilyLayer(nn.Module):
             f"group={self.group!r}, index={self.index}, a_index={self.a_index}, r={self.r}, "
             f"num_B={self.num_B}, routing={self.routing!r}, scaling={self.scaling}"
         )
+
+
+def _router_aux_loss(logits, probs, token_mask, weights) -> torch.Tensor:
+    """Weighted balance, z- and entropy losses of one call, over its real tokens."""
+    w_balance, w_z, w_entropy = weights
+    E = probs.shape[-1]
+    logits, probs = logits.reshape(-1, E).float(), probs.reshape(-1, E).float()
+    if token_mask is not None:
+        keep = token_mask.reshape(-1)
+        logits, probs = logits[keep], probs[keep]
+    loss = logits.new_zeros(())
+    if len(probs) == 0:
+        return loss
+    if w_balance:
+        f = torch.bincount(probs.argmax(dim=-1), minlength=E).float() / len(probs)  # no gradient, as in Switch
+        loss = loss + w_balance * E * (f * probs.mean(dim=0)).sum()
+    if w_z:
+        loss = loss + w_z * torch.logsumexp(logits, dim=-1).square().mean()
+    if w_entropy and E > 1:
+        H = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+        loss = loss + w_entropy * H.mean() / math.log(E)
+    return loss
+
+
+def lily_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The router losses the config asked for (balance, z, entropy), summed over every Lily site
+    since the last call, and reset. Add it to the task loss before ``backward()``::
+
+        loss = task_loss + lily_aux_loss(model)
+
+    Returns a zero tensor when every weight is 0 or the model is in eval mode.
+    """
+    total = None
+    for m in model.modules():
+        if isinstance(m, LilyLayer) and m.aux_loss is not None:
+            total = m.aux_loss if total is None else total + m.aux_loss
+            m.aux_loss = None
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return total
 
 
 # --------------------------------------------------------------------------- routing modes
