@@ -11,7 +11,9 @@ checks the hash, so a corrupted weights file is refused rather than silently loa
 
 PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` with the keys PEFT's ``lily``
 tuner writes (every site's own copy of the shared tensors), loadable by
-``peft.PeftModel.from_pretrained``.
+``peft.PeftModel.from_pretrained``. A PEFT-format save removes a lily_lab checkpoint from the same
+directory (after writing), since ``load_adapter`` reads ``lily_adapter.json`` first and would
+otherwise load the older adapter.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +65,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files:  # the last file written is the commit point
         _atomic_write(directory / name, data)
-    if format == "lily_lab":
-        keep = json.loads(files[-1][1])["weights_file"]
-        for old in directory.glob("adapter-*.safetensors"):
-            if old.name != keep:
-                old.unlink(missing_ok=True)
+    # Only now is the new checkpoint committed: drop lily_lab files that no longer describe it. The
+    # JSON goes first, so a checkpoint is never left pointing at a deleted weights file.
+    keep = json.loads(files[-1][1])["weights_file"] if format == "lily_lab" else None
+    if format == "peft":
+        (directory / LILY_JSON).unlink(missing_ok=True)
+    for old in directory.glob("adapter-*.safetensors"):
+        if old.name != keep:
+            old.unlink(missing_ok=True)
     return directory
 
 
@@ -152,7 +157,7 @@ def _read_lily(directory: Path):
     path = directory / name
     if not path.is_file():
         raise CheckpointError(f"the weights file {name!r} named by {LILY_JSON} is missing from {str(directory)!r}")
-    data = path.read_bytes()
+    data = read_bytes(path)
     if hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(
             f"{name} is corrupted or was changed after saving: its SHA-256 does not match {LILY_JSON}; "
@@ -180,6 +185,7 @@ def _apply(model: nn.Module, config: LilyConfig, layout: list[dict] | None, tens
     if state is not None:
         ours = [{"key": g.key, "d_in": g.d_in, "d_out": g.d_out, "sites": [s.name for s in g.sites]}
                 for g in state.groups]
+        dtypes = {key: members[0][1].lily_A.dtype for key, members in _layers_by_group(model).items()}
         structural = ("r", "stride_A", "num_B")
         if any(getattr(state.config, f) != getattr(config, f) for f in structural):
             raise CheckpointError(
@@ -195,15 +201,20 @@ def _apply(model: nn.Module, config: LilyConfig, layout: list[dict] | None, tens
             raise CheckpointError(f"the adapter does not fit this model: {err}") from None
         ours = [{"key": g.key, "d_in": g.d_in, "d_out": g.d_out, "sites": [s.name for s in g.sites]}
                 for g in planned]
+        dtypes = {g.key: g.sites[0].module.weight.dtype for g in planned}  # what add_lily will build
     if layout is None:
         layout, tensors = ours, peft_format.to_group_tensors(tensors, ours, config)
     _compare_layouts(layout, ours, config)
-    _check_tensors(tensors, layout, config)
+    _check_tensors(tensors, layout, config, dtypes)
     added = state is None
     if added:
         add_lily(model, config)
+    before = None
     try:
         layers = _layers_by_group(model)
+        if not added:  # what to put back if the copy below is interrupted half-way
+            before = [(layer, [p.detach().clone() for p in _tensors_of(layer)], layer.options())
+                      for members in layers.values() for _, layer in members]
         with torch.no_grad():
             for group in layout:
                 for _, layer in layers[group["key"]]:
@@ -212,12 +223,18 @@ def _apply(model: nn.Module, config: LilyConfig, layout: list[dict] | None, tens
                     if layer.index == 0:
                         layer.lily_B.copy_(tensors[(group["key"], "B")])
                     layer.lily_router.copy_(tensors[(group["key"], "router", layer.index)])
-                    layer.scaling, layer.routing = config.scaling, config.routing
-                    layer.router_temperature, layer.router_top_k = config.router_temperature, config.router_top_k
+                    layer.apply_config(config)
         get_state(model).config = config
     except BaseException:
         if added:
             remove_lily(model)
+        elif before is not None:
+            with torch.no_grad():
+                for layer, saved, options in before:
+                    for p, t in zip(_tensors_of(layer), saved):
+                        p.copy_(t)
+                    for key, value in options.items():
+                        setattr(layer, key, value)
         raise
     return model
 
@@ -226,7 +243,13 @@ def _compare_layouts(saved: list[dict], ours: list[dict], config: LilyConfig) ->
     """Raise naming the first site where the saved adapter and this model disagree."""
     fit = "the adapter does not fit this model"
     for g_s, g_o in zip(saved, ours):
-        if (g_s["d_out"], g_s["d_in"]) != (g_o["d_out"], g_o["d_in"]) or g_s["key"] != g_o["key"]:
+        if (g_s["d_out"], g_s["d_in"]) == (g_o["d_out"], g_o["d_in"]) and g_s["key"] != g_o["key"]:
+            raise CheckpointError(
+                f"{fit}: its group {g_s['key']!r} (first site {g_s['sites'][0]!r}) is group "
+                f"{g_o['key']!r} (first site {g_o['sites'][0]!r}) here; the adapter was saved for "
+                "other target_modules or another model"
+            )
+        if (g_s["d_out"], g_s["d_in"]) != (g_o["d_out"], g_o["d_in"]):
             raise CheckpointError(
                 f"{fit}: site {g_s['sites'][0]!r} has weight shape {g_s['d_out']}x{g_s['d_in']} (d_out x d_in) "
                 f"in the adapter, but the matching site here, {g_o['sites'][0]!r}, has "
@@ -236,9 +259,13 @@ def _compare_layouts(saved: list[dict], ours: list[dict], config: LilyConfig) ->
             if name_s != name_o:
                 raise CheckpointError(f"{fit}: site {i} of group {g_s['key']!r} is {name_s!r} in the adapter, {name_o!r} here")
         if len(g_s["sites"]) != len(g_o["sites"]):
+            n = min(len(g_s["sites"]), len(g_o["sites"]))
+            first = (f"{g_s['sites'][n]!r} is only in the adapter" if len(g_s["sites"]) > n
+                     else f"{g_o['sites'][n]!r} is only here")
             raise CheckpointError(
                 f"{fit}: group {g_s['key']!r} has {len(g_s['sites'])} sites in the adapter and "
-                f"{len(g_o['sites'])} here"
+                f"{len(g_o['sites'])} here (first unmatched: {first}); was it saved from a model "
+                "with another number of layers?"
             )
     if len(saved) != len(ours):
         extra = saved[len(ours):] or ours[len(saved):]
@@ -248,7 +275,8 @@ def _compare_layouts(saved: list[dict], ours: list[dict], config: LilyConfig) ->
         )
 
 
-def _check_tensors(tensors: dict, layout: list[dict], config: LilyConfig) -> None:
+def _check_tensors(tensors: dict, layout: list[dict], config: LilyConfig, dtypes: dict) -> None:
+    """Shapes as the config says, float dtypes, and values still finite in the model's dtype."""
     r, E = config.r, config.num_B
     for group in layout:
         for key, t in tensors.items():
@@ -262,8 +290,13 @@ def _check_tensors(tensors: dict, layout: list[dict], config: LilyConfig) -> Non
                 )
             if not t.is_floating_point():
                 raise CheckpointError(f"tensor {key[1]} of group {group['key']!r} has dtype {t.dtype}, expected a float")
-            if not torch.isfinite(t).all():
-                raise CheckpointError(f"tensor {key[1]} of group {group['key']!r} holds NaN or infinite values")
+            # Checked after the cast load_adapter will do: a float64 1e300 becomes inf in float32,
+            # and isfinite has no float8 kernel.
+            if not torch.isfinite(t.to(dtypes[group["key"]])).all():
+                raise CheckpointError(
+                    f"tensor {key[1]} of group {group['key']!r} holds NaN or infinite values (as "
+                    f"{dtypes[group['key']]}, the model's dtype)"
+                )
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -278,18 +311,26 @@ def read_safetensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{name} is not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path.name} ({type(err).__name__}: {err})") from None
+
+
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(read_bytes(path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path.name} is not valid JSON ({err}); save the adapter again") from None
 
 
 def _config_from(data: Any) -> LilyConfig:
     try:
-        return LilyConfig.from_dict(data)
+        config = LilyConfig.from_dict(data)
     except (TypeError, LilyLabError) as err:
         raise CheckpointError(f"the adapter's config is invalid: {err}") from None
+    return config
 
 
 def _check_layout(groups: Any) -> list[dict]:
@@ -311,6 +352,10 @@ def _take(raw: dict, key: str, name: str) -> torch.Tensor:
     return raw.pop(key)
 
 
+def _tensors_of(layer: LilyLayer) -> tuple[torch.Tensor, ...]:
+    return layer.lily_A, layer.lily_B, layer.lily_router
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
@@ -325,8 +370,13 @@ def _layers_by_group(model: nn.Module) -> dict[str, list[tuple[str, LilyLayer]]]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write to a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
+
+    The file is created with mode 0o666 less the umask, as ``open`` would (``tempfile.mkstemp``
+    gives 0o600, which would leave a shared checkpoint readable by its owner only).
+    """
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

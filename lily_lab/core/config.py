@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -171,6 +172,13 @@ def _check_names(field: str, value: Any, *, allow_none: bool) -> list[str] | str
     if isinstance(value, str):
         if not value:
             raise LilyConfigError(f"{field} must not be an empty string")
+        try:
+            re.compile(value)
+        except (re.error, RecursionError, OverflowError) as err:
+            raise LilyConfigError(
+                f"{field}={value!r} is not a valid regular expression ({err}); pass a list of module-name "
+                "suffixes instead, e.g. ['query', 'value'], or fix the pattern"
+            ) from None
         return value
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
         if not value and not allow_none:

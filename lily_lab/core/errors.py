@@ -20,7 +20,11 @@ class TargetError(LilyLabError, ValueError):
     """``target_modules`` matched nothing, or the model is already adapted."""
 
 
-class TargetTypeError(LilyLabError, TypeError):
+class LilyLabTypeError(LilyLabError, TypeError):
+    """An argument of the wrong kind (a dict where a ``LilyConfig`` belongs, say)."""
+
+
+class TargetTypeError(LilyLabTypeError):
     """A matched module is not a layer Lily can wrap (``nn.Linear`` or transformers' ``Conv1D``)."""
 
 

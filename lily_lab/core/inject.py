@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import AUX_LOSS_FIELDS, LilyConfig
-from .errors import TargetError, TargetTypeError
+from .errors import LilyLabTypeError, TargetError, TargetTypeError
 from .layer import CallContext, LilyLayer, base_dims, is_conv1d
 
 _STATE_ATTR = "_lily_lab_state"
@@ -112,7 +112,8 @@ def add_lily(model: nn.Module, config: LilyConfig) -> nn.Module:
     matches, a match is not a linear layer, or the model already carries an adapter.
     """
     if not isinstance(config, LilyConfig):
-        raise TypeError(f"config must be a lily_lab.LilyConfig, got {type(config).__name__}")
+        hint = " (build one: LilyConfig(**your_dict))" if isinstance(config, dict) else ""
+        raise LilyLabTypeError(f"config must be a lily_lab.LilyConfig, got {type(config).__name__}{hint}")
     groups = plan_groups(model, config)  # every check happens before the model is touched
     context = CallContext()
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}

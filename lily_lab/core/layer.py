@@ -115,6 +115,18 @@ class LilyLayer(nn.Module):
         self._observers: OrderedDict[int, Callable[[RoutingEvent], None]] = OrderedDict()
         self.d_in, self.d_out = base_dims(base_layer)
 
+    def options(self) -> dict:
+        """The runtime options a config sets (not weights): see :meth:`apply_config`."""
+        return {k: getattr(self, k) for k in ("scaling", "routing", "router_temperature", "router_top_k", "aux_weights")}
+
+    def apply_config(self, config) -> None:
+        """Take scaling, routing mode, temperature, top-k and aux-loss weights from ``config``."""
+        from .config import AUX_LOSS_FIELDS
+
+        self.scaling, self.routing = config.scaling, config.routing
+        self.router_temperature, self.router_top_k = config.router_temperature, config.router_top_k
+        self.aux_weights = tuple(getattr(config, f) for f in AUX_LOSS_FIELDS)
+
     @property
     def num_B(self) -> int:
         return self.lily_B.shape[0]

@@ -36,6 +36,8 @@ def peft_files(model: nn.Module, config: LilyConfig, layers: dict) -> list[tuple
     from safetensors.torch import save
 
     limits = []
+    if config.num_B < 2:  # PEFT's LilyConfig raises on it, so PeftModel.from_pretrained would fail
+        limits.append(f"num_B={config.num_B} (PEFT's lily needs num_B ≥ 2)")
     if config.routing != "batch":
         limits.append(f"routing={config.routing!r} (PEFT has batch routing only)")
     if config.router_temperature != 1.0:
@@ -83,7 +85,7 @@ def peft_files(model: nn.Module, config: LilyConfig, layers: dict) -> list[tuple
 
 def read_peft(directory: Path) -> tuple[LilyConfig, dict[str, dict[str, torch.Tensor]]]:
     """The config and ``{site name: {"lily_A"|"lily_B"|"lily_router": tensor}}`` of a PEFT dir."""
-    from .checkpoint import _read_json, read_safetensors
+    from .checkpoint import _read_json, read_bytes, read_safetensors
 
     meta = _read_json(directory / PEFT_CONFIG)
     if not isinstance(meta, dict):
@@ -112,7 +114,7 @@ def read_peft(directory: Path) -> tuple[LilyConfig, dict[str, dict[str, torch.Te
     path = directory / PEFT_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{str(directory)!r} has {PEFT_CONFIG} but no {PEFT_WEIGHTS}")
-    raw = read_safetensors(path.read_bytes(), PEFT_WEIGHTS)
+    raw = read_safetensors(read_bytes(path), PEFT_WEIGHTS)
     sites: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         name, _, part = key.removeprefix(PREFIX).rpartition(".lily_")
@@ -146,9 +148,12 @@ def to_group_tensors(sites: dict[str, dict[str, torch.Tensor]], layout: list[dic
             for part, want in shapes.items():
                 got = tuple(sites[name][part].shape)
                 if got != want:
+                    A, B = sites[name]["lily_A"].shape, sites[name]["lily_B"].shape
+                    theirs = f"{B[-1]}x{A[-1]}" if len(A) == len(B) == 2 else "unknown"
                     raise CheckpointError(
-                        f"the adapter does not fit this model: site {name!r} has {part} of shape {got} in "
-                        f"the adapter, {want} here (d_out x d_in of the layer here: {g['d_out']}x{g['d_in']})"
+                        f"the adapter does not fit this model: site {name!r} has weight shape {theirs} "
+                        f"(d_out x d_in) in the adapter, {g['d_out']}x{g['d_in']} here: its {part} is {got}, "
+                        f"expected {want} for r={r}, num_B={E}"
                     )
             j = i // config.stride_A
             shared = [((g["key"], "A", j), sites[name]["lily_A"]),
@@ -156,7 +161,7 @@ def to_group_tensors(sites: dict[str, dict[str, torch.Tensor]], layout: list[dic
             for key, tensor in shared:
                 if key not in out:
                     out[key] = tensor
-                elif not torch.equal(out[key], tensor):
+                elif out[key].dtype != tensor.dtype or not torch.equal(out[key], tensor):
                     raise CheckpointError(
                         f"{PEFT_WEIGHTS}: site {name!r} holds a copy of shared tensor {key[1]} that differs "
                         "from its group's other copies; the file is corrupted"
