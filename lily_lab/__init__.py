@@ -4,8 +4,17 @@ The public API (DESIGN §4) is importable from here; see ``__all__``.
 """
 
 from .analysis import (
+    Diagnosis,
+    bank_summary,
+    delta_spectra,
+    diagnose,
     expert_layer_profile,
     expert_similarity,
+    intruder_dimensions,
+    lora_equivalent_rank,
+    merge_at,
+    merge_error,
+    rank_summary,
     router_metrics,
     specialization,
     timeline_expert_similarity,
@@ -24,6 +33,7 @@ from .core import (
     adapter_sites,
     adapter_summary,
     add_lily,
+    lily_aux_loss,
     count_parameters,
     load_adapter,
     remove_lily,
@@ -36,12 +46,14 @@ __version__ = "0.1.0"
 __all__ = [
     # core
     "LilyConfig", "LilyLayer", "Site", "add_lily", "remove_lily", "adapter_sites", "adapter_summary",
-    "count_parameters", "save_adapter", "load_adapter",
+    "count_parameters", "save_adapter", "load_adapter", "lily_aux_loss",
     # observe
     "record_routing", "record_dataset", "Recorder", "Routing", "Timeline", "RoutingCallback",
     # analysis
     "router_metrics", "specialization", "expert_layer_profile", "top_tokens", "expert_similarity",
-    "timeline_metrics", "timeline_expert_similarity",
+    "timeline_metrics", "timeline_expert_similarity", "bank_summary",
+    "delta_spectra", "rank_summary", "lora_equivalent_rank", "intruder_dimensions", "merge_at", "merge_error",
+    "diagnose", "Diagnosis",
     # errors
     "LilyLabError", "LilyConfigError", "TargetError", "TargetTypeError", "CheckpointError", "RoutingError",
 ]

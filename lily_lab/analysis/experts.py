@@ -1,4 +1,12 @@
-"""Expert geometry: how alike the ``B`` experts of each bank are."""
+"""Expert geometry: how alike the ``B`` experts of each bank are, three ways.
+
+- ``cosine``: of the flattened experts ``B_e`` (``r × d_out``) — what DESIGN §5's
+  ``redundant_experts`` uses.
+- ``subspace_overlap``: mean ``cos²`` of the principal angles between the experts' row spaces in
+  ``R^{d_out}`` (1: same output directions, 0: orthogonal ones).
+- ``functional_cosine``: cosine of the updates ``ΔW_e = B_eᵀ A_j`` the experts make, summed over
+  the group's ``A``s — two experts can differ as matrices yet act alike through ``A``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from ..core import adapter_sites
 
 def bank_cosines(B: np.ndarray) -> np.ndarray:
     """``E × E`` cosine similarity of the flattened experts of one bank ``B`` (``E × r × d_out``).
-    An all-zero expert has cosine 0 with every expert (1 with itself)."""
+    An all-zero expert has cosine 0 with every other expert (1 with itself)."""
     flat = np.asarray(B, dtype=np.float64).reshape(len(B), -1)
     norms = np.linalg.norm(flat, axis=1)
     safe = np.where(norms > 0, norms, 1.0)
@@ -26,22 +34,89 @@ def mean_pairwise(cos: np.ndarray) -> float:
     return float(cos[iu].mean()) if len(iu[0]) else float("nan")
 
 
-def banks(model: nn.Module) -> dict[str, np.ndarray]:
-    """``{group: B}`` for every bank of the model (float64 copies)."""
-    out: dict[str, np.ndarray] = {}
+def _subspace_overlaps(B: np.ndarray) -> np.ndarray:
+    """Mean cos² of principal angles between the row spaces of the experts."""
+    bases = []
+    for Be in B:  # (r, d_out)
+        u, s, vt = np.linalg.svd(Be, full_matrices=False)
+        keep = s > 1e-10 * max(s.max(initial=0), 1e-300)
+        bases.append(vt[keep])  # orthonormal rows spanning the row space
+    E = len(B)
+    out = np.eye(E)
+    for i in range(E):
+        for j in range(i + 1, E):
+            k = min(len(bases[i]), len(bases[j]))
+            if k == 0:
+                out[i, j] = out[j, i] = 0.0
+                continue
+            cosines = np.linalg.svd(bases[i] @ bases[j].T, compute_uv=False)[:k]
+            out[i, j] = out[j, i] = float(np.mean(np.clip(cosines, 0, 1) ** 2))
+    return out
+
+
+def _functional_cosines(B: np.ndarray, As: list[np.ndarray]) -> np.ndarray:
+    """Cosine between experts' updates: ⟨B_eᵀA, B_fᵀA⟩_F = tr(B_e B_fᵀ A Aᵀ), summed over the As."""
+    G = sum(A @ A.T for A in As)  # (r, r)
+    E = len(B)
+    inner = np.array([[np.trace(B[e] @ B[f].T @ G) for f in range(E)] for e in range(E)])
+    d = np.sqrt(np.clip(np.diag(inner), 0, None))
+    safe = np.where(d > 0, d, 1.0)
+    cos = inner / np.outer(safe, safe)
+    np.fill_diagonal(cos, 1.0)
+    return cos
+
+
+def distinct_experts(cos: np.ndarray) -> float:
+    """Effective number of distinct experts: ``exp`` of the entropy of the normalised eigenvalues
+    of the similarity matrix (E for orthogonal experts, 1 when all are the same)."""
+    lam = np.clip(np.linalg.eigvalsh((cos + cos.T) / 2), 0, None)
+    if lam.sum() <= 0:
+        return float("nan")
+    p = lam / lam.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def banks(model: nn.Module) -> dict[str, dict]:
+    """``{group: {"B": (E, r, d_out), "As": [(r, d_in), …]}}`` as float64 arrays."""
+    out: dict[str, dict] = {}
     for s in adapter_sites(model):
-        if s.group not in out:
-            out[s.group] = s.B.detach().double().cpu().numpy()
+        g = out.setdefault(s.group, {"B": s.B.detach().double().cpu().numpy(), "As": {}, "kind": s.kind})
+        g["As"].setdefault(s.a_index, s.A.detach().double().cpu().numpy())
+    for g in out.values():
+        g["As"] = list(g["As"].values())
     return out
 
 
 def expert_similarity(model: nn.Module) -> pd.DataFrame:
-    """Pairwise cosine of the flattened ``B`` experts of every bank: ``group, expert_i, expert_j,
-    cosine`` (each unordered pair once, ``i < j``)."""
+    """Every pair of experts of every bank (``i < j``): ``group, expert_i, expert_j, cosine,
+    subspace_overlap, functional_cosine``. Banks of one expert (LoRA) have no rows."""
     rows = []
-    for group, B in banks(model).items():
-        cos = bank_cosines(B)
+    for group, bank in banks(model).items():
+        B = bank["B"]
+        if len(B) < 2:
+            continue
+        cos, sub, fun = bank_cosines(B), _subspace_overlaps(B), _functional_cosines(B, bank["As"])
         for i in range(len(B)):
             for j in range(i + 1, len(B)):
-                rows.append({"group": group, "expert_i": i, "expert_j": j, "cosine": float(cos[i, j])})
-    return pd.DataFrame(rows, columns=["group", "expert_i", "expert_j", "cosine"])
+                rows.append({"group": group, "expert_i": i, "expert_j": j, "cosine": float(cos[i, j]),
+                             "subspace_overlap": float(sub[i, j]), "functional_cosine": float(fun[i, j])})
+    return pd.DataFrame(rows, columns=["group", "expert_i", "expert_j", "cosine", "subspace_overlap",
+                                       "functional_cosine"])
+
+
+def bank_summary(model: nn.Module) -> pd.DataFrame:
+    """One row per bank: ``group, num_B, mean_cosine, max_cosine, distinct_experts,
+    mean_norm`` (mean Frobenius norm of the experts), ``max_norm``."""
+    rows = []
+    for group, bank in banks(model).items():
+        B = bank["B"]
+        cos = bank_cosines(B)
+        norms = np.linalg.norm(B.reshape(len(B), -1), axis=1)
+        off = cos[np.triu_indices(len(B), k=1)]
+        rows.append({"group": group, "num_B": len(B), "mean_cosine": mean_pairwise(cos),
+                     "max_cosine": float(off.max()) if len(off) else float("nan"),
+                     "distinct_experts": distinct_experts(cos) if norms.max() > 0 else float("nan"),
+                     "mean_norm": float(norms.mean()), "max_norm": float(norms.max())})
+    return pd.DataFrame(rows, columns=["group", "num_B", "mean_cosine", "max_cosine", "distinct_experts",
+                                       "mean_norm", "max_norm"])

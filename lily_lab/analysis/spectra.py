@@ -1,0 +1,171 @@
+"""Singular values of ΔW from the factors, and rank metrics (DESIGN §2, §5).
+
+``ΔW(π) = s · B_πᵀ A_j`` with ``B_π = Σ_e π_e B_e``. With ``A_jᵀ = Q_a R_a`` and ``B_πᵀ = Q_b R_b``
+(reduced QR), ``ΔW = s · Q_b (R_b R_aᵀ) Q_aᵀ``: its singular values are ``s`` times those of the
+small core ``R_b R_aᵀ``. Cost ``O((d_in + d_out) r²)`` per site; no dense ``d_out × d_in`` matrix.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..core import Site, adapter_sites
+from ..core.offline import sites_from_directory
+from ..observe.routing import Routing, RoutingError
+from .routing import layer_of
+
+SPECTRA_COLUMNS = ["site", "module", "group", "index", "layer", "kind", "mixture", "r", "k", "sigma"]
+
+
+def factor_singular_values(A: torch.Tensor, B_mix: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Singular values (descending) of ``scaling · B_mixᵀ A`` for ``A`` (``… × r × d_in``) and
+    ``B_mix`` (``… × r × d_out``), batched over leading dimensions, in float64."""
+    A, B_mix = A.double(), B_mix.double()
+    R_a = torch.linalg.qr(A.transpose(-1, -2), mode="r")[1]  # (…, min(d_in, r), r)
+    R_b = torch.linalg.qr(B_mix.transpose(-1, -2), mode="r")[1]  # (…, min(d_out, r), r)
+    core = R_b @ R_a.transpose(-1, -2)  # (…, min(d_out, r), min(d_in, r))
+    return abs(scaling) * torch.linalg.svdvals(core)
+
+
+def _mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int) -> list[tuple[str, np.ndarray]]:
+    """``[(label, π)]`` for one site from the ``mixture`` argument of :func:`delta_spectra`."""
+    E = site.num_B
+    if E == 1:
+        return [("single expert", np.ones(1))]
+    if mixture is None:
+        return [("uniform", np.full(E, 1 / E))]
+    if isinstance(mixture, (int, np.integer)) and not isinstance(mixture, bool):
+        if not 0 <= mixture < E:
+            raise ValueError(f"mixture={mixture} names no expert: experts are 0..{E - 1}")
+        return [(f"expert {mixture}", np.eye(E)[mixture])]
+    if isinstance(mixture, Routing):
+        name = _routing_name(site, mixture)
+        rec = mixture.record(name)
+        if by is None:
+            return [("routed mean", mixture.mean_mixture(name))]
+        if by == "label":
+            if not rec.label_sums:
+                raise RoutingError("mixture=routing, by='label' needs a recording annotated with labels")
+            return [(f"label={mixture.labels[c]}", s[1] / max(s[0], 1)) for c, s in sorted(rec.label_sums.items())]
+        if by == "token":
+            probs = mixture.probs(name)[:max_samples]
+            return [(f"token {i}", p.astype(np.float64)) for i, p in enumerate(probs)]
+        raise ValueError(f"by must be None, 'label' or 'token', got {by!r}")
+    if isinstance(mixture, dict):
+        key = site.name if site.name in mixture else site.name.removeprefix("base_model.model.")
+        if key not in mixture:
+            raise ValueError(f"mixture dict has no entry for site {site.name!r}; give one vector per site")
+        pi = np.asarray(mixture[key], dtype=np.float64).reshape(-1)
+        if pi.shape != (E,):
+            raise ValueError(f"mixture for site {site.name!r} has {pi.size} entries, the bank has {E} experts")
+        return [("given", pi)]
+    raise TypeError(f"mixture must be None, an expert index, a Routing or a {{site: vector}} dict, got {type(mixture).__name__}")
+
+
+def _routing_name(site: Site, routing: Routing) -> str:
+    for name in (site.name, "base_model.model." + site.name, site.name.removeprefix("base_model.model.")):
+        if name in routing.sites:
+            return name
+    raise RoutingError(f"the recording has no site {site.name!r}; it recorded: {', '.join(routing.sites[:6])}…")
+
+
+def delta_spectra(model: nn.Module | str | os.PathLike, mixture: Any = None, *, by: str | None = None,
+                  max_samples: int = 32) -> pd.DataFrame:
+    """Exact singular values of every site's ΔW, one row per site × mixture × k.
+
+    ``model`` is a model with an adapter (lily_lab Lily, PEFT Lily or PEFT LoRA) or an adapter
+    directory on its own (no base weights are needed). ``mixture``: ``None`` (uniform), an ``int``
+    (one expert), a ``Routing`` (each site's mean applied mixture; with ``by="label"`` one spectrum
+    per label's mean distribution, with ``by="token"`` one per sampled token, at most
+    ``max_samples``), or ``{site_name: vector}``. Columns: site, module, group, index, layer,
+    kind, mixture, r, k (0-based), sigma.
+    """
+    sites = sites_from_directory(model) if isinstance(model, (str, os.PathLike)) else adapter_sites(model)
+    if not sites:
+        raise ValueError("no adapter sites: pass a model with a Lily or LoRA adapter, or an adapter directory")
+    jobs = []  # (site, label, π)
+    for s in sites:
+        for label, pi in _mixtures_for(s, mixture, by, max_samples):
+            jobs.append((s, label, pi))
+    # Batch the QR/SVD over jobs of equal shapes.
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (s, _, _) in enumerate(jobs):
+        by_shape.setdefault((s.r, s.d_in, s.d_out, s.scaling), []).append(i)
+    sigmas: list[np.ndarray | None] = [None] * len(jobs)
+    with torch.no_grad():
+        for (r, d_in, d_out, scaling), idx in by_shape.items():
+            A = torch.stack([jobs[i][0].A.detach().double().cpu() for i in idx])
+            B_mix = torch.stack([
+                torch.einsum("e,erd->rd", torch.from_numpy(jobs[i][2]), jobs[i][0].B.detach().double().cpu())
+                for i in idx])
+            sv = factor_singular_values(A, B_mix, scaling).numpy()
+            for row, i in enumerate(idx):
+                sigmas[i] = sv[row]
+    rows = []
+    for (s, label, _), sv in zip(jobs, sigmas):
+        base = {"site": s.name, "module": s.module, "group": s.group, "index": s.index,
+                "layer": layer_of(s.name, s.index), "kind": s.kind, "mixture": label, "r": s.r}
+        for k, v in enumerate(sv):
+            rows.append({**base, "k": k, "sigma": float(v)})
+    return pd.DataFrame(rows, columns=SPECTRA_COLUMNS)
+
+
+def spectrum_ranks(sigma: np.ndarray, tol: float = 1e-6) -> dict[str, float]:
+    """effective, stable and numerical rank of one spectrum (DESIGN §5), and energy shares."""
+    s = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
+    if len(s) == 0 or s[0] <= 0:
+        return {"effective_rank": 0.0, "stable_rank": 0.0, "numerical_rank": 0,
+                "energy_top1": float("nan"), "energy_top4": float("nan"), "energy_top16": float("nan")}
+    p = s / s.sum()
+    nz = p[p > 0]
+    energy = np.cumsum(s**2) / (s**2).sum()
+    top = lambda k: float(energy[min(k, len(s)) - 1])  # noqa: E731
+    return {
+        "effective_rank": float(np.exp(-(nz * np.log(nz)).sum())),
+        "stable_rank": float((s**2).sum() / s[0] ** 2),
+        "numerical_rank": int((s > tol * s[0]).sum()),
+        "energy_top1": top(1), "energy_top4": top(4), "energy_top16": top(16),
+    }
+
+
+def rank_summary(spectra: pd.DataFrame, tol: float = 1e-6) -> pd.DataFrame:
+    """One row per site (and mixture): ``effective_rank``, ``stable_rank``, ``numerical_rank``
+    (σ > tol·σ_max), ``energy_top1/4/16`` (share of Σσ² in the largest 1, 4, 16) and ``r``."""
+    keys = [c for c in ("site", "module", "group", "index", "layer", "kind", "mixture", "r") if c in spectra.columns]
+    rows = []
+    for key, part in spectra.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(keys, key)), **spectrum_ranks(part["sigma"].to_numpy(), tol)})
+    cols = keys + ["effective_rank", "stable_rank", "numerical_rank", "energy_top1", "energy_top4", "energy_top16"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def lora_equivalent_rank(model: nn.Module) -> int:
+    """The LoRA rank with (at most) the same trainable adapter parameters on the same sites:
+    ``⌊adapter parameters / Σ_sites (d_in + d_out)⌋``."""
+    from ..core import count_parameters
+
+    sites = adapter_sites(model)
+    if not sites:
+        raise ValueError("no adapter sites in this model")
+    per_rank = sum(s.d_in + s.d_out for s in sites)
+    return count_parameters(model)["adapter"] // per_rank
+
+
+def dense_delta(site: Site, pi: np.ndarray | None = None) -> torch.Tensor:
+    """The dense ``d_out × d_in`` ΔW of one site at mixture ``π`` (uniform if None), float64.
+    For tests, merging and small layers; spectra never need it."""
+    E = site.num_B
+    pi = np.full(E, 1 / E) if pi is None else np.asarray(pi, dtype=np.float64)
+    B_mix = torch.einsum("e,erd->rd", torch.from_numpy(pi), site.B.detach().double().cpu())
+    return site.scaling * B_mix.T @ site.A.detach().double().cpu()
+
+
+__all__ = ["delta_spectra", "rank_summary", "spectrum_ranks", "lora_equivalent_rank", "factor_singular_values",
+           "dense_delta"]
