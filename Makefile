@@ -1,0 +1,70 @@
+# make demo   train and reload a small Lily adapter on MiniLM (creates .venv if needed;
+#             DEMO_ARGS="--steps 60 --routing token" passes options to `lily-lab demo`)
+# make test   run the test suite                                 (creates .venv if needed)
+# make venv   only create/refresh .venv          make clean   remove .venv and build outputs
+#
+# torch is installed first and pinned: `torch==2.13.0` takes the CPU wheel found on disk here,
+# while an unpinned `torch>=2.2` pulls a ~5.6 GB CUDA build. Override with e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url <your CPU wheel index>"
+# or TORCH_SPEC= to leave torch to the resolver.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev,demo
+PYTEST_ARGS ?=
+DEMO_ARGS  ?=
+
+# The bare requirement ("torch==2.13.0") is repeated when installing the project, so the resolver
+# keeps that torch instead of trading it for another build.
+TORCH_PIN := $(firstword $(TORCH_SPEC))
+
+PY  := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The stamp names what was installed, so editing pyproject.toml (or TORCH_SPEC/EXTRAS) reinstalls
+# and a second `make test` does not.
+INSTALL_KEY := $(shell { cat pyproject.toml; echo '$(TORCH_SPEC) $(EXTRAS)'; } | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(INSTALL_KEY)
+
+.PHONY: venv test demo browser clean
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): | $(PY)
+	rm -f $(VENV)/.installed-*
+ifneq ($(strip $(TORCH_SPEC)),)
+	$(PIP) install $(TORCH_SPEC)
+endif
+	$(PIP) install $(TORCH_PIN) -e ".[$(EXTRAS)]"
+	touch $@
+
+# Debian's chromium for the browser tests (playwright drives /usr/bin/chromium; never
+# `playwright install`). Best effort: without root or apt those tests skip, the run goes on.
+browser:
+	@if [ -x /usr/bin/chromium ]; then \
+		echo "browser: /usr/bin/chromium present"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "warning: /usr/bin/chromium missing and not root; browser tests will be skipped" >&2; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "warning: /usr/bin/chromium missing and no apt-get; browser tests will be skipped" >&2; \
+	elif ! { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; then \
+		echo "warning: apt-get could not install chromium; browser tests will be skipped" >&2; \
+	fi
+
+# pytest exits 5 when it collected nothing: that is a broken run here, so say so.
+test: $(STAMP) browser
+	@rc=0; HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then \
+		echo "error: pytest collected no tests (exit 5); tests/ should never be empty" >&2; \
+	fi; \
+	exit $$rc
+
+demo: $(STAMP)
+	$(VENV)/bin/lily-lab demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis lily_lab_demo_adapter
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
