@@ -75,18 +75,26 @@ def _routing_name(site: Site, routing: Routing) -> str:
     raise RoutingError(f"the recording has no site {site.name!r}; it recorded: {', '.join(routing.sites[:6])}…")
 
 
-def delta_spectra(model: nn.Module | str | os.PathLike, mixture: Any = None, *, by: str | None = None,
+def _sites_of(model) -> list[Site]:
+    if isinstance(model, (str, os.PathLike)):
+        return sites_from_directory(model)
+    if isinstance(model, (list, tuple)) and all(isinstance(s, Site) for s in model):
+        return list(model)
+    return adapter_sites(model)
+
+
+def delta_spectra(model: nn.Module | str | os.PathLike | list[Site], mixture: Any = None, *, by: str | None = None,
                   max_samples: int = 32) -> pd.DataFrame:
     """Exact singular values of every site's ΔW, one row per site × mixture × k.
 
-    ``model`` is a model with an adapter (lily_lab Lily, PEFT Lily or PEFT LoRA) or an adapter
-    directory on its own (no base weights are needed). ``mixture``: ``None`` (uniform), an ``int``
+    ``model`` is a model with an adapter (lily_lab Lily, PEFT Lily or PEFT LoRA), an adapter
+    directory on its own (no base weights are needed), or a list of ``Site``s. ``mixture``: ``None`` (uniform), an ``int``
     (one expert), a ``Routing`` (each site's mean applied mixture; with ``by="label"`` one spectrum
     per label's mean distribution, with ``by="token"`` one per sampled token, at most
     ``max_samples``), or ``{site_name: vector}``. Columns: site, module, group, index, layer,
     kind, mixture, r, k (0-based), sigma.
     """
-    sites = sites_from_directory(model) if isinstance(model, (str, os.PathLike)) else adapter_sites(model)
+    sites = _sites_of(model)
     if not sites:
         raise ValueError("no adapter sites: pass a model with a Lily or LoRA adapter, or an adapter directory")
     jobs = []  # (site, label, π)
