@@ -14,8 +14,11 @@ from .analysis import (
     lora_equivalent_rank,
     merge_at,
     merge_error,
+    parameter_budget,
     rank_summary,
     router_metrics,
+    sharing_layout,
+    sharing_layout_from_config,
     specialization,
     timeline_expert_similarity,
     timeline_metrics,
@@ -40,6 +43,7 @@ from .core import (
     save_adapter,
 )
 from .observe import Recorder, Routing, RoutingError, Timeline, record_dataset, record_routing
+from .report import report  # lily_lab.report is the function; `from lily_lab.report import …` reaches the module
 
 __version__ = "0.1.0"
 
@@ -54,6 +58,9 @@ __all__ = [
     "timeline_metrics", "timeline_expert_similarity", "bank_summary",
     "delta_spectra", "rank_summary", "lora_equivalent_rank", "intruder_dimensions", "merge_at", "merge_error",
     "diagnose", "Diagnosis",
+    "sharing_layout", "sharing_layout_from_config", "parameter_budget",
+    # report
+    "report",
     # errors
     "LilyLabError", "LilyConfigError", "TargetError", "TargetTypeError", "CheckpointError", "RoutingError",
 ]

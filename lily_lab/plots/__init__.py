@@ -1,0 +1,28 @@
+"""Analysis results (DataFrames) → plotly ``go.Figure``s. Pure functions that never display anything.
+
+``plots`` knows DataFrame columns only and imports nothing else from lily_lab (DESIGN §3): give
+each function the frame named in its doc string. Every figure uses the ``"lily_lab"`` template,
+colours expert ``e`` with ``expert_color(e)`` and escapes every text that comes from the data.
+"""
+
+from ._common import escape
+from .experts import plot_diagnosis, plot_expert_similarity, plot_rank_by_layer, plot_spectra
+from .routing import (plot_expert_profile, plot_label_usage, plot_metric_timeline, plot_mixture_modes, plot_usage_bars,
+                      plot_usage_heatmap)
+from .teaching import plot_parameter_budget, plot_sharing_diagram
+from .theme import EXPERT_COLORS, SEVERITY_COLORS, TEMPLATE, expert_color, severity_color
+from .tokens import plot_token_probs, plot_token_text, plot_top_tokens
+
+__all__ = [
+    # routing views
+    "plot_usage_heatmap", "plot_usage_bars", "plot_label_usage", "plot_expert_profile", "plot_metric_timeline",
+    "plot_mixture_modes",
+    # token views
+    "plot_token_probs", "plot_top_tokens", "plot_token_text",
+    # adapter views
+    "plot_spectra", "plot_rank_by_layer", "plot_expert_similarity", "plot_diagnosis",
+    # teaching views
+    "plot_sharing_diagram", "plot_parameter_budget",
+    # theme
+    "TEMPLATE", "EXPERT_COLORS", "SEVERITY_COLORS", "expert_color", "severity_color", "escape",
+]

@@ -1,0 +1,220 @@
+"""Adapter views that need no recording: ΔW spectra, rank by layer, expert similarity, diagnosis.
+
+Inputs are the frames of ``delta_spectra``, ``rank_summary``, ``expert_similarity`` and
+``Diagnosis.to_frame()``.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative, sample_colorscale
+
+from ._common import escape, figure, first, fmt, layers, message_figure, modules, pick, require, site_label
+from .theme import NEUTRAL, SEVERITY_COLORS, severity_color
+
+_DASHES = ["solid", "dot", "dashdot", "longdashdot", "longdash"]
+_SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "cross", "star", "hexagon"]
+_MODULE_COLORS = qualitative.Dark2
+
+RANK_TITLES = {
+    "effective_rank": "effective rank exp H(σ/Σσ)",
+    "stable_rank": "stable rank Σσ² / σ_max²",
+    "numerical_rank": "numerical rank (σ > 1e-6·σ_max)",
+    "energy_top1": "share of Σσ² in the largest σ",
+    "energy_top4": "share of Σσ² in the 4 largest σ",
+    "energy_top16": "share of Σσ² in the 16 largest σ",
+}
+SIMILARITY_TITLES = {"cosine": "cosine of the flattened B experts",
+                     "subspace_overlap": "subspace overlap of the experts' output spaces",
+                     "functional_cosine": "cosine of the experts' updates through A"}
+
+
+def _key(site: str) -> str:
+    """A site's name without PEFT's prefix, so a Lily site and its LoRA baseline line up."""
+    return str(site).removeprefix("base_model.model.")
+
+
+def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] | str | None = None,
+                 baseline: pd.DataFrame | None = None, title: str | None = None) -> go.Figure:
+    """Singular values of each site's ΔW against their index, one line per site × mixture.
+
+    Colour is the layer (dark: first, yellow: last), marker the module, line style the mixture;
+    ``baseline`` (another ``delta_spectra`` frame, e.g. of a PEFT LoRA model) is drawn dashed in the
+    colour of the matching site. ``log`` puts σ on a log scale; ``sites`` keeps a subset by name."""
+    fn = "plot_spectra"
+    made_by = "lily_lab.delta_spectra(model, …)"
+    require(spectra, ["site", "k", "sigma"], fn, made_by)
+    if baseline is not None:
+        require(baseline, ["site", "k", "sigma"], fn + " (baseline)", made_by)
+    if spectra.empty:
+        return message_figure(title or "Spectra of ΔW", "no adapter sites in this frame")
+    frames = {"": spectra, "baseline": baseline if baseline is not None else spectra.iloc[:0]}
+    if sites is not None:
+        wanted = {_key(s) for s in ([sites] if isinstance(sites, str) else sites)}
+        unknown = wanted - {_key(s) for s in spectra["site"]}
+        if unknown:
+            have = list(dict.fromkeys(spectra["site"]))
+            raise ValueError(f"{fn}: sites {sorted(unknown)} are not in the spectra; it has {have}")
+        frames = {k: f[f["site"].map(_key).isin(wanted)] for k, f in frames.items()}
+    main = frames[""].assign(layer=layers(frames[""]))
+    order = main.drop_duplicates("site")
+    layer_values = sorted({l for l in order["layer"] if l is not None})
+    palette = sample_colorscale("Viridis", [i / max(len(layer_values) - 1, 1) * 0.9 for i in range(len(layer_values))])
+    colors = {_key(s): palette[layer_values.index(l)] if l in layer_values else NEUTRAL
+              for s, l in zip(order["site"], order["layer"])}
+    module_list = list(dict.fromkeys(modules(order)))
+    mixtures = list(dict.fromkeys(main["mixture"])) if "mixture" in main.columns else [None]
+    head = "Singular values of ΔW per site" + (" (dashed: baseline)" if baseline is not None else "")
+    fig = figure(escape(title) if title else head)
+    for role, frame in (("", main), ("baseline", frames["baseline"])):
+        if frame.empty:
+            continue
+        frame = frame.assign(layer=layers(frame))
+        keys = [c for c in ("site", "mixture") if c in frame.columns]
+        for key, part in frame.groupby(keys, sort=False):
+            site, mixture = (key if isinstance(key, tuple) else (key,)) + ((None,) if len(keys) == 1 else ())
+            part = part.sort_values("k")
+            if log:
+                part = part[part["sigma"] > 0]  # log scale: σ = 0 has no place
+            module = modules(part).iloc[0]
+            where = site_label(module, part["layer"].iloc[0])
+            what = escape(part["kind"].iloc[0] if "kind" in part.columns else "baseline") + " (baseline)" if role \
+                else escape(mixture) if mixture is not None else ""
+            name = f"{where} · {what}" if what else where
+            fig.add_scatter(
+                x=(part["k"] + 1).tolist(), y=part["sigma"].tolist(), mode="lines+markers", name=name,
+                legendgroup=_key(site),
+                line=dict(color=colors.get(_key(site), NEUTRAL), width=1.5, dash="dash" if role else
+                          _DASHES[mixtures.index(mixture) % len(_DASHES)] if mixture in mixtures else "solid"),
+                marker=dict(size=5, symbol=_SYMBOLS[module_list.index(module) % len(_SYMBOLS)]),
+                hovertext=[f"site: {escape(site)}<br>{where}<br>{what}<br>k = {k + 1}: σ = {fmt(s, 4)}"
+                           for k, s in zip(part["k"], part["sigma"])], hoverinfo="text")
+    fig.update_xaxes(title_text="k (1 = largest singular value)", tick0=1, dtick=1 if main["k"].max() < 20 else None)
+    fig.update_yaxes(title_text="σ_k of ΔW" + (" (log scale)" if log else ""), type="log" if log else "linear")
+    return fig
+
+
+def plot_rank_by_layer(ranks: pd.DataFrame, metric: str = "effective_rank", *, title: str | None = None) -> go.Figure:
+    """A rank metric of ΔW against the layer, one line per module (× mixture), with the bound
+    ``r`` (rank of the factors) dashed: a layer far under it uses few of its directions."""
+    fn = "plot_rank_by_layer"
+    require(ranks, ["site", "module", "index", metric], fn, "lily_lab.rank_summary(spectra)")
+    what = RANK_TITLES.get(metric, escape(metric))
+    if ranks.empty:
+        return message_figure(title or "Rank by layer", "no sites in this frame")
+    df = ranks.assign(layer=layers(ranks))
+    x_col = "layer" if df["layer"].notna().all() else "index"
+    module_names = list(dict.fromkeys(df["module"]))
+    mixtures = list(dict.fromkeys(df["mixture"])) if "mixture" in df.columns else [None]
+    fig = figure(escape(title) if title else f"{what} of ΔW by layer")
+    for m_i, module in enumerate(module_names):
+        for x_i, mixture in enumerate(mixtures):
+            sub = df[(df["module"] == module) & ((df["mixture"] == mixture) if mixture is not None else True)]
+            if sub.empty:
+                continue
+            sub = sub.sort_values(x_col)
+            name = escape(module) + (f" · {escape(mixture)}" if len(mixtures) > 1 else "")
+            fig.add_scatter(x=sub[x_col].tolist(), y=sub[metric].tolist(), mode="lines+markers", name=name,
+                            line=dict(color=_MODULE_COLORS[m_i % len(_MODULE_COLORS)], dash=_DASHES[x_i % len(_DASHES)]),
+                            hovertext=[f"site: {escape(s)}<br>{site_label(module, l)}"
+                                       + (f"<br>mixture {escape(mixture)}" if mixture is not None else "")
+                                       + f"<br>{escape(metric)} {fmt(v)}" + (f" (bound r = {r})" if "r" in sub else "")
+                                       for s, l, v, r in zip(sub["site"], sub["layer"], sub[metric],
+                                                             sub["r"] if "r" in sub else sub[metric])],
+                            hoverinfo="text")
+    if "r" in df.columns and metric.endswith("_rank"):
+        bounds = df.groupby("module", sort=False)
+        if df["r"].nunique() == 1:
+            xs = sorted(df[x_col].unique().tolist())
+            fig.add_scatter(x=xs, y=[df["r"].iloc[0]] * len(xs), mode="lines", name=f"bound r = {df['r'].iloc[0]}",
+                            line=dict(color=NEUTRAL, dash="dash"), hoverinfo="name")
+        else:
+            for m_i, (module, sub) in enumerate(bounds):
+                sub = sub.drop_duplicates(x_col).sort_values(x_col)
+                fig.add_scatter(x=sub[x_col].tolist(), y=sub["r"].tolist(), mode="lines", name=f"bound r ({escape(module)})",
+                                line=dict(color=_MODULE_COLORS[module_names.index(module) % len(_MODULE_COLORS)], dash="dash"),
+                                hoverinfo="name+y")
+    fig.update_xaxes(title_text="layer" if x_col == "layer" else "position in group", tickmode="array",
+                     tickvals=sorted(df[x_col].unique().tolist()))
+    fig.update_yaxes(title_text=what, rangemode="tozero")
+    return fig
+
+
+def plot_expert_similarity(similarity: pd.DataFrame, group: str | None = None, value: str = "cosine",
+                           *, title: str | None = None) -> go.Figure:
+    """The ``E × E`` similarity of one bank's experts (default: the first group), symmetric with 1 on
+    the diagonal. Red: alike (redundant experts), blue: opposite, white: unrelated."""
+    fn = "plot_expert_similarity"
+    require(similarity, ["group", "expert_i", "expert_j", value], fn, "lily_lab.expert_similarity(model)")
+    what = SIMILARITY_TITLES.get(value, escape(value))
+    if similarity.empty:
+        return message_figure(title or "Expert similarity", "no bank with two or more experts (a LoRA site has one)")
+    group = first(similarity, "group", group)
+    part = pick(similarity, "group", group, fn)
+    E = int(max(part["expert_i"].max(), part["expert_j"].max())) + 1
+    M = np.full((E, E), np.nan)
+    np.fill_diagonal(M, 1.0)
+    for i, j, v in zip(part["expert_i"], part["expert_j"], part[value]):
+        M[int(i), int(j)] = M[int(j), int(i)] = float(v)
+    off = M[np.triu_indices(E, k=1)]
+    mean = float(np.nanmean(off)) if np.isfinite(off).any() else float("nan")
+    experts = list(range(E))
+    hover = [[f"bank {escape(group)}<br>expert {i} · expert {j}<br>{escape(value)} {fmt(M[i, j])}" for j in experts]
+             for i in experts]
+    fig = figure(escape(title) if title else f"Bank {escape(group)}: {what} (mean of pairs {fmt(mean)})",
+                 height=max(320, 160 + 40 * E))
+    fig.add_heatmap(z=M, x=experts, y=experts, zmin=-1 if value != "subspace_overlap" else 0, zmax=1,
+                    colorscale="RdBu_r" if value != "subspace_overlap" else "Reds", texttemplate="%{z:.2f}",
+                    hovertext=hover, hoverinfo="text", xgap=2, ygap=2, colorbar=dict(title=dict(text=escape(value))))
+    fig.update_xaxes(title_text="expert", tickmode="array", tickvals=experts, constrain="domain")
+    fig.update_yaxes(title_text="expert", tickmode="array", tickvals=experts, autorange="reversed",
+                     scaleanchor="x", constrain="domain")
+    return fig
+
+
+def _wrap(text: str, width: int = 80) -> str:
+    """Escaped text, wrapped for a hover box (escape after wrapping so no entity is cut)."""
+    return "<br>".join(escape(line) for line in textwrap.wrap(str(text), width)) or ""
+
+
+def plot_diagnosis(findings: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """The findings of ``diagnose(...).to_frame()``: one bar per finding, its length the number of
+    sites affected, its colour the severity; hover gives what, where and what to try. An empty
+    frame gives a figure that says no collapse was found."""
+    fn = "plot_diagnosis"
+    require(findings, ["kind", "severity", "summary"], fn, "Diagnosis.to_frame()")
+    if "sites" not in findings.columns and "n_sites" not in findings.columns:
+        raise ValueError(f"{fn} needs a 'sites' or 'n_sites' column; the frame has {list(findings.columns)}")
+    if findings.empty:
+        return message_figure(title or "Diagnosis", "No findings: no collapse found", color=SEVERITY_COLORS["ok"])
+    df = findings.reset_index(drop=True)
+    n = df["n_sites"] if "n_sites" in df.columns else df["sites"].map(len)
+    rank = {"critical": 0, "warning": 1}
+    severities = sorted(dict.fromkeys(df["severity"]), key=lambda s: (rank.get(s, 2), str(s)))
+    ticks = [f"{escape(k)}" for k in df["kind"]]
+    fig = figure(escape(title) if title else f"Diagnosis: {len(df)} finding(s)", height=max(240, 140 + 48 * len(df)))
+    for sev in severities:
+        idx = df.index[df["severity"] == sev].tolist()
+        hover = []
+        for i in idx:
+            row = df.loc[i]
+            sites = list(row["sites"]) if "sites" in df.columns and isinstance(row["sites"], (list, tuple)) else []
+            where = ", ".join(map(str, sites[:6])) + (f" (+{len(sites) - 6} more)" if len(sites) > 6 else "")
+            hover.append(f"<b>{escape(row['kind'])}</b> ({escape(sev)})<br>{_wrap(row['summary'])}"
+                         + (f"<br>where: {_wrap(where)}" if where else "")
+                         + (f"<br>try: {_wrap(row['remedy'])}" if "remedy" in df.columns else ""))
+        fig.add_bar(x=[int(n[i]) for i in idx], y=idx, orientation="h", name=escape(sev),
+                    marker_color=severity_color(sev), text=[f"{int(n[i])} site(s)" for i in idx], textposition="auto",
+                    hovertext=hover, hoverinfo="text")
+    fig.update_xaxes(title_text="sites or banks affected", rangemode="tozero", dtick=1 if n.max() <= 12 else None)
+    fig.update_yaxes(title_text="finding", tickmode="array", tickvals=list(df.index), ticktext=ticks, autorange="reversed")
+    fig.update_layout(legend_title_text="severity")
+    return fig
+
+
+__all__ = ["plot_spectra", "plot_rank_by_layer", "plot_expert_similarity", "plot_diagnosis", "RANK_TITLES",
+           "SIMILARITY_TITLES"]

@@ -1,0 +1,224 @@
+"""Router views: how much each expert is used, where, for which label, and over training.
+
+Inputs are the frames of ``Routing.usage()``, ``specialization``, ``expert_layer_profile`` and
+``timeline_metrics``; every text from the data is escaped (see ``_common.escape``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ._common import escape, figure, first, fmt, layers, message_figure, modules, pick, require, site_label
+from .theme import NEUTRAL, SEVERITY_COLORS, expert_color, usage_colorscale
+
+#: Axis titles for the router metrics of DESIGN §5, in words a user reads without the paper.
+METRIC_TITLES = {
+    "load_entropy": "load entropy (1 balanced, 0 one expert)",
+    "token_entropy": "token entropy (mean per-token, 0 decisive)",
+    "routing_mi": "routing MI (0: router ignores its input)",
+    "effective_experts": "effective experts exp H(u)",
+    "max_usage": "max usage (share of the busiest expert)",
+    "cv2": "cv² of usage (0 balanced)",
+    "switch_balance": "switch balance (1 balanced, E collapsed)",
+    "z_loss": "router z-loss",
+}
+
+
+def _fair_line(fig: go.Figure, E: int) -> None:
+    fig.add_hline(y=1 / E, line=dict(dash="dash", color=NEUTRAL, width=1),
+                  annotation_text=f"fair share 1/E = {1 / E:.3f}", annotation_position="top left",
+                  annotation_font_color=NEUTRAL)
+
+
+def plot_usage_heatmap(usage: pd.DataFrame, *, highlight: list[str] | None = None,
+                       title: str | None = None) -> go.Figure:
+    """Sites × experts heatmap of ``Routing.usage()``: rows ordered by module then position in the
+    group, a line between modules; white is the fair share ``1/E``, red an expert used more.
+    ``highlight``: site names or group keys (a finding's ``sites``) whose rows are outlined."""
+    fn = "plot_usage_heatmap"
+    require(usage, ["site", "module", "index", "expert", "usage"], fn, "Routing.usage()")
+    if usage.empty:
+        return message_figure(title or "Expert usage", "no routed sites in this recording")
+    df = usage.assign(layer=layers(usage))
+    order = ["module"] + (["group"] if "group" in df.columns else []) + ["index"]
+    sites = df.drop_duplicates("site").sort_values(order, kind="stable")
+    experts = sorted(df["expert"].unique().tolist())
+    z = df.groupby(["site", "expert"])["usage"].mean().unstack().reindex(index=sites["site"], columns=experts)
+    n = df.groupby("site")["n_tokens"].first() if "n_tokens" in df.columns else None
+    E = len(experts)
+    y = [escape(s) for s in sites["site"]]
+    labels = [site_label(m, l) for m, l in zip(sites["module"], sites["layer"])]
+    hover = [[f"site: {y[i]}<br>{labels[i]}<br>expert {e}<br>usage {fmt(z.iat[i, j])} (fair share {1 / E:.3f})"
+              + (f"<br>tokens {int(n[site]):,}" if n is not None else "")
+              for j, e in enumerate(experts)] for i, site in enumerate(sites["site"])]
+    fig = figure(escape(title) if title else f"Expert usage per site ({len(y)} sites × {E} experts)",
+                 height=max(260, 120 + 24 * len(y)))
+    fig.add_heatmap(z=z.to_numpy(), x=experts, y=y, zmin=0, zmax=1, colorscale=usage_colorscale(E),
+                    hovertext=hover, hoverinfo="text", xgap=1, ygap=1,
+                    colorbar=dict(title=dict(text="usage<br>(white: 1/E)")))
+    fig.update_xaxes(title_text="expert", tickmode="array", tickvals=experts, side="bottom")
+    fig.update_yaxes(title_text="site (module · layer)", tickmode="array", tickvals=y, ticktext=labels,
+                     autorange="reversed", type="category")
+    marked = set(highlight or ())
+    for i, (site, group) in enumerate(zip(sites["site"], sites["group"] if "group" in sites else sites["site"])):
+        if site in marked or group in marked:
+            fig.add_shape(type="rect", xref="paper", x0=0, x1=1, yref="y", y0=i - 0.5, y1=i + 0.5,
+                          line=dict(color=SEVERITY_COLORS["critical"], width=3))
+    modules = sites["module"].tolist()
+    for i in range(1, len(modules)):  # a rule between modules: categories sit at 0, 1, …
+        if modules[i] != modules[i - 1]:
+            fig.add_shape(type="line", xref="paper", x0=0, x1=1, yref="y", y0=i - 0.5, y1=i - 0.5,
+                          line=dict(color="#222", width=2))
+    return fig
+
+
+def plot_usage_bars(usage: pd.DataFrame, site: str, *, title: str | None = None) -> go.Figure:
+    """One site's expert usage as bars, with the fair share ``1/E`` dashed."""
+    fn = "plot_usage_bars"
+    require(usage, ["site", "expert", "usage"], fn, "Routing.usage()")
+    part = pick(usage, "site", site, fn).sort_values("expert")
+    part = part.assign(layer=layers(part))
+    label = site_label(modules(part).iloc[0], part["layer"].iloc[0])
+    experts = part["expert"].tolist()
+    tokens = f"<br>tokens {int(part['n_tokens'].iloc[0]):,}" if "n_tokens" in part.columns else ""
+    fig = figure(escape(title) if title else f"Expert usage at {label}")
+    fig.add_bar(x=experts, y=part["usage"].tolist(), name="usage", marker_color=[expert_color(e) for e in experts],
+                hovertext=[f"site: {escape(site)}<br>{label}<br>expert {e}<br>usage {fmt(u)}{tokens}"
+                           for e, u in zip(experts, part["usage"])], hoverinfo="text")
+    _fair_line(fig, len(experts))
+    fig.update_xaxes(title_text="expert", tickmode="array", tickvals=experts)
+    fig.update_yaxes(title_text="usage (mean router probability)", rangemode="tozero")
+    return fig
+
+
+def plot_label_usage(spec: pd.DataFrame, site: str | None = None, *, title: str | None = None) -> go.Figure:
+    """Usage of each expert for each label at one site (default: the frame's first): grouped bars
+    label × expert. The title gives the site's normalised MI and JS divergence between labels."""
+    fn = "plot_label_usage"
+    require(spec, ["site", "value", "expert", "usage"], fn, "lily_lab.specialization(routing, by='label')")
+    if spec.empty:
+        raise ValueError(f"{fn}: the frame is empty; record with labels (recorder.annotate(labels=…))")
+    site = first(spec, "site", site)
+    part = pick(spec, "site", site, fn)
+    part = part.assign(layer=layers(part))
+    label = site_label(modules(part).iloc[0], part["layer"].iloc[0])
+    values = list(dict.fromkeys(part["value"].tolist()))
+    x = [escape(v) for v in values]
+    experts = sorted(part["expert"].unique().tolist())
+    scores = []
+    for col, name in (("normalized_mi", "normalised MI"), ("js_divergence", "JS")):
+        if col in part.columns:
+            scores.append(f"{name} {fmt(part[col].iloc[0])}")
+    head = f"Expert usage by label at {label}" + (f" — {', '.join(scores)}" if scores else "")
+    fig = figure(escape(title) if title else head, barmode="group")
+    for e in experts:
+        sub = part[part["expert"] == e].drop_duplicates("value").set_index("value").reindex(values)
+        counts = sub["n_tokens"].tolist() if "n_tokens" in sub.columns else [None] * len(values)
+        fig.add_bar(x=x, y=sub["usage"].tolist(), name=f"expert {e}", marker_color=expert_color(e),
+                    hovertext=[f"site: {escape(site)}<br>{label}<br>label {xv}<br>expert {e}: usage {fmt(u)}"
+                               + (f"<br>tokens {int(c):,}" if c is not None and c == c else "")
+                               for xv, u, c in zip(x, sub["usage"], counts)], hoverinfo="text")
+    _fair_line(fig, len(experts))
+    fig.update_xaxes(title_text="label", type="category")
+    fig.update_yaxes(title_text="usage (mean router probability)", rangemode="tozero")
+    fig.update_layout(legend_title_text="expert")
+    return fig
+
+
+def plot_expert_profile(profile: pd.DataFrame, group: str | None = None, *, value: str = "usage",
+                        title: str | None = None) -> go.Figure:
+    """Lily's cross-layer view: each expert of one bank (default: the first group), its usage at
+    every layer of the group. The legend gives each expert's layer entropy (1: serves all layers
+    alike, 0: serves one layer). ``value="share"`` plots each expert's share across layers instead."""
+    fn = "plot_expert_profile"
+    require(profile, ["group", "expert", "site", "index", value], fn, "lily_lab.expert_layer_profile(routing)")
+    if profile.empty:
+        return message_figure(title or "Experts across layers", "no routed group with recorded tokens")
+    group = first(profile, "group", group)
+    part = pick(profile, "group", group, fn)
+    part = part.assign(layer=layers(part))
+    by_layer = part.drop_duplicates("site")["layer"]
+    x_col, x_title = ("layer", "layer") if by_layer.is_unique and by_layer.notna().all() else ("index", "position in group")
+    fig = figure(escape(title) if title else f"Bank {escape(group)}: each expert across the group's layers")
+    for e in sorted(part["expert"].unique().tolist()):
+        sub = part[part["expert"] == e].sort_values("index")
+        H = sub["layer_entropy"].iloc[0] if "layer_entropy" in sub.columns else np.nan
+        module = modules(sub).iloc[0]
+        hover = [f"site: {escape(row['site'])}<br>{site_label(module, row['layer'])}<br>expert {e}: "
+                 + ", ".join(f"{escape(c)} {fmt(row[c])}" for c in dict.fromkeys(("usage", "share", value)) if c in row)
+                 + f"<br>layer entropy of expert {e}: {fmt(H)}" for _, row in sub.iterrows()]
+        fig.add_scatter(x=sub[x_col].tolist(), y=sub[value].tolist(), mode="lines+markers",
+                        name=f"expert {e} · layer entropy {fmt(H, 2)}", line=dict(color=expert_color(e), width=2),
+                        marker=dict(size=8), hovertext=hover, hoverinfo="text")
+    fig.update_xaxes(title_text=x_title, tickmode="array", tickvals=sorted(part[x_col].unique().tolist()))
+    fig.update_yaxes(title_text="usage (mean router probability)" if value == "usage"
+                     else "share of the expert's usage over the group's layers" if value == "share" else escape(value),
+                     rangemode="tozero")
+    return fig
+
+
+def plot_metric_timeline(timeline: pd.DataFrame, metric: str = "routing_mi", sites: list[str] | str | None = None,
+                         *, step: int | None = None, title: str | None = None) -> go.Figure:
+    """One router metric over training steps, one line per site (``sites``: a subset by name);
+    ``step`` marks one step with a dashed vertical line (a player's current step)."""
+    fn = "plot_metric_timeline"
+    require(timeline, ["step", "site", "metric", "value"], fn, "lily_lab.timeline_metrics(timeline)")
+    what = METRIC_TITLES.get(metric, escape(metric))
+    if timeline.empty:
+        return message_figure(title or f"{metric} over training", "no steps recorded in this timeline yet")
+    part = pick(timeline, "metric", metric, fn)
+    if sites is not None:
+        sites = [sites] if isinstance(sites, str) else list(sites)
+        unknown = [s for s in sites if s not in set(part["site"])]
+        if unknown:
+            raise ValueError(f"{fn}: sites {unknown} are not in the timeline; it has {list(dict.fromkeys(part['site']))}")
+        part = part[part["site"].isin(sites)]
+    part = part.assign(layer=layers(part), module=modules(part))
+    order = [c for c in ("module", "index") if c in part.columns]
+    names = part.drop_duplicates("site").sort_values(order, kind="stable") if order else part.drop_duplicates("site")
+    fig = figure(escape(title) if title else f"{what} over training")
+    for i, row in enumerate(names.itertuples(index=False)):
+        sub = part[part["site"] == row.site].sort_values("step")
+        label = site_label(row.module, row.layer)
+        fig.add_scatter(x=sub["step"].tolist(), y=sub["value"].tolist(), mode="lines+markers", name=label,
+                        hovertext=[f"site: {escape(row.site)}<br>{label}<br>step {s}<br>{escape(metric)} {fmt(v)}"
+                                   for s, v in zip(sub["step"], sub["value"])], hoverinfo="text")
+    if step is not None:
+        fig.add_vline(x=step, line=dict(color=NEUTRAL, dash="dash", width=1))
+    fig.update_xaxes(title_text="training step")
+    fig.update_yaxes(title_text=what)
+    return fig
+
+
+_MODE_COLORS = {"batch": "#4d4d4d", "sequence": "#8c6bb1", "token": "#41ab5d"}
+
+
+def plot_mixture_modes(modes: pd.DataFrame, site: str, *, title: str | None = None) -> go.Figure:
+    """The mixtures each routing mode would apply at one site (``mixture_modes(routing)``): per
+    expert, one box per mode of the weights over calls (batch), sequences (sequence) or tokens
+    (token). A narrow batch box next to a wide token box: batch routing averages the router's
+    per-token choices away."""
+    fn = "plot_mixture_modes"
+    require(modes, ["site", "mode", "expert", "weight"], fn, "lily_lab.analysis.mixture_modes(routing)")
+    part = pick(modes, "site", site, fn)
+    part = part.assign(layer=layers(part))
+    module = modules(part).iloc[0]
+    where = site_label(module, part["layer"].iloc[0])
+    fig = figure(escape(title) if title else f"Mixture applied by each routing mode at {where}", boxmode="group")
+    for mode in dict.fromkeys(part["mode"]):
+        sub = part[part["mode"] == mode]
+        n = sub["item"].nunique() if "item" in sub.columns else len(sub)
+        fig.add_box(x=[f"expert {e}" for e in sub["expert"]], y=sub["weight"].tolist(), name=f"{escape(mode)} ({n})",
+                    marker_color=_MODE_COLORS.get(mode, NEUTRAL), boxpoints=False,
+                    hovertext=[f"site: {escape(site)}<br>{escape(mode)} routing<br>expert {e}: weight {fmt(w)}"
+                               for e, w in zip(sub["expert"], sub["weight"])], hoverinfo="y+text")
+    fig.update_xaxes(title_text="expert")
+    fig.update_yaxes(title_text="mixture weight π_e", range=[0, 1.02])
+    fig.update_layout(legend_title_text="routing mode (mixtures)")
+    return fig
+
+
+__all__ = ["plot_usage_heatmap", "plot_usage_bars", "plot_label_usage", "plot_expert_profile", "plot_metric_timeline",
+           "plot_mixture_modes", "METRIC_TITLES"]

@@ -1,0 +1,11 @@
+"""ipywidgets dashboards composed from ``lily_lab.plots``; they hold view state only."""
+
+from .budget import BudgetCalculator
+from .collapse import CollapseDashboard
+from .dashboard import LilyDashboard
+from .experts import ExpertMap, SpectrumExplorer
+from .router import RouterExplorer
+from .timeline import TimelinePlayer
+
+__all__ = ["LilyDashboard", "RouterExplorer", "ExpertMap", "SpectrumExplorer", "CollapseDashboard",
+           "TimelinePlayer", "BudgetCalculator"]

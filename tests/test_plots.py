@@ -1,0 +1,395 @@
+"""lily_lab.plots: every view's traces, axis titles and data against the frame it was given;
+missing columns named; text from the data escaped; the sharing layout and parameter budget
+against the model they describe (``count_parameters``, ``lily_parameter_formula``, PEFT)."""
+
+from __future__ import annotations
+
+import math
+import typing
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+import pytest
+import torch
+
+import lily_lab as ll
+from lily_lab import plots
+from lily_lab.analysis import mixture_modes
+from lily_lab.analysis.diagnose import Diagnosis, Finding
+from lily_lab.core import lily_parameter_formula
+
+EVIL_LABEL = "<script>alert(1)</script>"
+EVIL_TOKEN = "<img src=x onerror=alert(1)>"
+LABELS = ["pos", "neg", "pos", EVIL_LABEL]
+CONFIG = dict(target_modules=["query", "value"], r=4, num_B=3, stride_A=2, init_weights=False)
+
+
+class Tokenizer:
+    """Every id divisible by 7 is a hostile token."""
+
+    def convert_ids_to_tokens(self, ids):
+        return [EVIL_TOKEN if i % 7 == 0 else f"tok{i}" for i in ids]
+
+
+@pytest.fixture(scope="module")
+def lab(tiny_bert):
+    model = ll.add_lily(tiny_bert(), ll.LilyConfig(**CONFIG, routing="token"))
+    ids = torch.randint(1, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 2] = 7  # every sequence holds the hostile token
+    with torch.no_grad(), ll.record_routing(model) as rec:
+        for _ in range(3):
+            model(input_ids=ids)
+            rec.annotate(labels=LABELS, input_ids=ids)
+    routing = rec.routing
+    timeline = ll.Timeline(probe={"input_ids": ids})
+    with torch.no_grad():
+        for step in range(3):
+            timeline.observe(model, step)
+            for s in ll.adapter_sites(model):
+                s.router.mul_(1.5)  # sharper routers, so metrics move between steps
+    spectra = ll.delta_spectra(model)
+    f = dict(usage=routing.usage(), tokens=routing.token_table(Tokenizer()), spec=ll.specialization(routing),
+             profile=ll.expert_layer_profile(routing), top=ll.top_tokens(routing, k=5, tokenizer=Tokenizer()),
+             timeline=ll.timeline_metrics(timeline), spectra=spectra, ranks=ll.rank_summary(spectra),
+             similarity=ll.expert_similarity(model), findings=_findings(), layout=ll.sharing_layout(model),
+             budget=ll.parameter_budget(32, 32, 4, range(1, 9), 2, 3), modes=mixture_modes(routing))
+    return SimpleNamespace(model=model, routing=routing, site=routing.sites[0], f=f, E=3, n_sites=8)
+
+
+def _findings() -> pd.DataFrame:
+    """A diagnosis with one finding of each severity, the critical one listed second."""
+    return Diagnosis(findings=[
+        Finding("dead_expert", "warning", ["a", "b"], {"usage": 0.01}, "add a balance loss", "2 sites " + EVIL_LABEL),
+        Finding("redundant_experts", "critical", ["query:32x32"], {}, "use token routing", "1 bank"),
+    ]).to_frame()
+
+
+def strings(obj):
+    """Every string inside a plotly JSON structure."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from strings(v)
+    elif isinstance(obj, (list, tuple)) or (isinstance(obj, np.ndarray) and obj.dtype == object):
+        for v in obj:
+            yield from strings(v)
+
+
+def assert_escaped(fig: go.Figure, raw: str) -> None:
+    """``raw`` is in the figure, escaped, and no raw tag from the data is."""
+    texts = list(strings(fig.to_plotly_json()))
+    assert not [t for t in texts if "<script" in t or "<img" in t]
+    assert any(raw.replace("<", "&lt;").replace(">", "&gt;") in t for t in texts), f"{raw!r} is not in the figure"
+
+
+# name, args from the lab, kwargs, expected trace count, trace type, x title, y title (None: not checked)
+CASES = [
+    ("plot_usage_heatmap", lambda L: (L.f["usage"],), {}, 1, go.Heatmap, "expert", "site (module · layer)"),
+    ("plot_usage_bars", lambda L: (L.f["usage"], L.site), {}, 1, go.Bar, "expert", "usage (mean router probability)"),
+    ("plot_token_probs", lambda L: (L.f["tokens"], L.site), {}, 3, go.Box, "expert", "router probability p(expert | token)"),
+    ("plot_token_probs", lambda L: (L.f["tokens"], L.site), {"kind": "violin"}, 3, go.Violin, "expert", None),
+    ("plot_label_usage", lambda L: (L.f["spec"],), {}, 3, go.Bar, "label", "usage (mean router probability)"),
+    ("plot_expert_profile", lambda L: (L.f["profile"],), {}, 3, go.Scatter, "layer", "usage (mean router probability)"),
+    ("plot_top_tokens", lambda L: (L.f["top"], L.site), {}, 3, go.Bar, "mean probability", None),
+    ("plot_token_text", lambda L: (L.f["tokens"], L.site, 3), {}, 3, go.Bar, None, None),
+    ("plot_metric_timeline", lambda L: (L.f["timeline"],), {}, 8, go.Scatter, "training step",
+     "routing MI (0: router ignores its input)"),
+    ("plot_mixture_modes", lambda L: (L.f["modes"], L.site), {}, 3, go.Box, "expert", "mixture weight π_e"),
+    ("plot_spectra", lambda L: (L.f["spectra"],), {}, 8, go.Scatter, "k (1 = largest singular value)", "σ_k of ΔW"),
+    ("plot_rank_by_layer", lambda L: (L.f["ranks"],), {}, 3, go.Scatter, "layer", "effective rank exp H(σ/Σσ)"),
+    ("plot_expert_similarity", lambda L: (L.f["similarity"],), {}, 1, go.Heatmap, "expert", "expert"),
+    ("plot_diagnosis", lambda L: (L.f["findings"],), {}, 2, go.Bar, "sites or banks affected", "finding"),
+    ("plot_sharing_diagram", lambda L: (L.f["layout"],), {}, 10, go.Scatter, None, None),
+    ("plot_parameter_budget", lambda L: (L.f["budget"],), {}, 4, go.Scatter, "r (Lily's rank)", "trainable parameters"),
+]
+
+
+@pytest.mark.parametrize("name, args, kwargs, n, kind, xtitle, ytitle", CASES, ids=[f"{c[0]}{c[2] or ''}" for c in CASES])
+def test_every_view_returns_a_themed_figure_without_displaying(lab, monkeypatch, name, args, kwargs, n, kind, xtitle, ytitle):
+    shown = []
+    monkeypatch.setattr(go.Figure, "show", lambda *a, **k: shown.append(a))
+    monkeypatch.setattr(pio, "show", lambda *a, **k: shown.append(a))
+    fn = getattr(plots, name)
+    assert typing.get_type_hints(fn)["return"] is go.Figure
+    fig = fn(*args(lab), **kwargs)
+    assert isinstance(fig, go.Figure) and not shown
+    assert len(fig.data) == n and all(isinstance(t, kind) for t in fig.data)
+    assert fig.layout.template.layout.colorway == tuple(plots.EXPERT_COLORS[:10])
+    assert fig.layout.title.text
+    if xtitle is not None:
+        assert fig.layout.xaxis.title.text == xtitle
+    if ytitle is not None:
+        assert fig.layout.yaxis.title.text == ytitle
+
+
+def test_the_exports_and_the_template():
+    names = {c[0] for c in CASES}
+    assert names <= set(plots.__all__)
+    assert "lily_lab" in pio.templates and pio.templates.default != "lily_lab"  # registered, never imposed
+    assert plots.expert_color(1) == plots.EXPERT_COLORS[1] != plots.expert_color(0)
+    assert plots.escape("<b>&") == "&lt;b&gt;&amp;"
+
+
+# name, frame key, required columns, extra args
+MISSING = [
+    ("plot_usage_heatmap", "usage", ["site", "module", "index", "expert", "usage"], lambda L: ()),
+    ("plot_usage_bars", "usage", ["site", "expert", "usage"], lambda L: (L.site,)),
+    ("plot_token_probs", "tokens", ["site", "p0"], lambda L: (L.site,)),
+    ("plot_label_usage", "spec", ["site", "value", "expert", "usage"], lambda L: ()),
+    ("plot_expert_profile", "profile", ["group", "expert", "site", "index", "usage"], lambda L: ()),
+    ("plot_top_tokens", "top", ["site", "expert", "rank", "usage"], lambda L: (L.site,)),
+    ("plot_token_text", "tokens", ["site", "sequence", "position", "top_expert", "p0"], lambda L: (L.site, 0)),
+    ("plot_metric_timeline", "timeline", ["step", "site", "metric", "value"], lambda L: ()),
+    ("plot_mixture_modes", "modes", ["site", "mode", "expert", "weight"], lambda L: (L.site,)),
+    ("plot_spectra", "spectra", ["site", "k", "sigma"], lambda L: ()),
+    ("plot_rank_by_layer", "ranks", ["site", "module", "index", "effective_rank"], lambda L: ()),
+    ("plot_expert_similarity", "similarity", ["group", "expert_i", "expert_j", "cosine"], lambda L: ()),
+    ("plot_diagnosis", "findings", ["kind", "severity", "summary"], lambda L: ()),
+    ("plot_sharing_diagram", "layout", ["group", "site", "index", "a_index", "num_B"], lambda L: ()),
+    ("plot_parameter_budget", "budget", ["r", "lily_params", "lora_params_same_r", "lora_equivalent_rank"], lambda L: ()),
+]
+
+
+@pytest.mark.parametrize("name, key, required, extra", MISSING, ids=[m[0] for m in MISSING])
+def test_a_missing_column_is_named(lab, name, key, required, extra):
+    fn = getattr(plots, name)
+    for col in required:
+        drop = [c for c in lab.f[key].columns if c == col or (col == "p0" and c[:1] == "p" and c[1:].isdigit())]
+        with pytest.raises(ValueError) as err:
+            fn(lab.f[key].drop(columns=drop), *extra(lab))
+        assert name in str(err.value) and f"'{col}'" in str(err.value), str(err.value)
+    with pytest.raises(TypeError, match=name):
+        fn(lab.f[key].to_dict("records"), *extra(lab))
+
+
+def test_usage_heatmap_is_sites_by_experts_ordered_by_module_then_index(lab):
+    usage = lab.f["usage"]
+    fig = plots.plot_usage_heatmap(usage.sample(frac=1, random_state=0), highlight=["value:32x32"])
+    hm = fig.data[0]
+    z = np.asarray(hm.z)
+    assert z.shape == (lab.n_sites, lab.E)
+    want = usage.sort_values(["module", "index"])["site"].drop_duplicates().tolist()
+    assert list(hm.y) == want
+    assert list(fig.layout.yaxis.ticktext) == [f"{m} · layer {i}" for m in ("query", "value") for i in range(4)]
+    for i, site in enumerate(want):
+        for e in range(lab.E):
+            assert z[i, e] == usage[(usage.site == site) & (usage.expert == e)].usage.item()
+            assert f"site: {site}" in hm.hovertext[i][e] and f"layer {i % 4}" in hm.hovertext[i][e]
+            assert f"expert {e}" in hm.hovertext[i][e]
+    rects = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert sorted(s.y0 + 0.5 for s in rects) == [4, 5, 6, 7]  # the value group's rows, outlined
+    assert [s.y0 for s in fig.layout.shapes if s.type == "line"] == [3.5]  # the rule between modules
+
+
+def test_usage_bars_show_one_site(lab):
+    usage, site = lab.f["usage"], lab.routing.sites[3]
+    fig = plots.plot_usage_bars(usage, site)
+    assert list(fig.data[0].y) == usage[usage.site == site].sort_values("expert").usage.tolist()
+    assert list(fig.data[0].marker.color) == [plots.expert_color(e) for e in range(3)]
+    assert "value · layer 1" in fig.layout.title.text and site in fig.data[0].hovertext[0]
+    assert fig.layout.shapes[0].y0 == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="encoder.layer.0.attention.self.query"):
+        plots.plot_usage_bars(usage, "nope")
+
+
+def test_token_probs_are_each_experts_column(lab):
+    tokens = lab.f["tokens"]
+    part = tokens[tokens.site == lab.site]
+    for kind in ("box", "violin"):
+        fig = plots.plot_token_probs(tokens, lab.site, kind=kind)
+        for e, trace in enumerate(fig.data):
+            assert trace.name == f"expert {e}" and list(trace.y) == part[f"p{e}"].tolist()
+        assert_escaped(fig, EVIL_TOKEN)
+    with pytest.raises(ValueError, match="kind"):
+        plots.plot_token_probs(tokens, lab.site, kind="pie")
+
+
+def test_label_usage_groups_labels_by_expert(lab):
+    spec = lab.f["spec"]
+    site = lab.routing.sites[5]
+    fig = plots.plot_label_usage(spec, site)
+    assert list(fig.data[0].x) == ["pos", "neg", "&lt;script&gt;alert(1)&lt;/script&gt;"]
+    for e, trace in enumerate(fig.data):
+        part = spec[(spec.site == site) & (spec.expert == e)].set_index("value")
+        assert list(trace.y) == [part.usage[v] for v in ["pos", "neg", EVIL_LABEL]]
+    assert fig.layout.barmode == "group" and fig.layout.xaxis.type == "category"
+    assert "value · layer 2" in fig.layout.title.text
+    assert plots.plot_label_usage(spec).layout.title.text.startswith("Expert usage by label at query · layer 0")
+    assert_escaped(fig, EVIL_LABEL)
+
+
+def test_expert_profile_follows_each_expert_across_layers(lab):
+    profile = lab.f["profile"]
+    fig = plots.plot_expert_profile(profile, "value:32x32")
+    for e, trace in enumerate(fig.data):
+        part = profile[(profile.group == "value:32x32") & (profile.expert == e)].sort_values("index")
+        assert list(trace.x) == [0, 1, 2, 3] and list(trace.y) == part.usage.tolist()
+        assert f"layer entropy {part.layer_entropy.iloc[0]:.2f}" in trace.name
+        assert "value · layer 0" in trace.hovertext[0] and f"expert {e}" in trace.hovertext[0]
+    share = plots.plot_expert_profile(profile, value="share")
+    assert share.data[0].y[0] == profile[profile.group == "query:32x32"].share.iloc[0]
+
+
+def test_top_tokens_one_panel_per_expert(lab):
+    top = lab.f["top"]
+    fig = plots.plot_top_tokens(top, lab.site, k=3)
+    for e, trace in enumerate(fig.data):
+        part = top[(top.site == lab.site) & (top.expert == e)].sort_values("rank").head(3)
+        assert list(trace.x) == part.usage.tolist() and trace.orientation == "h"
+    ticks = [t for ax in ("yaxis", "yaxis2", "yaxis3") for t in fig.layout[ax].ticktext]
+    assert "tok" in ticks[0] and len(ticks) == 9
+    assert [a.text for a in fig.layout.annotations] == ["expert 0", "expert 1", "expert 2"]
+    assert_escaped(plots.plot_top_tokens(top, lab.site), EVIL_TOKEN)
+
+
+def test_token_text_tints_each_token_by_its_top_expert(lab):
+    tokens = lab.f["tokens"]
+    seq = tokens[(tokens.site == lab.site) & (tokens.sequence == 3)].sort_values("position")
+    fig = plots.plot_token_text(tokens, lab.site, 3, width=20)
+    placed = []  # (line, start, text, expert)
+    for e, trace in enumerate(fig.data):
+        assert trace.name == f"expert {e}" and trace.marker.color == plots.expert_color(e)
+        placed += [(y, b, t, e) for y, b, t in zip(trace.y, trace.base, trace.text)]
+        assert all("expert 0:" in h and "expert 2:" in h for h in trace.hovertext)
+    placed.sort()
+    want = [t.replace("<", "&lt;").replace(">", "&gt;") for t in seq.token]
+    assert [p[2] for p in placed] == want  # every token once, in reading order
+    assert [p[3] for p in placed] == seq.top_expert.tolist()
+    assert max(p[0] for p in placed) >= 1  # width=20 wrapped the line
+    assert "label &lt;script&gt;" in fig.layout.title.text
+    assert_escaped(fig, EVIL_TOKEN)
+
+
+def test_metric_timeline_one_line_per_site(lab):
+    tl = lab.f["timeline"]
+    fig = plots.plot_metric_timeline(tl, "max_usage", sites=lab.routing.sites[:2], step=1)
+    assert len(fig.data) == 2 and fig.layout.yaxis.title.text.startswith("max usage")
+    part = tl[(tl.metric == "max_usage") & (tl.site == lab.routing.sites[0])]
+    assert list(fig.data[0].x) == [0, 1, 2] and list(fig.data[0].y) == part.value.tolist()
+    assert fig.layout.shapes[0].x0 == 1
+    with pytest.raises(ValueError, match="routing_mi"):
+        plots.plot_metric_timeline(tl, "nope")
+    assert len(plots.plot_metric_timeline(tl.iloc[:0]).data) == 0  # nothing recorded yet: a message
+
+
+def test_spectra_overlay_mixtures_and_a_dashed_lora_baseline(lab, tiny_bert):
+    peft = pytest.importorskip("peft")
+    spectra = pd.concat([lab.f["spectra"], ll.delta_spectra(lab.model, lab.routing)], ignore_index=True)
+    lora = peft.get_peft_model(tiny_bert(), peft.LoraConfig(target_modules=["query", "value"], r=4,
+                                                            init_lora_weights=False))
+    base = ll.delta_spectra(lora)
+    fig = plots.plot_spectra(spectra, log=True, baseline=base)
+    assert len(fig.data) == 8 * 2 + 8 and fig.layout.yaxis.type == "log"
+    first = spectra[(spectra.site == lab.site) & (spectra.mixture == "uniform")]
+    assert list(fig.data[0].x) == (first.k + 1).tolist() and list(fig.data[0].y) == first.sigma.tolist()
+    dashed = [t for t in fig.data if t.line.dash == "dash"]
+    assert len(dashed) == 8 and all("baseline" in t.name for t in dashed)
+    assert dashed[0].line.color == fig.data[0].line.color  # the baseline of a site wears its colour
+    assert dashed[0].y[0] == base[base.site == "base_model.model." + lab.site].sigma.max()
+    one = plots.plot_spectra(spectra, sites=[lab.site], baseline=base)
+    assert len(one.data) == 3 and one.layout.yaxis.type == "linear"
+
+
+def test_rank_by_layer_with_its_bound(lab):
+    ranks = lab.f["ranks"]
+    fig = plots.plot_rank_by_layer(ranks)
+    q = ranks[ranks.module == "query"].sort_values("layer")
+    assert fig.data[0].name == "query" and list(fig.data[0].y) == q.effective_rank.tolist()
+    assert fig.data[2].line.dash == "dash" and set(fig.data[2].y) == {4}
+    wider = pd.concat([ranks[ranks.module == "query"], ranks[ranks.module == "value"].assign(r=8)])
+    assert len(plots.plot_rank_by_layer(wider).data) == 4  # one bound per module when r differs
+    assert len(plots.plot_rank_by_layer(ranks, "energy_top1").data) == 2  # a share has no rank bound
+
+
+def test_expert_similarity_is_symmetric_with_a_unit_diagonal(lab, tiny_bert):
+    sim = lab.f["similarity"]
+    for value in ("cosine", "subspace_overlap"):
+        z = np.asarray(plots.plot_expert_similarity(sim, "value:32x32", value).data[0].z)
+        part = sim[sim.group == "value:32x32"]
+        assert z.shape == (3, 3) and np.allclose(z, z.T) and np.allclose(np.diag(z), 1)
+        for i, j, v in zip(part.expert_i, part.expert_j, part[value]):
+            assert z[i, j] == v
+    empty = plots.plot_expert_similarity(sim.iloc[:0])
+    assert len(empty.data) == 0 and "no bank" in empty.layout.annotations[0].text
+
+
+def test_diagnosis_colours_severities_and_says_when_all_is_well(lab, tiny_bert):
+    fig = plots.plot_diagnosis(lab.f["findings"])
+    assert [t.name for t in fig.data] == ["critical", "warning"]
+    assert fig.data[0].marker.color == plots.SEVERITY_COLORS["critical"] and list(fig.data[0].x) == [1]
+    assert list(fig.data[1].x) == [2] and "add a balance loss" in fig.data[1].hovertext[0]
+    assert_escaped(fig, EVIL_LABEL)
+    fresh = ll.add_lily(tiny_bert(), ll.LilyConfig(["query"], r=2))  # B = 0: inactive_adapter
+    assert [t.name for t in plots.plot_diagnosis(ll.diagnose(fresh).to_frame()).data] == ["warning"]
+    ok = plots.plot_diagnosis(ll.Diagnosis().to_frame())
+    assert len(ok.data) == 0 and "No findings" in ok.layout.annotations[0].text
+
+
+def test_mixture_modes_one_box_per_mode(lab):
+    fig = plots.plot_mixture_modes(lab.f["modes"], lab.site)
+    assert [t.name.split(" ")[0] for t in fig.data] == ["batch", "sequence", "token"]
+    assert fig.data[0].name == "batch (3)" and len(fig.data[2].y) == 3 * len(lab.routing.probs(lab.site))
+
+
+# ------------------------------------------------------------------ sharing layout and budget
+def test_sharing_layout_from_a_config_matches_the_model(lab, tiny_bert):
+    peft = pytest.importorskip("peft")
+    cols = ["group", "module", "index", "layer", "a_index", "num_B", "r", "d_in", "d_out"]
+    layout = lab.f["layout"].sort_values(["group", "index"]).reset_index(drop=True)
+    from_config = ll.sharing_layout_from_config(ll.LilyConfig(**CONFIG), layers=4, d_in=32, d_out=32)
+    pd.testing.assert_frame_equal(layout[cols], from_config[cols])
+    assert from_config.site.tolist()[:2] == ["layer 0", "layer 1"]
+    theirs = ll.sharing_layout(peft.get_peft_model(tiny_bert(), peft.LilyConfig(**CONFIG)))
+    assert (theirs.kind == "peft-lily").all() and theirs.site.str.startswith("base_model.model.").all()
+    pd.testing.assert_frame_equal(theirs.sort_values(["group", "index"]).reset_index(drop=True)[cols], layout[cols])
+
+
+def test_sharing_diagram_joins_sites_to_their_A_and_every_A_to_the_bank(lab):
+    fig = plots.plot_sharing_diagram(ll.sharing_layout_from_config(ll.LilyConfig(["q"], r=8, stride_A=3, num_B=4), 8, 64, 64))
+    site_a, a_b, sites, As, Bs = fig.data
+    assert list(sites.text) == [f"L{i}" for i in range(8)] and list(As.text) == ["A0", "A1", "A2"]
+    assert list(Bs.marker.color) == [plots.expert_color(e) for e in range(4)]
+    segments = [(site_a.x[k], site_a.x[k + 1]) for k in range(0, len(site_a.x), 3)]
+    a_x = dict(zip(As.text, As.x))
+    assert segments == [(i, a_x[f"A{i // 3}"]) for i in range(8)]
+    assert len(a_b.x) == 3 * 3 * 4  # every A to every expert, a None after each segment
+    assert "shared by: layer 0, layer 1, layer 2" in As.hovertext[0]
+    assert list(fig.layout.yaxis.ticktext) == ["sites (layers)", "shared A projectors", "bank of B experts"]
+    one = plots.plot_sharing_diagram(lab.f["layout"], group="value:32x32")
+    assert len(one.data) == 5 and "value:32x32" in one.layout.annotations[0].text
+    assert "encoder.layer.0.attention.self.value" in one.data[2].hovertext[0]
+
+
+@pytest.mark.parametrize("stride_A, num_B", [(1, 2), (2, 3), (3, 4), (4, 1)])
+def test_parameter_budget_matches_the_formula_and_the_models(stride_A, num_B, tiny_bert):
+    peft = pytest.importorskip("peft")
+    model = ll.add_lily(tiny_bert(), ll.LilyConfig(["query", "value"], r=4, stride_A=stride_A, num_B=num_B))
+    row = ll.parameter_budget(32, 32, 4, [4], stride_A, num_B, groups=2).iloc[0]
+    assert row.lily_params == 2 * lily_parameter_formula(4, 32, 32, 4, stride_A, num_B) == ll.count_parameters(model)["adapter"]
+    assert row.lora_equivalent_rank == ll.lora_equivalent_rank(model)
+    lora = peft.get_peft_model(tiny_bert(), peft.LoraConfig(target_modules=["query", "value"], r=4))
+    assert row.lora_params_same_r == ll.count_parameters(lora)["adapter"]
+    assert row.lily_rank_bound == 4 and row.n_A == math.ceil(4 / stride_A)
+
+
+def test_parameter_budget_by_hand_and_its_plot():
+    b = ll.parameter_budget(d_in=384, d_out=384, layers=12, r_values=[8, 16], stride_A=4, num_B=4)
+    lily = 3 * 8 * 384 + 4 * 8 * 384 + 12 * 8 * 4  # ⌈12/4⌉ A's, 4 experts, 12 routers at r = 8
+    assert b.lily_params.tolist()[0] == lily and b.lora_params_same_r.tolist() == [12 * 8 * 768, 12 * 16 * 768]
+    assert b.lora_equivalent_rank.tolist()[0] == lily // (12 * 768)
+    fig = plots.plot_parameter_budget(b, log=True)
+    assert list(fig.data[0].y) == b.lily_params.tolist() and list(fig.data[3].y) == b.lora_equivalent_rank.tolist()
+    assert fig.layout.yaxis.type == "log" and fig.layout.xaxis2.title.text == "r (Lily's rank)"
+    assert "12 sites of 384×384" in fig.layout.title.text
+
+
+@pytest.mark.parametrize("kw, field", [(dict(d_in=0), "d_in"), (dict(stride_A=0), "stride_A"), (dict(layers=2.5), "layers"),
+                                       (dict(r_values=[]), "r_values"), (dict(num_B=True), "num_B")])
+def test_parameter_budget_names_a_bad_input(kw, field):
+    args = dict(d_in=8, d_out=8, layers=4, r_values=[2], stride_A=1, num_B=2) | kw
+    with pytest.raises(ValueError, match=field):
+        ll.parameter_budget(**args)
