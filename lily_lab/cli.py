@@ -36,20 +36,62 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3)")
     demo.add_argument("--out-dir", default="lily_lab_demo_adapter",
                       help="where the adapter and classifier head are saved (default lily_lab_demo_adapter)")
+    demo.add_argument("--out", default="lily_lab_report.html", help="the HTML report (default lily_lab_report.html)")
+    demo.add_argument("--targets", default="query,value",
+                      help="comma-separated target module names (default query,value)")
+    _data_options(demo, label_default="label")
     demo.set_defaults(handler=_demo)
+
+    report = commands.add_parser(
+        "report", help="analyse a saved adapter (lily_lab, PEFT Lily or PEFT LoRA) on data; write an HTML report",
+        description="Load ADAPTER_DIR onto the model, record its routers on the data and write one self-contained "
+        "HTML report (routers, experts, spectra, diagnosis). Reads only safetensors and JSON.")
+    report.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a directory written by save_adapter or PEFT")
+    report.add_argument("--out", default="lily_lab_report.html", help="the HTML report (default lily_lab_report.html)")
+    report.add_argument("--texts", type=_positive_int, default=512, help="how many texts to record (default 512)")
+    report.add_argument("--seed", type=int, default=0, help="seed for picking the texts (default 0)")
+    _data_options(report, label_default=None)
+    report.set_defaults(handler=_report)
     return parser
 
 
+def _data_options(parser: argparse.ArgumentParser, label_default: str | None) -> None:
+    parser.add_argument("--model", dest="model_dir", default=None,
+                        help="a local transformers encoder directory (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--data", default=None, help="a CSV of texts (default: the packaged tweets)")
+    parser.add_argument("--text-column", default="text", help="the CSV's text column (default text)")
+    parser.add_argument("--label-column", default=label_default,
+                        help=f"the CSV's label column (default {label_default or 'none'})")
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from lily_lab.demo import run_demo
+    from lily_lab.commands import run_demo
 
     return run_demo(steps=args.steps, routing=args.routing, r=args.r, stride_A=args.stride_A,
-                    num_B=args.num_B, seed=args.seed, lr=args.lr, out_dir=args.out_dir)
+                    num_B=args.num_B, seed=args.seed, lr=args.lr, out_dir=args.out_dir, out=args.out,
+                    model_dir=args.model_dir, data=args.data, text_column=args.text_column,
+                    label_column=args.label_column, targets=[t for t in args.targets.split(",") if t])
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lily_lab.commands import run_report
+
+    return run_report(args.adapter_dir, model_dir=args.model_dir, data=args.data, text_column=args.text_column,
+                      label_column=args.label_column, out=args.out, n_texts=args.texts, seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except Exception as err:  # noqa: BLE001 — bad input: one line, exit 2, no traceback
+        from lily_lab import LilyLabError
+
+        if not isinstance(err, (LilyLabError, OSError, ValueError, KeyError)):
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"lily-lab: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

