@@ -263,3 +263,33 @@ def test_token_routing_never_builds_per_token_expert_matrices():
     tokens, r, d_out, E = 100, 3, 5, 4
     assert Largest.largest == tokens * E * r  # the (p ⊗ h) tensor is the largest one made
     assert Largest.largest < tokens * r * d_out
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_routes_the_recomputation_like_the_forward(reentrant):
+    """Checkpointing recomputes layers during backward, after the top-level forward returned: the
+    padding mask must still apply there, and a recorder must not count the recomputation."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    base = transformers.BertForSequenceClassification(cfg)
+    ids, mask = batch(n=3, t=9, pad_from=4)
+    labels = torch.tensor([0, 1, 1])
+
+    def grads(checkpointing):
+        torch.manual_seed(1)  # the same adapter weights in both runs
+        model = ll.add_lily(copy.deepcopy(base), ll.LilyConfig(["query", "value"], r=4, num_B=3, routing="sequence",
+                                                               init_weights=False))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        with ll.record_routing(model) as rec:
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        n_tokens = rec.routing.record(rec.routing.sites[0]).n_tokens
+        return [p.grad.clone() for s in ll.adapter_sites(model) for p in s.parameters], n_tokens
+
+    plain, n_plain = grads(False)
+    checkpointed, n_ckpt = grads(True)
+    assert max((a - b).abs().max().item() for a, b in zip(plain, checkpointed)) <= 1e-6
+    assert n_plain == n_ckpt == int(mask.sum())

@@ -42,22 +42,35 @@ def is_conv1d(module: nn.Module) -> bool:
 class CallContext:
     """What the top-level model was called with, for layers that need it (the attention mask).
 
-    A stack, so a model called from inside another call (rare, but legal) sees its own mask.
+    A stack, so a model called from inside another call (rare, but legal) sees its own mask. The
+    last call's mask also stays available *during backward*: gradient checkpointing recomputes a
+    layer's forward there, after the top-level forward has returned, and the recomputation must
+    route exactly as the forward did.
     """
 
     def __init__(self) -> None:
         self._masks: list[torch.Tensor | None] = []
+        self._last: torch.Tensor | None = None
 
     def push(self, mask: torch.Tensor | None) -> None:
         self._masks.append(mask)
 
     def pop(self) -> None:
         if self._masks:
-            self._masks.pop()
+            self._last = self._masks.pop()
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
-        return self._masks[-1] if self._masks else None
+        if self._masks:
+            return self._masks[-1]
+        if self._last is not None and in_backward():
+            return self._last
+        return None
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointing recomputes forwards)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 @dataclass
@@ -146,22 +159,26 @@ class LilyLayer(nn.Module):
         A, B, R = self.lily_A, self.lily_B, self.lily_router
         h = F.linear(x.to(A.dtype), A)  # (…, r)
         logits = F.linear(h, R)  # (…, E)
-        probs = torch.softmax(logits.float() / self.router_temperature, dim=-1)
+        # float32 softmax (the cast happens inside it); dividing by τ = 1 would be a wasted op
+        tau = self.router_temperature
+        probs = torch.softmax(logits if tau == 1 else logits.float() / tau, dim=-1, dtype=torch.float32)
         k = self.router_top_k
         if k is not None and k < probs.shape[-1]:
             top, idx = probs.topk(k, dim=-1)
             probs = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
         probs = probs.to(h.dtype)
-        token_mask = self._token_mask(x)
-        delta, mixture = _MIXERS[self.routing](h, probs, B, token_mask)
-        if self.training and any(self.aux_weights) and torch.is_grad_enabled():
+        aux = self.training and any(self.aux_weights) and torch.is_grad_enabled()
+        # Padding matters to the per-sequence mean, the aux losses and observers only.
+        token_mask = self._token_mask(x) if (self.routing == "sequence" or aux or self._observers) else None
+        lhs, rhs, mixture = _MIXERS[self.routing](h, probs, B, token_mask)
+        if aux:
             loss = _router_aux_loss(logits, probs, token_mask, self.aux_weights)
             self.aux_loss = loss if self.aux_loss is None else self.aux_loss + loss
-        if self._observers:
+        if self._observers and not in_backward():  # a checkpointing recomputation is no new call
             event = RoutingEvent(self, logits.detach(), probs.detach(), mixture.detach(), token_mask)
             for fn in list(self._observers.values()):
                 fn(event)
-        return result + (delta * self.scaling).to(result.dtype)
+        return _add_scaled_product(result, lhs, rhs, self.scaling)
 
     def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """The model's attention mask as ``x.shape[:-1]`` booleans, when it fits this input.
@@ -225,13 +242,15 @@ def lily_aux_loss(model: nn.Module) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- routing modes
 # Each takes h (…, r), probs (…, E), the bank B (E, r, d_out) and an optional token mask, and
-# returns (Δ before scaling (…, d_out), the mixture applied).
+# returns (lhs, rhs, the mixture applied) with Δ before scaling = lhs @ rhs: lhs (…, k) and rhs
+# (k, d_out), or lhs (batch, tokens, k) and rhs (batch, k, d_out). The forward adds s · Δ to the
+# base output in the same matmul (addmm / baddbmm), never materialising Δ or s · Δ.
 
 
 def _mix_batch(h, probs, B, token_mask):
     mixture = probs.reshape(-1, probs.shape[-1]).mean(dim=0)  # (E,) every token, padding included
     B_mix = torch.einsum("e,erd->rd", mixture, B)  # (r, d_out)
-    return h @ B_mix, mixture
+    return h, B_mix, mixture
 
 
 def _mix_sequence(h, probs, B, token_mask):
@@ -247,16 +266,26 @@ def _mix_sequence(h, probs, B, token_mask):
         # A sequence with no real token (all padding) falls back to the plain mean.
         mixture = torch.where(count > 0, (p * m).sum(dim=1) / count.clamp_min(1), p.mean(dim=1))
     B_mix = torch.einsum("be,erd->brd", mixture, B)  # (batch, r, d_out)
-    r = h.shape[-1]
-    delta = torch.bmm(h.reshape(batch, -1, r), B_mix)  # (batch, tokens, d_out)
-    return delta.reshape(*h.shape[:-1], B.shape[-1]), mixture
+    return h.reshape(batch, -1, h.shape[-1]), B_mix, mixture  # (batch, tokens, r), (batch, r, d_out)
 
 
 def _mix_token(h, probs, B, token_mask):
     E, r, d_out = B.shape
     # (p ⊗ h) then one matmul with the stacked bank: never a per-token r × d_out matrix.
     ph = (probs.unsqueeze(-1) * h.unsqueeze(-2)).reshape(*h.shape[:-1], E * r)  # (…, E·r)
-    return ph @ B.reshape(E * r, d_out), probs
+    return ph, B.reshape(E * r, d_out), probs
 
 
 _MIXERS = {"batch": _mix_batch, "sequence": _mix_sequence, "token": _mix_token}
+
+
+def _add_scaled_product(result: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``result + scaling · (lhs @ rhs)``, reshaped to ``result``'s shape, in one fused matmul."""
+    d_out = rhs.shape[-1]
+    if result.dtype != lhs.dtype:  # e.g. an fp32 adapter on a bf16 base: add in the base's dtype
+        return result + (lhs @ rhs * scaling).to(result.dtype)
+    if rhs.dim() == 2:
+        out = torch.addmm(result.reshape(-1, d_out), lhs.reshape(-1, lhs.shape[-1]), rhs, alpha=scaling)
+    else:
+        out = torch.baddbmm(result.reshape(lhs.shape[0], -1, d_out), lhs, rhs, alpha=scaling)
+    return out.view(result.shape)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -17,10 +18,62 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import adapter_sites
-from ..core.layer import LilyLayer, RoutingEvent
+from ..core.layer import LilyLayer, RoutingEvent, in_backward
 from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord, _entropy
 
 DEFAULT_MAX_TOKENS = 100_000
+_COMPACT_ROWS = 1 << 16  # per site: token-id rows waiting to be summed before they are compacted
+
+
+class _Reservoir(Reservoir):
+    """``Reservoir`` with ``add`` vectorised: the same random draws, slots and sample as
+    ``Reservoir.add``, without its Python loop over every kept row (~1 µs a token, per site), and
+    with columns that grow into buffers of doubling capacity (views of them), not by copying the
+    whole sample on every call until it is full."""
+
+    def __init__(self, size: int, columns: dict[str, tuple[tuple[int, ...], Any]], seed: int = 0):
+        super().__init__(size, columns, seed=seed)
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def add(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        n = len(next(iter(rows.values())))
+        slots = np.full(n, -1, dtype=np.int64)
+        if n == 0 or self.size == 0:
+            self.seen += n
+            return slots
+        index = self.seen + np.arange(n)  # each row's position in the stream
+        fill = index < self.size
+        slots[fill] = index[fill]  # the first `size` rows fill the sample in order
+        rest = ~fill
+        j = (self._rng.random(rest.sum()) * (index[rest] + 1)).astype(np.int64)  # uniform in [0, index]
+        slots[np.flatnonzero(rest)[j < self.size]] = j[j < self.size]
+        # Several rows may pick one slot: the last one wins, as in the sequential algorithm.
+        kept = np.flatnonzero(slots >= 0)
+        keep_slots, from_end = np.unique(slots[kept][::-1], return_index=True)
+        keep_rows = kept[::-1][from_end]
+        if len(keep_rows) < len(kept):
+            slots[np.setdiff1d(kept, keep_rows)] = -1
+        length = max(int(keep_slots.max(initial=-1)) + 1, len(self))
+        for name in self.columns:
+            col = self._grown(name, length)
+            col[keep_slots] = rows[name][keep_rows]
+        self.seen += n
+        return slots
+
+    def _grown(self, name: str, length: int) -> np.ndarray:
+        """Column ``name`` with ``length`` rows (new rows zero), a view of a buffer that grows by
+        doubling up to ``size``."""
+        col = self.columns[name]
+        if len(col) == length:
+            return col
+        buf = self._buffers.get(name)
+        if buf is None or col.base is not buf or len(buf) < length:  # no buffer, or it is not col's
+            buf = np.zeros((min(max(2 * len(col), length, 1024), max(self.size, length)), *col.shape[1:]),
+                           dtype=col.dtype)
+            buf[: len(col)] = col
+            self._buffers[name] = buf
+        col = self.columns[name] = buf[:length]
+        return col
 
 
 class Recorder:
@@ -46,11 +99,11 @@ class Recorder:
             E = s.num_B
             routing = s.layer.routing if isinstance(s.layer, LilyLayer) else "batch"
             rec = SiteRecord(s.name, s.module, s.group, s.index, s.kind, routing, E)
-            rec.tokens = Reservoir(max_tokens, {
+            rec.tokens = _Reservoir(max_tokens, {
                 "probs": ((E,), np.float32), "logits": ((E,), np.float32), "call": ((), np.int64),
                 "sequence": ((), np.int64), "position": ((), np.int64), "token_id": ((), np.int64),
                 "label": ((), np.int64)}, seed=seed + 2 * k)
-            rec.mixtures = Reservoir(max_tokens, {
+            rec.mixtures = _Reservoir(max_tokens, {
                 "mixture": ((E,), np.float32), "call": ((), np.int64), "sequence": ((), np.int64)},
                 seed=seed + 2 * k + 1)
             records[s.name] = rec
@@ -58,6 +111,11 @@ class Recorder:
         self._handles: list[Any] = []
         self._depth = 0
         self._call: dict | None = None  # the current or last top-level call, until flushed
+        # Per site, token ids waiting to be summed into token_sums, which happens when the routing
+        # is read (one pass over the distinct ids, not one per call): a list of (ids, p rows) per
+        # call, or (distinct ids, Σp, counts) once compacted; and how many rows wait.
+        self._token_rows: dict[str, list[tuple[np.ndarray, ...]]] = {}
+        self._token_row_count: dict[str, int] = {}
         self._mask_pos = self._ids_pos = None
         try:
             params = list(inspect.signature(model.forward).parameters)
@@ -69,6 +127,7 @@ class Recorder:
     # ------------------------------------------------------------------ public
     @property
     def routing(self) -> Routing:
+        """The recording, every call so far folded in (its sums are complete when read here)."""
         self._flush()
         return self._routing
 
@@ -113,7 +172,7 @@ class Recorder:
         self._depth += 1
         if self._depth > 1:
             return
-        self._flush()
+        self._flush(fold=False)
         mask = kwargs.get("attention_mask")
         if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
             mask = args[self._mask_pos]
@@ -128,6 +187,7 @@ class Recorder:
             "id": r.n_calls, "seq_offset": r.n_sequences, "mask": mask, "shape": shape,
             "input_ids": ids.numpy().astype(np.int64) if ids is not None else None,
             "n_sequences": shape[0] if shape else None, "labels": None, "flushed": False, "pending": {},
+            "index": {},  # token index arrays per input shape, shared by the call's sites
         }
         r.n_calls += 1
 
@@ -143,6 +203,8 @@ class Recorder:
         layer, E = site.layer, site.num_B
 
         def hook(module, args, output):
+            if in_backward():  # gradient checkpointing recomputing the forward: already recorded
+                return
             with torch.no_grad():
                 x = args[0]
                 h = F.linear(x.to(site.A.dtype), site.A)
@@ -162,11 +224,12 @@ class Recorder:
         rec = self._routing.record(name)
         E = rec.num_B
         lead = tuple(probs.shape[:-1])
-        p_all = probs.detach().float().cpu().reshape(-1, E).numpy().astype(np.float64)
-        lg_all = logits.detach().float().cpu().reshape(-1, E).numpy().astype(np.float64)
+        # One copy to the host for both, float64 as every sum is: columns [p | logits].
+        both = torch.cat([probs.detach().reshape(-1, E).float(), logits.detach().reshape(-1, E).float()], dim=1)
+        both = both.cpu().numpy().astype(np.float64)
         # Which sequence and position each token is: (batch, positions) inputs, else one per row.
         if len(lead) >= 2:
-            b, t = lead[0], int(np.prod(lead[1:]))
+            b, t = lead[0], math.prod(lead[1:])
         elif len(lead) == 1:
             b, t = lead[0], 1
         else:
@@ -174,17 +237,20 @@ class Recorder:
         if call["n_sequences"] is None:
             call["n_sequences"] = b
             call["shape"] = (b, t) if len(lead) == 2 else None
-        seq_local = np.repeat(np.arange(b), t)
-        position = np.tile(np.arange(t), b)
-        real = np.ones(b * t, dtype=bool)
-        mask = call["mask"]
-        if mask is not None and len(lead) == 2 and tuple(mask.shape) == lead:
-            real = mask.numpy().reshape(-1) != 0
-        finite = np.isfinite(p_all).all(axis=1) & np.isfinite(lg_all).all(axis=1)
-        rec.nonfinite += int((real & ~finite).sum())
-        keep = real & finite
-        p, lg = p_all[keep], lg_all[keep]
-        seq_k, pos_k = seq_local[keep], position[keep]
+        seq_local, position, rows = self._token_index(call, lead, b, t)  # rows: real tokens, None = all
+        if np.isfinite(both).all():
+            keep = rows
+        else:
+            real = np.zeros(b * t, dtype=bool)
+            real[slice(None) if rows is None else rows] = True
+            finite = np.isfinite(both).all(axis=1)
+            rec.nonfinite += int((real & ~finite).sum())
+            keep = np.flatnonzero(real & finite)
+        if keep is not None:
+            both, seq_k, pos_k = both[keep], seq_local[keep], position[keep]
+        else:
+            seq_k, pos_k = seq_local, position
+        p, lg = both[:, :E], both[:, E:]
         H = _entropy(p)
         top = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64)
         rec.n_tokens += len(p)
@@ -220,10 +286,27 @@ class Recorder:
             "label": np.full(len(p), _NO_LABEL)})
         call["pending"].setdefault(name, []).append({"p": p, "H": H, "top": top, "seq": seq_k, "pos": pos_k, "slots": slots, "b": b, "t": t})
 
-    def _flush(self) -> None:
-        """Fold the last call's labels and token ids into the sums; then it can't be annotated."""
+    @staticmethod
+    def _token_index(call: dict, lead: tuple, b: int, t: int):
+        """``(sequence, position, real rows or None for all)`` of each token of an input shaped
+        ``lead``; computed once per call and shape, shared by the call's sites."""
+        cached = call["index"].get(lead)
+        if cached is None:
+            rows = None
+            mask = call["mask"]
+            if mask is not None and len(lead) == 2 and tuple(mask.shape) == lead:
+                real = mask.numpy().reshape(-1) != 0
+                rows = None if real.all() else np.flatnonzero(real)
+            cached = call["index"][lead] = (np.repeat(np.arange(b), t), np.tile(np.arange(t), b), rows)
+        return cached
+
+    def _flush(self, fold: bool = True) -> None:
+        """Fold the last call's labels and token ids into the sums; then it can't be annotated.
+        Token ids are summed per id only when ``fold`` (the routing is being read)."""
         call = self._call
         if call is None or call["flushed"]:
+            if fold:
+                self._fold_token_sums()
             return
         call["flushed"] = True
         r = self._routing
@@ -244,29 +327,68 @@ class Recorder:
             if codes is not None:
                 tok_codes = codes[pend["seq"]]
                 rec.tokens.columns["label"][pend["slots"][kept]] = tok_codes[kept]
-                for c in np.unique(tok_codes):
-                    sel = tok_codes == c
-                    acc = rec.label_sums.setdefault(int(c), [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
-                    acc[0] += int(sel.sum())
-                    acc[1] = acc[1] + pend["p"][sel].sum(axis=0)
-                    acc[2] = acc[2] + np.bincount(pend["top"][sel], minlength=E)
-                    acc[3] += float(pend["H"][sel].sum())
+                # Per label code: token count, Σp, argmax counts, ΣH (bincounts, in token order).
+                L = len(r.labels)
+                count = np.bincount(tok_codes, minlength=L)
+                p_sum = np.stack([np.bincount(tok_codes, weights=pend["p"][:, e], minlength=L) for e in range(E)], 1)
+                top = np.bincount(tok_codes * E + pend["top"], minlength=L * E).reshape(L, E)
+                H_sum = np.bincount(tok_codes, weights=pend["H"], minlength=L)
+                for c in np.flatnonzero(count).tolist():
+                    acc = rec.label_sums.setdefault(c, [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
+                    acc[0] += int(count[c])
+                    acc[1] = acc[1] + p_sum[c]
+                    acc[2] = acc[2] + top[c]
+                    acc[3] += float(H_sum[c])
             if ids is not None and ids.shape == (pend["b"], pend["t"]):
                 tok = ids[pend["seq"], pend["pos"]]
                 rec.tokens.columns["token_id"][pend["slots"][kept]] = tok[kept]
-                uniq, inv = np.unique(tok, return_inverse=True)
-                sums = np.zeros((len(uniq), E))
-                np.add.at(sums, inv, pend["p"])
-                counts = np.bincount(inv, minlength=len(uniq))
-                for i, u in enumerate(uniq.tolist()):
-                    acc = rec.token_sums.setdefault(u, [0, np.zeros(E)])
-                    acc[0] += int(counts[i])
-                    acc[1] = acc[1] + sums[i]
+                self._token_rows.setdefault(name, []).append((tok, pend["p"]))
+                self._token_row_count[name] = self._token_row_count.get(name, 0) + len(tok)
+                if self._token_row_count[name] > _COMPACT_ROWS:
+                    self._compact_token_rows(name)
         call["pending"] = {}
+        if fold:
+            self._fold_token_sums()
+
+    def _compact_token_rows(self, name: str) -> None:
+        """Sum a site's waiting rows per id, in stream order, into one ``(distinct ids, Σp, counts)``."""
+        parts = self._token_rows.pop(name, [])
+        self._token_row_count.pop(name, None)
+        if not parts:
+            return
+        E = self._routing.record(name).num_B
+        tok = np.concatenate([pt[0] for pt in parts])
+        p = np.concatenate([pt[1] for pt in parts]).reshape(-1, E)
+        weight = np.concatenate([np.ones(len(pt[0]), dtype=np.int64) if len(pt) == 2 else pt[2] for pt in parts])
+        uniq, inv = np.unique(tok, return_inverse=True)
+        sums = np.stack([np.bincount(inv, weights=p[:, e], minlength=len(uniq)) for e in range(E)], axis=1)
+        counts = np.bincount(inv, weights=weight, minlength=len(uniq)).astype(np.int64)
+        self._token_rows[name] = [(uniq, sums, counts)]
+        self._token_row_count[name] = len(uniq)
+
+    def _fold_token_sums(self) -> None:
+        """Add the waiting token rows into each site's ``token_sums`` (token id → [count, Σp])."""
+        for name in list(self._token_rows):
+            self._compact_token_rows(name)
+            (uniq, sums, counts), = self._token_rows.pop(name)
+            self._token_row_count.pop(name, None)
+            rec = self._routing.record(name)
+            token_sums = rec.token_sums
+            if not token_sums:
+                rec.token_sums.update(zip(uniq.tolist(), ([c, row] for c, row in zip(counts.tolist(), sums))))
+                continue
+            for u, c, row in zip(uniq.tolist(), counts.tolist(), sums):
+                acc = token_sums.get(u)
+                if acc is None:
+                    token_sums[u] = [c, row]
+                else:
+                    acc[0] += c
+                    acc[1] = acc[1] + row
 
 
 @contextlib.contextmanager
-def record_routing(model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0) -> Iterator[Recorder]:
+def record_routing(model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0,
+                   gather: bool | None = None) -> Iterator[Recorder]:
     """Record what every router of ``model`` does during the forward calls inside the block.
 
     ``max_tokens`` bounds the per-site sample of tokens kept for token-level views; the metrics'
@@ -276,7 +398,16 @@ def record_routing(model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed:
             model(**batch)
             rec.annotate(labels=batch_labels)
         routing = rec.routing
+
+    Under ``torch.distributed`` each rank records its own calls; when the block exits without
+    error, ``gather`` (``None``: whenever a process group of several processes is initialised)
+    merges every rank's recording into rank 0's ``rec.routing`` (``Routing.gather``); the other
+    ranks keep their own. Every rank must then leave the block: pass ``gather=False`` to record
+    on one rank only.
     """
+    from .distributed import should_gather
+
+    gather = should_gather(gather)
     recorder = Recorder(model, max_tokens=max_tokens, seed=seed)
     recorder._attach()
     try:
@@ -285,6 +416,8 @@ def record_routing(model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed:
         recorder._detach()
         recorder._depth = 0
         recorder._flush()
+    if gather:  # not reached when the block raised: a failing rank does not enter the collective
+        recorder._routing = recorder._routing.gather()
 
 
 def record_dataset(model: nn.Module, loader, *, max_tokens: int = DEFAULT_MAX_TOKENS, label_key: str = "labels",

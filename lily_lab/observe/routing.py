@@ -255,6 +255,25 @@ class Routing:
     def save(self, path: str | Path) -> Path:
         """Write the recording to one ``.npz`` file (arrays + a JSON header; no pickle)."""
         from ..core.checkpoint import _atomic_write
+
+        data = self._npz_bytes()
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+        _atomic_write(path, data)
+        return path
+
+    def gather(self, dst: int = 0, *, all_ranks: bool = False, seed: int = 0) -> "Routing":
+        """Combine every rank's recording of a ``torch.distributed`` job: the merge (rank order, as
+        :meth:`merge`) on rank ``dst``, or on every rank with ``all_ranks=True``; other ranks get
+        this recording back. A collective: every rank must call it. Without an initialised process
+        group it returns ``self``. ``record_routing`` does this on exit (see its ``gather=``)."""
+        from .distributed import gather_routing
+
+        return gather_routing(self, dst, all_ranks=all_ranks, seed=seed)
+
+    def _npz_bytes(self) -> bytes:
+        """The ``.npz`` file :meth:`save` writes, in memory (also what :meth:`gather` sends)."""
         import io
 
         arrays: dict[str, np.ndarray] = {}
@@ -292,11 +311,7 @@ class Routing:
             raise RoutingError(f"labels must be JSON values (int, str, float, bool) to save: {err}") from None
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-        _atomic_write(path, buffer.getvalue())
-        return path
+        return buffer.getvalue()
 
     @classmethod
     def load(cls, path: str | Path) -> "Routing":

@@ -50,7 +50,8 @@ class Timeline:
         was_training = model.training
         model.eval()
         try:
-            with record_routing(model, max_tokens=self.max_tokens) as rec, torch.no_grad():
+            # gather=False: every rank runs the same probe, so rank 0's recording is the whole story.
+            with record_routing(model, max_tokens=self.max_tokens, gather=False) as rec, torch.no_grad():
                 if isinstance(probe, dict):
                     inputs = {k: v for k, v in probe.items() if k != "labels"}
                     labels = probe.get("labels")
@@ -68,7 +69,10 @@ class Timeline:
             banks = {}
             for s in adapter_sites(model):
                 if s.group not in banks:
-                    banks[s.group] = s.B.detach().float().cpu().numpy().copy()
+                    B = s.B.detach()
+                    if hasattr(B, "full_tensor"):  # an FSDP2 shard: gathered by every rank together
+                        B = B.full_tensor()
+                    banks[s.group] = B.float().cpu().numpy().copy()
             self.banks.append(banks)
         return routing
 
@@ -85,6 +89,11 @@ def _make_callback():
             cb = RoutingCallback(probe=batch, every=20)
             Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
             lily_lab.timeline_metrics(cb.timeline)
+
+        With several processes (torchrun, accelerate launch) every rank runs each observation —
+        the same probe through the same weights, and a sharded (FSDP) model's forward needs every
+        rank — but only the main process (``state.is_world_process_zero``) keeps it: the
+        timeline stays empty on the other ranks.
         """
 
         def __init__(self, probe: Any = None, every: int = 50, timeline: Timeline | None = None,
@@ -92,21 +101,31 @@ def _make_callback():
             if not isinstance(every, int) or every < 1:
                 raise RoutingError(f"every must be an integer ≥ 1, got {every!r}")
             self.every = every
+            self._observed: set[int] = set()  # steps observed, on every rank (the timeline: rank 0 only)
             self.timeline = timeline if timeline is not None else Timeline(probe, track_experts=track_experts)
             if probe is not None:
                 self.timeline.probe = probe
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None and state.global_step not in self.timeline.steps:
-                self.timeline.observe(model, state.global_step)
+            if model is not None and state.global_step not in self._observed | set(self.timeline.steps):
+                self._observe(model, state)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if model is not None and state.global_step % self.every == 0:
-                self.timeline.observe(model, state.global_step)
+                self._observe(model, state)
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            if model is not None and state.global_step not in self.timeline.steps:
+            if model is not None and state.global_step not in self._observed | set(self.timeline.steps):
+                self._observe(model, state)
+
+        def _observe(self, model, state):
+            # Every rank decides from the same step numbers, so all of them run the probe together.
+            self._observed.add(state.global_step)
+            if state.is_world_process_zero:
                 self.timeline.observe(model, state.global_step)
+            else:
+                t = self.timeline
+                Timeline(t.probe, track_experts=t.track_experts, max_tokens=t.max_tokens).observe(model, state.global_step)
 
     return RoutingCallback
 

@@ -1,0 +1,122 @@
+"""The benchmark suite at tiny sizes: it runs, prints a table with every row, and its side checks
+(lily_lab against PEFT, spectra against a dense SVD, files that reload) hold — and fail when broken.
+No timing is asserted: timings belong to ``python -m benchmarks``, not to unit tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level folder, not an installed package
+
+from benchmarks import bench_adapter_file, bench_record, bench_spectra, bench_training  # noqa: E402
+from benchmarks._common import Settings  # noqa: E402
+
+ROWS = [  # the start of each row's first cell, in order
+    "training step (forward, backward, AdamW)",
+    "same, sequence routing",
+    "same, token routing",
+    "same (batch routing), against LoRA with equal trainable parameters",
+    "peak memory of a training step, token routing",
+    "eval forward under `record_routing`",
+    "`delta_spectra`, one",
+    "adapter file, 12 layers, stride 4, num_B 4",
+    "widget control update",
+    "`make demo`, end to end",
+]
+SMOKE = Settings(smoke=True, repeats=2, warmup=1, threads=1)
+
+
+def test_smoke_suite_prints_a_table_with_every_row():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert "machine: " in out and "load average" in out and "SMOKE RUN" in out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    header, rows = table[0], table[1:]
+    assert "ratio" in header and "target" in header and "met" in header and "load" in header
+    assert len(rows) == len(ROWS), "\n".join(rows)
+    for want, row in zip(ROWS, rows):
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert cells[0].startswith(want), (want, row)
+        assert len(cells) == len(header.strip("|").split(" | "))
+    measured = rows[:8]  # the widget placeholder and the demo are not run by --smoke
+    for row in measured:
+        assert "×" in row, row  # every measured row has a ratio
+
+
+def test_only_selects_sections_and_unknown_ones_are_refused():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", *a], cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    done = run("--only", "spectra,adapter_file")
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 2 and rows[0].startswith("| `delta_spectra`") and rows[1].startswith("| adapter file")
+    bad = run("--only", "trainig")
+    assert bad.returncode == 2 and "unknown section" in bad.stderr and "training" in bad.stderr
+
+
+def test_training_side_check_catches_different_weights(monkeypatch):
+    """Without copying PEFT's weights over, the two sides differ and the benchmark refuses to time."""
+    monkeypatch.setattr(bench_training, "copy_adapter", lambda source, dest: None)
+    with pytest.raises(AssertionError, match="differs from PEFT"):
+        bench_training.run(SMOKE)
+
+
+def test_spectra_side_check_catches_wrong_singular_values(monkeypatch):
+    real = bench_spectra.delta_spectra
+
+    def off(*args, **kwargs):
+        frame = real(*args, **kwargs)
+        frame["sigma"] = frame["sigma"] * 1.001
+        return frame
+
+    monkeypatch.setattr(bench_spectra, "delta_spectra", off)
+    with pytest.raises(AssertionError, match="dense SVD"):
+        bench_spectra.run(SMOKE)
+
+
+def test_adapter_file_side_check_catches_a_load_that_changes_nothing(monkeypatch):
+    monkeypatch.setattr(bench_adapter_file.ll, "load_adapter", lambda model, directory: model)
+    with pytest.raises(AssertionError, match="other outputs than PEFT"):
+        bench_adapter_file.run(SMOKE)
+
+
+def test_record_side_check_catches_missing_tokens():
+    import torch
+
+    import lily_lab as ll
+    from benchmarks._models import base_model, batch_for, with_lily
+
+    model = with_lily(base_model(SMOKE)[0], SMOKE, "batch").eval()
+    batch = batch_for(model, SMOKE)
+    labels = batch.pop("labels")
+    with torch.no_grad(), ll.record_routing(model) as rec:
+        for _ in range(bench_record.CALLS - 1):  # one call short
+            model(**batch)
+            rec.annotate(labels=labels)
+    with pytest.raises(AssertionError, match="recorded"):
+        bench_record.check(model, batch, labels, rec.routing)
+
+
+def test_reservoir_check_compares_sample_for_sample(monkeypatch):
+    bench_record.check_reservoir()  # the recorder's reservoir keeps what Reservoir.add keeps
+    from lily_lab.observe import record
+
+    class Off(record._Reservoir):
+        def add(self, rows):
+            return super().add({k: v[::-1] for k, v in rows.items()})
+
+    monkeypatch.setattr(record, "_Reservoir", Off)
+    with pytest.raises(AssertionError, match="Reservoir.add"):
+        bench_record.check_reservoir()
