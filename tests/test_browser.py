@@ -123,14 +123,17 @@ def test_dashboard_renders_and_reacts_in_jupyterlab(jupyterlab):
             page.click("li.lm-MenuBar-item:has-text('Run')")
             page.click("li.lm-Menu-item:has-text('Run All Cells')")
             printed = ".jp-OutputArea-output:has-text('TRACES')"
-            page.wait_for_selector(printed, timeout=240_000)
+            page.wait_for_selector(printed, timeout=400_000)
             expected = int(page.inner_text(printed).split()[-1])
             router_plot = ".widget-tab-contents > :not(.lm-mod-hidden) .js-plotly-plot"
             page.wait_for_selector(f"{router_plot} .main-svg", timeout=90_000)
 
-            # The figure rendered with the traces the kernel built.
-            traces = page.eval_on_selector(router_plot, "el => el.data.length")
-            assert traces == expected > 0
+            # The figure rendered with the traces the kernel built (they arrive after the empty
+            # figure widget itself).
+            assert expected > 0
+            page.wait_for_function("([sel, n]) => { const el = document.querySelector(sel); "
+                                   "return !!el && !!el.data && el.data.length === n; }",
+                                   arg=[router_plot, expected], timeout=90_000)
             assert page.locator(f"{router_plot} g.trace").count() >= 1
             dashboard = page.locator(".widget-tab").first
             dashboard.scroll_into_view_if_needed()
@@ -142,19 +145,19 @@ def test_dashboard_renders_and_reacts_in_jupyterlab(jupyterlab):
             page.select_option(".widget-dropdown:has(label:text-is('layer')) select", label="4")
             page.wait_for_function(
                 "([sel, old]) => Array.from(document.querySelectorAll(sel)).map(e => e.getAttribute('d') || '')"
-                ".join('|') !== old", arg=[bars, before], timeout=30_000)
+                ".join('|') !== old", arg=[bars, before], timeout=90_000)
             assert "layer.4.attention.self.query" in page.inner_text(".widget-html:has-text('tokens ·')")
 
             # A view switch rebuilds the traces.
             page.click("button:has-text('usage by label')")
             page.wait_for_function("sel => document.querySelector(sel).data.some(t => t.type === 'bar' && "
                                    "(t.x || []).some(v => String(v).includes('onerror')))", arg=router_plot,
-                                   timeout=30_000)
+                                   timeout=90_000)
 
             # Hostile text from the data shows as text and runs nothing.
             page.fill("input[placeholder^='type a sentence']", "a lovely day")
             page.click("button:has-text('Route')")
-            page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=30_000)
+            page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=90_000)
             time.sleep(1.0)
             assert page.evaluate("window.__xss") is None
             assert page.locator("img[src='x']").count() == 0
