@@ -68,15 +68,17 @@ def _site_columns_template():
 
 
 def _js_divergence(dists: np.ndarray) -> float:
-    """Mean pairwise Jensen–Shannon divergence (base 2, in [0, 1]) between rows of ``dists``."""
-    if len(dists) < 2:
+    """Mean pairwise Jensen–Shannon divergence (base 2, in [0, 1]) between rows of ``dists``.
+    One vectorised pass per row (thousands of token ids stay fast)."""
+    n = len(dists)
+    if n < 2:
         return float("nan")
-    vals = []
-    for i in range(len(dists)):
-        for j in range(i + 1, len(dists)):
-            m = (dists[i] + dists[j]) / 2
-            vals.append((_entropy(m) - (_entropy(dists[i]) + _entropy(dists[j])) / 2) / np.log(2))
-    return float(np.mean(vals))
+    H = _entropy(dists)
+    total = 0.0
+    for i in range(n - 1):
+        m = (dists[i] + dists[i + 1:]) / 2
+        total += float((_entropy(m) - (H[i] + H[i + 1:]) / 2).sum())
+    return total / (n * (n - 1) / 2) / np.log(2)
 
 
 def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> pd.DataFrame:
