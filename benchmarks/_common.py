@@ -78,25 +78,43 @@ class LoadWindow:
         return f"{self.start:.1f}→{self.end:.1f}"
 
 
-def alternate(a: Callable[[], object], b: Callable[[], object], settings: Settings,
-              repeats: int | None = None, warmup: int | None = None) -> tuple[list[float], list[float]]:
-    """Seconds of ``a()`` and of ``b()``: ``warmup`` untimed calls of each, then ``repeats`` timed
-    pairs, alternating which side goes first so neither always runs on a warmer cache."""
+@dataclass
+class Pairs:
+    """Per-repeat seconds of the two sides: wall clock, and this process's CPU time (all threads)."""
+
+    wall_a: list[float] = field(default_factory=list)
+    wall_b: list[float] = field(default_factory=list)
+    cpu_a: list[float] = field(default_factory=list)
+    cpu_b: list[float] = field(default_factory=list)
+
+
+def alternate_pairs(a: Callable[[], object], b: Callable[[], object], settings: Settings,
+                    repeats: int | None = None, warmup: int | None = None) -> Pairs:
+    """Time ``a()`` and ``b()``: ``warmup`` untimed calls of each, then ``repeats`` timed pairs,
+    alternating which side goes first so neither always runs on a warmer cache."""
     repeats = settings.repeats if repeats is None else repeats
     warmup = settings.warmup if warmup is None else warmup
     for _ in range(warmup):
         a(), b()
     gc.collect()
-    ta, tb = [], []
+    out = Pairs()
     for i in range(repeats):
-        order = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
-        for fn, out in order:
+        order = ((a, out.wall_a, out.cpu_a), (b, out.wall_b, out.cpu_b))
+        for fn, wall, cpu in order if i % 2 == 0 else order[::-1]:
             settings.sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             settings.sync()
-            out.append(time.perf_counter() - t0)
-    return ta, tb
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return out
+
+
+def alternate(a: Callable[[], object], b: Callable[[], object], settings: Settings,
+              repeats: int | None = None, warmup: int | None = None) -> tuple[list[float], list[float]]:
+    """Wall-clock seconds of ``a()`` and of ``b()``, as :func:`alternate_pairs` measures them."""
+    pairs = alternate_pairs(a, b, settings, repeats, warmup)
+    return pairs.wall_a, pairs.wall_b
 
 
 def median_ratio(ta: list[float], tb: list[float]) -> float:
@@ -119,12 +137,23 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def timing_row(what: str, reference: str, target: str, limit: float, ta: list[float], tb: list[float],
-               load: LoadWindow, smoke: bool) -> Row:
-    """A ratio row ``lily_lab / reference ≤ limit``."""
+def timing_row(what: str, reference: str, target: str, limit: float, pairs: Pairs, load: LoadWindow,
+               settings: Settings) -> Row:
+    """A ratio row ``lily_lab / reference ≤ limit`` (wall clock), with the CPU-time ratio in a note:
+    CPU time does not count waiting for a core, so on a loaded machine it is the steadier of the two."""
+    ta, tb = pairs.wall_a, pairs.wall_b
     ratio = median_ratio(ta, tb)
-    return Row(what, reference, target, fmt_seconds(statistics.median(ta)), fmt_seconds(statistics.median(tb)),
-               f"{ratio:.2f}×", None if smoke else ratio <= limit, str(load))
+    row = Row(what, reference, target, fmt_seconds(statistics.median(ta)), fmt_seconds(statistics.median(tb)),
+              f"{ratio:.2f}×", None if settings.smoke else ratio <= limit, str(load))
+    if not settings.cuda and pairs.cpu_a:
+        row.notes.append(f"ratio of process CPU time (all threads): {median_ratio(pairs.cpu_a, pairs.cpu_b):.3f}×; "
+                         f"of wall time: {ratio:.3f}× (spread of the wall ratios {_spread(ta, tb)})")
+    return row
+
+
+def _spread(ta: list[float], tb: list[float]) -> str:
+    ratios = sorted(x / y for x, y in zip(ta, tb))
+    return f"{ratios[0]:.2f}–{ratios[-1]:.2f}"
 
 
 def table(rows: list[Row], settings: Settings) -> str:

@@ -19,7 +19,7 @@ import torch
 
 import lily_lab as ll
 
-from ._common import LoadWindow, Row, Settings, alternate, fmt_seconds, timing_row
+from ._common import LoadWindow, Row, Settings, alternate_pairs, fmt_seconds, timing_row
 from ._models import base_model, batch_for, shape_for, with_lily
 
 LIMIT = 1.05
@@ -50,18 +50,18 @@ def run(settings: Settings) -> list[Row]:
                 model(**batch)
                 rec.annotate(labels=labels)
 
-            ta, tb = alternate(recorded, lambda: twin(**batch), settings, repeats=repeats)
+            pairs = alternate_pairs(recorded, lambda: twin(**batch), settings, repeats=repeats)
             t0 = time.perf_counter()
         exit_seconds = time.perf_counter() - t0
     calls = repeats + settings.warmup
     assert rec.routing.record(rec.routing.sites[0]).n_calls == calls
     shape = shape_for(settings)
     row = timing_row(f"eval forward under `record_routing` ({name}, batch {shape.batch} × {shape.tokens})",
-                     "the same forward without it", "≤ 1.05×", LIMIT, ta, tb, load, settings.smoke)
+                     "the same forward without it", "≤ 1.05×", LIMIT, pairs, load, settings)
     row.key = "record_routing"
     row.notes.append(f"labels annotated after each call; closing the block (the last fold of token ids) took "
                      f"{fmt_seconds(exit_seconds)} once for {calls} calls "
-                     f"({exit_seconds / calls / statistics.median(tb):.1%} of a forward each)")
+                     f"({exit_seconds / calls / statistics.median(pairs.wall_b):.1%} of a forward each)")
     return [row]
 
 

@@ -16,7 +16,7 @@ import torch
 import lily_lab as ll
 from lily_lab.demo import lora_parameter_count, lora_rank_for_budget
 
-from ._common import LoadWindow, Row, Settings, alternate, fmt_bytes, median_ratio, peak_memory, timing_row
+from ._common import LoadWindow, Row, Settings, alternate_pairs, fmt_bytes, median_ratio, peak_memory, timing_row
 from ._models import base_model, batch_for, copy_adapter, shape_for, train_step, trainable, with_lily, \
     with_peft_lily, with_peft_lora
 
@@ -83,11 +83,12 @@ def run(settings: Settings) -> list[Row]:
         opt = torch.optim.AdamW(trainable(ours), lr=1e-4)
         models[routing] = (ours, opt)
         with LoadWindow() as load:
-            ta, tb = alternate(lambda: train_step(ours, batch, opt), lambda: train_step(peft_lily, batch, peft_opt),
-                               settings)
+            pairs = alternate_pairs(lambda: train_step(ours, batch, opt),
+                                    lambda: train_step(peft_lily, batch, peft_opt), settings)
         what = (f"training step (forward, backward, AdamW), {size}, {routing} routing" if routing == "batch"
                 else f"same, {routing} routing")
-        rows.append(timing_row(what, reference, target, limit, ta, tb, load, settings.smoke))
+        rows.append(timing_row(what, reference, target, limit, pairs, load, settings))
+        rows[-1].key = f"{routing} routing"
 
     # LoRA of the same budget on the same sites: ⌊Lily parameters / Σ (d_in + d_out)⌋.
     ours, opt = models["batch"]
@@ -100,11 +101,12 @@ def run(settings: Settings) -> list[Row]:
         f"LoRA rank {lora_r} ({n_lora} parameters) is not the closest budget to Lily's {n_lily}"
     lora_opt = torch.optim.AdamW(trainable(lora), lr=1e-4)
     with LoadWindow() as load:
-        ta, tb = alternate(lambda: train_step(ours, batch, opt), lambda: train_step(lora, batch, lora_opt), settings)
+        pairs = alternate_pairs(lambda: train_step(ours, batch, opt), lambda: train_step(lora, batch, lora_opt),
+                                settings)
     row = timing_row("same (batch routing), against LoRA with equal trainable parameters",
-                     f"PEFT LoRA r = {lora_r}", "≤ 1.15×", LORA_LIMIT, ta, tb, load, settings.smoke)
+                     f"PEFT LoRA r = {lora_r}", "≤ 1.15×", LORA_LIMIT, pairs, load, settings)
     row.key = "LoRA row"
-    row.notes.append(f"trainable parameters: Lily {n_lily:,}, LoRA r = {lora_r} {n_lora:,}")
+    row.notes.insert(0, f"trainable parameters: Lily {n_lily:,}, LoRA r = {lora_r} {n_lora:,}")
     rows.append(row)
     del lora, lora_opt
 
