@@ -41,7 +41,6 @@ def run(settings: Settings) -> list[Row]:
         return rec.routing
 
     check(model, batch, labels, check_run())
-    check_reservoir()
 
     repeats = 3 * settings.repeats  # a forward is cheap: more pairs, finer alternation
     with torch.no_grad(), LoadWindow() as load:
@@ -88,25 +87,3 @@ def check(model, batch, labels, routing) -> None:
         assert np.allclose(rec.sum_probs, CALLS * p.sum(axis=0), rtol=1e-4, atol=1e-6), f"{name}: usage sums differ"
         assert sum(v[0] for v in rec.label_sums.values()) == CALLS * real, f"{name}: labels not folded in"
         assert sum(v[0] for v in rec.token_sums.values()) == CALLS * real, f"{name}: token ids not folded in"
-
-
-def check_reservoir() -> None:
-    """The recorder's vectorised reservoir keeps the very sample ``Reservoir.add`` keeps: the
-    same slots for every row offered and the same columns, over random streams (raises if not)."""
-    from lily_lab.observe import record
-    from lily_lab.observe.routing import Reservoir
-
-    fast = getattr(record, "_Reservoir", None)
-    if fast is None:  # the recorder uses Reservoir itself
-        return
-    for seed in range(6):
-        columns = {"v": ((), np.int64), "w": ((2,), np.float32)}
-        size = [0, 1, 7, 50, 50, 200][seed]
-        slow, quick = Reservoir(size, columns, seed=seed), fast(size, columns, seed=seed)
-        rng, start = np.random.default_rng(seed), 0
-        for n in rng.integers(0, 60, 25):
-            rows = {"v": np.arange(start, start + n), "w": rng.random((n, 2)).astype(np.float32)}
-            start += n
-            assert np.array_equal(slow.add(rows), quick.add(rows)), "slots differ from Reservoir.add's"
-        for k in columns:
-            assert np.array_equal(slow.columns[k], quick.columns[k]), "the sample differs from Reservoir.add's"

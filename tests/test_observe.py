@@ -206,6 +206,49 @@ def test_metrics_are_exact_whatever_the_sample_size():
         assert np.allclose(sa["usage"], sb["usage"]) and np.allclose(sa["mutual_information"], sb["mutual_information"])
 
 
+def _algorithm_r(size, seed, stream_chunks):
+    """Vitter's algorithm R row by row, drawing one uniform per row past the first ``size`` from
+    the same generator: the reference the vectorised ``Reservoir.add`` must match."""
+    rng, sample, seen, out = np.random.default_rng(seed), [], 0, []
+    for chunk in stream_chunks:
+        slots = []
+        for row in chunk:
+            if size == 0:
+                slot = -1
+            elif seen < size:
+                slot = seen
+                sample.append(row)
+            else:
+                j = int(rng.random() * (seen + 1))
+                slot = j if j < size else -1
+                if slot >= 0:
+                    sample[slot] = row
+                    slots = [-1 if s == slot else s for s in slots]  # evicted within this chunk
+            slots.append(slot)
+            seen += 1
+        out.append(np.array(slots, dtype=np.int64))
+    return out, np.array(sample, dtype=np.int64)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 50, 200])
+def test_reservoir_keeps_the_sample_of_row_by_row_algorithm_r(size):
+    from lily_lab.observe.routing import Reservoir
+
+    for seed in range(4):
+        rng, start, chunks = np.random.default_rng(100 + seed), 0, []
+        for n in rng.integers(0, 60, 25):
+            chunks.append(np.arange(start, start + n))
+            start += n
+        slots, sample = _algorithm_r(size, seed, chunks)
+        res = Reservoir(size, {"v": ((), np.int64), "w": ((2,), np.float32)}, seed=seed)
+        for chunk, expected in zip(chunks, slots):
+            got = res.add({"v": chunk, "w": np.stack([chunk, -chunk], axis=1).astype(np.float32)})
+            assert np.array_equal(got, expected)
+        assert np.array_equal(res.columns["v"], sample)
+        assert np.array_equal(res.columns["w"][:, 1], -sample.astype(np.float32))
+        assert res.seen == start
+
+
 def test_reservoir_sample_is_uniform_over_the_stream():
     from lily_lab.observe.routing import Reservoir
 

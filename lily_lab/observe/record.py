@@ -25,63 +25,6 @@ DEFAULT_MAX_TOKENS = 100_000
 _COMPACT_ROWS = 1 << 16  # per site: token-id rows waiting to be summed before they are compacted
 
 
-class _Reservoir(Reservoir):
-    """``Reservoir`` with ``add`` vectorised: the same random draws, slots and sample as
-    ``Reservoir.add``, without its Python loop over every kept row (~1 µs a token, per site), and
-    with columns that grow into buffers of doubling capacity (views of them), not by copying the
-    whole sample on every call until it is full."""
-
-    def __init__(self, size: int, columns: dict[str, tuple[tuple[int, ...], Any]], seed: int = 0):
-        super().__init__(size, columns, seed=seed)
-        self._buffers: dict[str, np.ndarray] = {}
-
-    def add(self, rows: dict[str, np.ndarray]) -> np.ndarray:
-        n = len(next(iter(rows.values())))
-        slots = np.full(n, -1, dtype=np.int64)
-        if n == 0 or self.size == 0:
-            self.seen += n
-            return slots
-        if self.seen + n <= self.size:  # every row fills the next slot, in order (and no draw is made)
-            slots = np.arange(self.seen, self.seen + n)
-            for name in self.columns:
-                self._grown(name, self.seen + n)[self.seen:] = rows[name]
-            self.seen += n
-            return slots
-        index = self.seen + np.arange(n)  # each row's position in the stream
-        fill = index < self.size
-        slots[fill] = index[fill]  # the first `size` rows fill the sample in order
-        rest = ~fill
-        j = (self._rng.random(rest.sum()) * (index[rest] + 1)).astype(np.int64)  # uniform in [0, index]
-        slots[np.flatnonzero(rest)[j < self.size]] = j[j < self.size]
-        # Several rows may pick one slot: the last one wins, as in the sequential algorithm.
-        kept = np.flatnonzero(slots >= 0)
-        keep_slots, from_end = np.unique(slots[kept][::-1], return_index=True)
-        keep_rows = kept[::-1][from_end]
-        if len(keep_rows) < len(kept):
-            slots[np.setdiff1d(kept, keep_rows)] = -1
-        length = max(int(keep_slots.max(initial=-1)) + 1, len(self))
-        for name in self.columns:
-            col = self._grown(name, length)
-            col[keep_slots] = rows[name][keep_rows]
-        self.seen += n
-        return slots
-
-    def _grown(self, name: str, length: int) -> np.ndarray:
-        """Column ``name`` with ``length`` rows (new rows zero), a view of a buffer that grows by
-        doubling up to ``size``."""
-        col = self.columns[name]
-        if len(col) == length:
-            return col
-        buf = self._buffers.get(name)
-        if buf is None or col.base is not buf or len(buf) < length:  # no buffer, or it is not col's
-            buf = np.zeros((min(max(2 * len(col), length, 1024), max(self.size, length)), *col.shape[1:]),
-                           dtype=col.dtype)
-            buf[: len(col)] = col
-            self._buffers[name] = buf
-        col = self.columns[name] = buf[:length]
-        return col
-
-
 class Recorder:
     """Created by :func:`record_routing`. ``routing`` is the recording so far."""
 
@@ -105,11 +48,11 @@ class Recorder:
             E = s.num_B
             routing = s.layer.routing if isinstance(s.layer, LilyLayer) else "batch"
             rec = SiteRecord(s.name, s.module, s.group, s.index, s.kind, routing, E)
-            rec.tokens = _Reservoir(max_tokens, {
+            rec.tokens = Reservoir(max_tokens, {
                 "probs": ((E,), np.float32), "logits": ((E,), np.float32), "call": ((), np.int64),
                 "sequence": ((), np.int64), "position": ((), np.int64), "token_id": ((), np.int64),
                 "label": ((), np.int64)}, seed=seed + 2 * k)
-            rec.mixtures = _Reservoir(max_tokens, {
+            rec.mixtures = Reservoir(max_tokens, {
                 "mixture": ((E,), np.float32), "call": ((), np.int64), "sequence": ((), np.int64)},
                 seed=seed + 2 * k + 1)
             records[s.name] = rec

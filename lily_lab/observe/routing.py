@@ -31,12 +31,19 @@ def _entropy(p: np.ndarray) -> np.ndarray:
 
 
 class Reservoir:
-    """A uniform sample of at most ``size`` rows of a stream (Vitter's algorithm R), per column."""
+    """A uniform sample of at most ``size`` rows of a stream (Vitter's algorithm R), per column.
+
+    ``add`` is vectorised: one random draw per offered row past the first ``size`` (in stream
+    order, so the sample is the one the row-by-row algorithm keeps), no Python loop over rows.
+    Columns grow into buffers of doubling capacity (views of them) rather than being copied on
+    every call until the sample is full.
+    """
 
     def __init__(self, size: int, columns: dict[str, tuple[tuple[int, ...], Any]], seed: int = 0):
         self.size, self.seen = int(size), 0
         self.columns = {name: np.empty((0, *shape), dtype=dtype) for name, (shape, dtype) in columns.items()}
         self._rng = np.random.default_rng(seed)
+        self._buffers: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
@@ -48,6 +55,12 @@ class Reservoir:
         if n == 0 or self.size == 0:
             self.seen += n
             return slots
+        if self.seen + n <= self.size:  # every row fills the next slot, in order (and no draw is made)
+            slots = np.arange(self.seen, self.seen + n)
+            for name in self.columns:
+                self._grown(name, self.seen + n)[self.seen:] = rows[name]
+            self.seen += n
+            return slots
         index = self.seen + np.arange(n)  # each row's position in the stream
         fill = index < self.size
         slots[fill] = index[fill]  # the first `size` rows fill the sample in order
@@ -56,20 +69,30 @@ class Reservoir:
         slots[np.flatnonzero(rest)[j < self.size]] = j[j < self.size]
         # Several rows may pick one slot: the last one wins, as in the sequential algorithm.
         kept = np.flatnonzero(slots >= 0)
-        last = {}
-        for i in kept:
-            last[slots[i]] = i
-        keep_slots = np.fromiter(last.keys(), dtype=np.int64, count=len(last))
-        keep_rows = np.fromiter(last.values(), dtype=np.int64, count=len(last))
-        slots[np.setdiff1d(kept, keep_rows)] = -1
-        grow = max(int(keep_slots.max(initial=-1)) + 1 - len(self), 0)
-        for name, col in self.columns.items():
-            if grow:
-                col = np.concatenate([col, np.zeros((grow, *col.shape[1:]), dtype=col.dtype)])
-            col[keep_slots] = rows[name][keep_rows]
-            self.columns[name] = col
+        keep_slots, from_end = np.unique(slots[kept][::-1], return_index=True)
+        keep_rows = kept[::-1][from_end]
+        if len(keep_rows) < len(kept):
+            slots[np.setdiff1d(kept, keep_rows)] = -1
+        length = max(int(keep_slots.max(initial=-1)) + 1, len(self))
+        for name in self.columns:
+            self._grown(name, length)[keep_slots] = rows[name][keep_rows]
         self.seen += n
         return slots
+
+    def _grown(self, name: str, length: int) -> np.ndarray:
+        """Column ``name`` with ``length`` rows (new rows zero), a view of a buffer that grows by
+        doubling up to ``size``."""
+        col = self.columns[name]
+        if len(col) == length:
+            return col
+        buf = self._buffers.get(name)
+        if buf is None or col.base is not buf or len(buf) < length:  # no buffer, or it is not col's
+            buf = np.zeros((min(max(2 * len(col), length, 1024), max(self.size, length)), *col.shape[1:]),
+                           dtype=col.dtype)
+            buf[: len(col)] = col
+            self._buffers[name] = buf
+        col = self.columns[name] = buf[:length]
+        return col
 
 
 @dataclass
