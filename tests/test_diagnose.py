@@ -58,8 +58,9 @@ def test_identical_experts_are_critical_redundancy():
     assert not d.ok and "router checks skipped" in str(d)
 
 
-def test_router_forced_to_one_expert_is_dominant_with_dead_experts():
-    model = model_with(E=4)
+@pytest.mark.parametrize("routing", ["token", "batch"])
+def test_router_forced_to_one_expert_is_dominant_with_dead_experts(routing):
+    model = model_with(E=4, routing=routing)
     site = orthogonal_bank(model)
     with torch.no_grad():
         site.A.copy_(torch.ones_like(site.A))
@@ -71,6 +72,9 @@ def test_router_forced_to_one_expert_is_dominant_with_dead_experts():
     assert k["dominant_expert"].evidence["top_expert"][site.name] == 0
     assert k["dead_expert"].evidence["dead_experts"][site.name] == [1, 2, 3]
     assert "balance_loss_weight" in k["dominant_expert"].remedy
+    # Under batch routing a balance loss alone leaves the experts alike (notebook 03): said so.
+    for kind in ("dominant_expert", "dead_expert"):
+        assert ("pair it with routing='token'" in k[kind].remedy) == (routing == "batch")
 
 
 def test_zeroed_routers_are_input_blind():

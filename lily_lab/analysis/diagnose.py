@@ -96,9 +96,10 @@ def _routing_mode(model: nn.Module) -> str:
 
 
 def _remedy_redundant(mode: str) -> str:
-    why = ("Under batch (and sequence) routing every expert of a bank receives a gradient parallel to "
-           "the others (∂L/∂B_e = π_e·G, with one π for the whole batch or sequence), so experts that "
-           "start at zero grow as copies of one another.")
+    why = ("Under batch routing every expert of a bank receives the same gradient direction, scaled: "
+           "∂L/∂B_e = Σ_sites π_e·G_site with one π per site for the whole batch — exactly parallel for a "
+           "bank with one site, nearly so while its sites' mixtures are alike — so experts that start at "
+           "zero grow as near copies (sequence routing weights each sequence differently, but only mildly).")
     if mode == "token":
         return ("Experts are alike although routing is per token: train longer, or raise "
                 "router_entropy_weight together with balance_loss_weight so tokens pick experts decisively.")
@@ -106,6 +107,14 @@ def _remedy_redundant(mode: str) -> str:
             "mean expert cosine 0.56 / 0.82 (query / value) against 0.92 / 0.89 under batch routing; "
             "sequence routing did not help (0.92 / 0.89). init_weights=False (random B) helps less "
             "(0.75 / 0.88).")
+
+
+def _balance_caveat(modes: set) -> str:
+    if not modes & {"batch", "sequence"}:
+        return ""
+    return (" Under batch or sequence routing a balance loss evens out the mixture but does not make the "
+            "experts differ (notebook 03: with balance_loss_weight=0.05 and batch routing the experts "
+            "stayed near copies and routing_mi fell): pair it with routing='token'.")
 
 
 def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thresholds | dict | None = None) -> Diagnosis:
@@ -158,6 +167,7 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     m = router_metrics(routing).dropna(subset=["max_usage"])
     dom = m[m.max_usage >= t.dominant_usage]
     if len(dom):
+        dom_modes = set(dom.routing)
         usage = routing.usage()
         top = {s: int(usage[usage.site == s].sort_values("usage").expert.iloc[-1]) for s in dom.site}
         d.findings.append(Finding(
@@ -166,7 +176,7 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
             "Add a load-balancing loss: LilyConfig(balance_loss_weight=0.01 … 0.1) and add "
             "lily_aux_loss(model) to the training loss (measured in tests/test_diagnose.py: it turns a "
             "router stuck on one expert back to balanced use). A higher router_temperature early in "
-            "training also spreads the load.",
+            "training also spreads the load." + _balance_caveat(dom_modes),
             f"{len(dom)} site(s) send ≥ {t.dominant_usage:.0%} of the router mass to one expert"))
     rows = []
     for site in m.itertuples():
@@ -179,7 +189,8 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
             "dead_expert", "warning", [r[0] for r in rows],
             {"dead_experts": {r[0]: r[1] for r in rows}, "usage": {r[0]: r[2] for r in rows}},
             "Add a load-balancing loss (LilyConfig(balance_loss_weight=0.01 … 0.1), plus "
-            "lily_aux_loss(model) in the loss) so unused experts receive tokens again; or lower num_B.",
+            "lily_aux_loss(model) in the loss) so unused experts receive tokens again; or lower num_B."
+            + _balance_caveat(set(m.set_index("site").loc[[r[0] for r in rows], "routing"])),
             f"{len(rows)} site(s) with experts that get under {t.dead_fraction:.0%} of a fair share"))
     blind = m[m.routing_mi < t.blind_mi]
     if len(blind):
