@@ -378,6 +378,30 @@ def test_record_dataset_with_labels_and_progress(capsys):
     assert "probe" in capsys.readouterr().err
 
 
+def test_record_dataset_runs_in_eval_mode_and_restores_each_module():
+    torch.manual_seed(0)
+    model = ll.add_lily(tiny_bert(), ll.LilyConfig(["query", "value"], r=4, num_B=2, init_weights=False))
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.5  # heavy dropout: a recording in training mode would differ run to run
+    model.train()
+    model.pooler.eval()  # a mixed state, to be restored as it was
+    before = {name: m.training for name, m in model.named_modules()}
+    data = [{"input_ids": torch.randint(0, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}]
+    a = ll.record_dataset(model, data, progress=False)
+    b = ll.record_dataset(model, data, progress=False)
+    site = a.sites[-1]  # the last layer: its input went through every dropout before it
+    assert np.array_equal(a.record(site).sum_probs, b.record(site).sum_probs)  # no dropout noise
+    model.eval()
+    in_eval = ll.record_dataset(model, data, progress=False)
+    assert np.allclose(in_eval.record(site).sum_probs, a.record(site).sum_probs, rtol=0, atol=1e-12)
+    model.train()
+    model.pooler.eval()
+    with pytest.raises(Exception):
+        ll.record_dataset(model, data + [{"input_ids": torch.full((1, 4), 10_000)}], progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -404,7 +404,9 @@ def record_dataset(model: nn.Module, loader, *, max_tokens: int = DEFAULT_MAX_TO
     """Run every batch of ``loader`` through ``model`` (no gradients) while recording routing.
 
     A batch is a dict of model inputs (``label_key`` is taken out and used as labels), an
-    ``(inputs, labels)`` pair, or a tensor. Tensors are moved to the model's device.
+    ``(inputs, labels)`` pair, or a tensor. Tensors are moved to the model's device. The model
+    runs in eval mode (no dropout noise in the routers' inputs) and every module is put back in
+    the mode it was in afterwards, also when a batch fails.
     """
     from tqdm.auto import tqdm
 
@@ -413,6 +415,16 @@ def record_dataset(model: nn.Module, loader, *, max_tokens: int = DEFAULT_MAX_TO
     except StopIteration:
         device = torch.device("cpu")
     total = len(loader) if hasattr(loader, "__len__") else None
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return _record_batches(model, loader, device, total, max_tokens, label_key, progress, desc, seed, tqdm)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _record_batches(model, loader, device, total, max_tokens, label_key, progress, desc, seed, tqdm) -> Routing:
     with record_routing(model, max_tokens=max_tokens, seed=seed) as rec, torch.no_grad():
         for batch in tqdm(loader, total=total, desc=desc, disable=not progress, unit="batch"):
             labels = None
