@@ -294,6 +294,16 @@ def test_spectra_overlay_mixtures_and_a_dashed_lora_baseline(lab, tiny_bert):
     assert len(one.data) == 3 and one.layout.yaxis.type == "linear"
 
 
+def test_spectra_line_styles_stay_distinct_for_many_mixtures(lab):
+    # One site under uniform, each single expert and several more mixtures: 12 mixtures, 12 styles.
+    frames = [ll.delta_spectra(lab.model, mixture=m).assign(mixture=f"mixture {i}")
+              for i, m in enumerate([None, 0, 1, 2] * 3)]
+    spectra = pd.concat(frames, ignore_index=True)
+    fig = plots.plot_spectra(spectra, sites=lab.site)
+    styles = [t.line.dash for t in fig.data]
+    assert len(styles) == 12 and len(set(styles)) == 12 and "dash" not in styles  # "dash" marks baselines
+
+
 def test_rank_by_layer_with_its_bound(lab):
     ranks = lab.f["ranks"]
     fig = plots.plot_rank_by_layer(ranks)

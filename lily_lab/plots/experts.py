@@ -16,7 +16,17 @@ from plotly.colors import qualitative, sample_colorscale
 from ._common import escape, figure, first, fmt, layers, message_figure, modules, pick, require, site_label
 from .theme import NEUTRAL, SEVERITY_COLORS, severity_color
 
-_DASHES = ["solid", "dot", "dashdot", "longdashdot", "longdash"]
+_DASHES = ["solid", "dot", "dashdot", "longdashdot", "longdash"]  # "dash" is kept for baselines and bounds
+
+
+def _dash(i: int) -> str:
+    """The line style of the ``i``-th mixture: plotly's named styles first, then patterns
+    (dash length × number of dots after it) that differ from each other and from those, so any
+    number of mixtures stays distinguishable."""
+    if i < len(_DASHES):
+        return _DASHES[i]
+    j = i - len(_DASHES)
+    return f"{3 + 2 * (j % 6)}px,3px" + ",1px,3px" * (j // 6 + 1)
 _SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "cross", "star", "hexagon"]
 _MODULE_COLORS = qualitative.Dark2
 
@@ -89,7 +99,7 @@ def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] |
                 x=(part["k"] + 1).tolist(), y=part["sigma"].tolist(), mode="lines+markers", name=name,
                 legendgroup=_key(site),
                 line=dict(color=colors.get(_key(site), NEUTRAL), width=1.5, dash="dash" if role else
-                          _DASHES[mixtures.index(mixture) % len(_DASHES)] if mixture in mixtures else "solid"),
+                          _dash(mixtures.index(mixture)) if mixture in mixtures else "solid"),
                 marker=dict(size=5, symbol=_SYMBOLS[module_list.index(module) % len(_SYMBOLS)]),
                 hovertext=[f"site: {escape(site)}<br>{where}<br>{what}<br>k = {k + 1}: σ = {fmt(s, 4)}"
                            for k, s in zip(part["k"], part["sigma"])], hoverinfo="text")
@@ -119,7 +129,7 @@ def plot_rank_by_layer(ranks: pd.DataFrame, metric: str = "effective_rank", *, t
             sub = sub.sort_values(x_col)
             name = escape(module) + (f" · {escape(mixture)}" if len(mixtures) > 1 else "")
             fig.add_scatter(x=sub[x_col].tolist(), y=sub[metric].tolist(), mode="lines+markers", name=name,
-                            line=dict(color=_MODULE_COLORS[m_i % len(_MODULE_COLORS)], dash=_DASHES[x_i % len(_DASHES)]),
+                            line=dict(color=_MODULE_COLORS[m_i % len(_MODULE_COLORS)], dash=_dash(x_i)),
                             hovertext=[f"site: {escape(s)}<br>{site_label(module, l)}"
                                        + (f"<br>mixture {escape(mixture)}" if mixture is not None else "")
                                        + f"<br>{escape(metric)} {fmt(v)}" + (f" (bound r = {r})" if "r" in sub else "")
