@@ -41,6 +41,7 @@ from .core import (
     load_adapter,
     remove_lily,
     save_adapter,
+    set_lily_options,
 )
 from .observe import Recorder, Routing, RoutingError, Timeline, record_dataset, record_routing
 from .report import report  # lily_lab.report is the function; `from lily_lab.report import …` reaches the module
@@ -50,7 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     # core
     "LilyConfig", "LilyLayer", "Site", "add_lily", "remove_lily", "adapter_sites", "adapter_summary",
-    "count_parameters", "save_adapter", "load_adapter", "lily_aux_loss",
+    "count_parameters", "save_adapter", "load_adapter", "lily_aux_loss", "set_lily_options",
     # observe
     "record_routing", "record_dataset", "Recorder", "Routing", "Timeline", "RoutingCallback",
     # analysis

@@ -256,3 +256,39 @@ def test_an_adapted_model_deep_copies():
     assert (twin(ids, mask).last_hidden_state[0, :4] - alone[0]).abs().max() <= 1e-5
     ll.remove_lily(twin)  # removing the copy's adapter leaves the original's hooks in place
     assert len(model._forward_pre_hooks) == 1 and ll.adapter_sites(model)
+
+
+def test_set_lily_options_switches_routing_keeping_weights_and_saves_what_it_computes(tmp_path):
+    def lily(routing):
+        model = bert()
+        torch.manual_seed(1)
+        return ll.add_lily(model, ll.LilyConfig(["query", "value"], r=4, stride_A=2, num_B=3, routing=routing,
+                                                init_weights=False))
+
+    x = {"input_ids": torch.randint(0, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    x["attention_mask"][0, 4:] = 0
+    model, token_model = lily("batch"), lily("token")
+    with torch.no_grad():
+        batch_out = model(**x).last_hidden_state
+        assert ll.set_lily_options(model, routing="token", router_temperature=0.5) is model
+        ll.set_lily_options(token_model, router_temperature=0.5)
+        out = model(**x).last_hidden_state
+        assert not torch.allclose(out, batch_out)  # the switch changed what the model computes
+        assert torch.equal(out, token_model(**x).last_hidden_state)  # to exactly a token-routed adapter
+    ll.save_adapter(model, tmp_path / "a")
+    reloaded = ll.load_adapter(bert(), tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**x).last_hidden_state, out)
+
+    before = {n: m.options() for n, m in model.named_modules() if isinstance(m, ll.LilyLayer)}
+    with pytest.raises(ll.LilyConfigError, match="routing must be one of"):
+        ll.set_lily_options(model, routing="tokens", scaling=2.0)
+    with pytest.raises(ll.LilyConfigError, match=r"\['r'\].*remove_lily and add_lily"):
+        ll.set_lily_options(model, r=8)
+    with pytest.raises(ll.LilyConfigError, match="unknown option.*'temperature'"):
+        ll.set_lily_options(model, temperature=2.0)
+    assert {n: m.options() for n, m in model.named_modules() if isinstance(m, ll.LilyLayer)} == before
+    with torch.no_grad():
+        assert torch.equal(model(**x).last_hidden_state, out)  # nothing changed by the failed calls
+    with pytest.raises(ll.TargetError, match="no lily_lab Lily adapter"):
+        ll.set_lily_options(bert(), routing="token")

@@ -3,13 +3,13 @@
 from .checkpoint import load_adapter, save_adapter
 from .config import ROUTING_MODES, LilyConfig
 from .errors import CheckpointError, LilyConfigError, LilyLabError, TargetError, TargetTypeError
-from .inject import add_lily, remove_lily
+from .inject import add_lily, remove_lily, set_lily_options
 from .layer import LilyLayer, RoutingEvent, lily_aux_loss
 from .sites import Site, adapter_sites, adapter_summary, count_parameters, lily_parameter_formula
 
 __all__ = [
     "LilyConfig", "ROUTING_MODES", "LilyLayer", "RoutingEvent", "Site",
-    "add_lily", "remove_lily", "lily_aux_loss", "adapter_sites", "adapter_summary", "count_parameters",
+    "add_lily", "remove_lily", "set_lily_options", "lily_aux_loss", "adapter_sites", "adapter_summary", "count_parameters",
     "lily_parameter_formula", "save_adapter", "load_adapter",
     "LilyLabError", "LilyConfigError", "TargetError", "TargetTypeError", "CheckpointError",
 ]

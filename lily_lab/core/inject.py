@@ -7,6 +7,7 @@ each shared tensor once, and ``model.parameters()`` lists it once.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import AUX_LOSS_FIELDS, LilyConfig
-from .errors import LilyLabTypeError, TargetError, TargetTypeError
+from .errors import LilyConfigError, LilyLabTypeError, TargetError, TargetTypeError
 from .layer import CallContext, LilyLayer, base_dims, is_conv1d
 
 _STATE_ATTR = "_lily_lab_state"
@@ -142,6 +143,40 @@ def remove_lily(model: nn.Module) -> nn.Module:
         if id(p) in state.requires_grad:
             p.requires_grad_(state.requires_grad[id(p)])
     delattr(model, _STATE_ATTR)
+    return model
+
+
+RUNTIME_OPTIONS = ("scaling", "routing", "router_temperature", "router_top_k") + AUX_LOSS_FIELDS
+
+
+def set_lily_options(model: nn.Module, **options) -> nn.Module:
+    """Change the runtime options of a model's lily_lab adapter in place, keeping every weight.
+
+    ``options`` are LilyConfig fields that do not change the adapter's tensors: ``routing``,
+    ``router_temperature``, ``router_top_k``, ``scaling`` and the aux-loss weights. E.g. evaluate
+    a batch-routed adapter under token routing with ``set_lily_options(model, routing="token")``.
+    The model's config is updated too, so ``save_adapter`` writes what the model now computes.
+    Invalid values raise :class:`LilyConfigError` and leave the model as it was.
+    """
+    state = get_state(model)
+    if state is None:
+        raise TargetError("this model has no lily_lab Lily adapter (add_lily or load_adapter first); "
+                          "a PEFT Lily model's options are set on its PEFT config")
+    fixed = sorted(set(options) - set(RUNTIME_OPTIONS))
+    if fixed:
+        known = set(LilyConfig.__dataclass_fields__)
+        unknown = [k for k in fixed if k not in known]
+        if unknown:
+            raise LilyConfigError(f"set_lily_options: unknown option(s) {unknown}; runtime options are "
+                                  f"{list(RUNTIME_OPTIONS)}")
+        raise LilyConfigError(f"set_lily_options: {fixed} change(s) the adapter's tensors or where it sits; "
+                              f"remove_lily and add_lily with a new LilyConfig instead (runtime options: "
+                              f"{list(RUNTIME_OPTIONS)})")
+    config = dataclasses.replace(state.config, **options)  # validates every field first
+    for module in model.modules():
+        if isinstance(module, LilyLayer):
+            module.apply_config(config)
+    state.config = config
     return model
 
 
