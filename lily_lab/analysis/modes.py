@@ -13,7 +13,12 @@ def mixture_modes(routing: Routing) -> pd.DataFrame:
     sequence routing (one per sequence) and token routing (one per token) would apply to the
     sampled tokens of each site — the spread shows how much of the routers' per-token choice
     each mode keeps. Computed from the token sample, so with a sample smaller than the data the
-    per-call and per-sequence means are estimates."""
+    per-call and per-sequence means are estimates.
+
+    Only real tokens are recorded, so the ``"batch"`` rows average real tokens only: what batch
+    routing applies to the same calls without padding. Batch routing itself (PEFT's rule) also
+    averages the padding positions of a padded call; the mixtures a batch-routed model actually
+    applied are in ``routing.mixtures(site)``."""
     frames = []
     for name in routing.sites:
         rec = routing.record(name)
