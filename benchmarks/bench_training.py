@@ -111,7 +111,46 @@ def run(settings: Settings) -> list[Row]:
     del lora, lora_opt
 
     rows.append(memory_row(models["token"], (peft_lily, peft_opt), batch, settings))
+    rows.append(layers_row(settings))
     return rows
+
+
+def layers_row(settings: Settings) -> Row:
+    """The adapter alone, without a transformer around it: a stack of six d × d linear layers
+    (MiniLM's d = 384) with Lily on each (batch routing, the same r, stride and num_B), forward
+    and backward of a batch × tokens input, against PEFT ``lily`` on the same stack and weights.
+    In a MiniLM step the frozen base model's work is the same on both sides and dominates; this
+    row shows the part that differs."""
+    import peft
+
+    shape, d = shape_for(settings), (32 if settings.smoke else 384)
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.Tanh()) for _ in range(6)])
+    stack = stack.to(settings.device, settings.torch_dtype).requires_grad_(False)
+    targets = r"\d\.0"  # the six Linear layers
+    options = dict(r=shape.r, stride_A=shape.stride_A, num_B=shape.num_B, init_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(stack), peft.LilyConfig(target_modules=targets, **options))
+    ours = ll.add_lily(copy.deepcopy(stack), ll.LilyConfig(targets, **options))
+    copy_adapter(theirs, ours)
+    x = torch.randn(shape.batch, shape.tokens, d, generator=torch.Generator().manual_seed(0))
+    x = x.to(settings.device, settings.torch_dtype)
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    if not torch.allclose(a.float(), b.float(), rtol=_tolerance(settings), atol=_tolerance(settings)):
+        raise AssertionError(f"lily_lab's stack differs from PEFT's by {(a - b).abs().max().item():.2e}")
+
+    def step(model):
+        model(x).sum().backward()
+        for p in trainable(model):
+            p.grad = None
+
+    with LoadWindow() as load:
+        pairs = alternate_pairs(lambda: step(ours), lambda: step(theirs), settings, repeats=3 * settings.repeats)
+    row = timing_row(f"the adapter alone: 6 stacked {d} × {d} linear layers with Lily (batch routing), "
+                     f"forward + backward, {shape.batch} × {shape.tokens}", "PEFT `lily`, same stack and weights",
+                     "—", float("inf"), pairs, load, settings)
+    row.ok, row.key = None, "adapter alone"
+    return row
 
 
 def memory_row(ours_and_opt, peft_and_opt, batch, settings: Settings) -> Row:

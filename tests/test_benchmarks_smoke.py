@@ -26,6 +26,7 @@ ROWS = [  # the start of each row's first cell, in order
     "same, token routing",
     "same (batch routing), against LoRA with equal trainable parameters",
     "peak memory of a training step, token routing",
+    "the adapter alone: 6 stacked",
     "eval forward under `record_routing`",
     "`delta_spectra`, one",
     "adapter file, 12 layers, stride 4, num_B 4",
@@ -50,7 +51,7 @@ def test_smoke_suite_prints_a_table_with_every_row():
         cells = [c.strip() for c in row.strip("|").split(" | ")]
         assert cells[0].startswith(want), (want, row)
         assert len(cells) == len(header.strip("|").split(" | "))
-    measured = rows[:8]  # the widget placeholder and the demo are not run by --smoke
+    measured = rows[:9]  # the widget placeholder and the demo are not run by --smoke
     for row in measured:
         assert "×" in row, row  # every measured row has a ratio
 
@@ -71,6 +72,12 @@ def test_training_side_check_catches_different_weights(monkeypatch):
     monkeypatch.setattr(bench_training, "copy_adapter", lambda source, dest: None)
     with pytest.raises(AssertionError, match="differs from PEFT"):
         bench_training.run(SMOKE)
+
+
+def test_adapter_alone_side_check_catches_different_weights(monkeypatch):
+    monkeypatch.setattr(bench_training, "copy_adapter", lambda source, dest: None)
+    with pytest.raises(AssertionError, match="stack differs from PEFT"):
+        bench_training.layers_row(SMOKE)
 
 
 def test_spectra_side_check_catches_wrong_singular_values(monkeypatch):
