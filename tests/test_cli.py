@@ -1,5 +1,7 @@
 """`lily-lab` argument parsing (the demo itself runs in `make demo`, not in the unit tests)."""
 
+import os
+
 import pytest
 
 from lily_lab.cli import build_parser
@@ -27,3 +29,60 @@ def test_bad_command_lines_exit_with_usage(argv, capsys):
         build_parser().parse_args(argv)
     assert exit_.value.code == 2
     assert "usage: lily-lab" in capsys.readouterr().err
+
+
+def test_idle_threads_sleep_only_when_the_cores_are_busy(monkeypatch):
+    import os
+    import sys
+
+    from lily_lab import cli
+
+    restarts = []
+    monkeypatch.setattr(os, "execve", lambda exe, args, env: restarts.append((exe, args, env)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sys, "argv", ["lily-lab", "demo", "--steps", "3"])
+
+    def policy(load, argv=None, preset=None, torch_loaded=True, running=0):
+        restarts.clear()
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        if preset:
+            monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.setattr(cli, "_running_now", lambda: running)
+        modules = dict(sys.modules)
+        if torch_loaded:
+            modules["torch"] = sys  # any module object: "torch is already imported"
+        else:
+            modules.pop("torch", None)
+        monkeypatch.setattr(sys, "modules", modules)
+        cli._idle_threads_sleep_when_busy(argv)
+        return os.environ.get("OMP_WAIT_POLICY")
+
+    assert policy(0.5) is None and policy(1.9) is None and not restarts  # idle enough: spin, faster
+    assert policy(2.0) is None  # busy, torch loaded: the command restarts itself with PASSIVE set
+    (exe, args, env), = restarts
+    assert exe == sys.executable and args == [sys.executable, "-m", "lily_lab.cli", "demo", "--steps", "3"]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert policy(2.0, torch_loaded=False) == "PASSIVE" and not restarts  # torch not loaded yet: just set it
+    assert policy(5.0, preset="ACTIVE") == "ACTIVE" and not restarts  # the user's choice stays
+    assert policy(5.0, argv=["demo"]) is None and not restarts  # called from Python: never restarted
+    assert policy(0.5, torch_loaded=False, running=2) == "PASSIVE"  # busy now, before the average knows
+
+
+def test_running_now_counts_other_busy_processes():
+    import subprocess
+    import sys
+
+    from lily_lab import cli
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat on this platform")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        import time
+
+        time.sleep(0.5)
+        assert cli._running_now() >= 2  # three spinners on however many cores: most are running
+    finally:
+        for p in spinners:
+            p.kill()
