@@ -88,9 +88,9 @@ def prob_columns(frame: pd.DataFrame) -> list[str]:
 
 def figure(title: str, **layout) -> go.Figure:
     """An empty figure in the lily_lab template (``title`` must already be escaped)."""
-    fig = go.Figure()
-    fig.update_layout(template=TEMPLATE, title=dict(text=title), **layout)
-    return fig
+    # The template goes in with the layout: a bare go.Figure() first loads plotly's default
+    # template, only to replace it (1.5 ms of every figure).
+    return go.Figure(layout=dict(template=TEMPLATE, title=dict(text=title), **layout))
 
 
 def message_figure(title: str, message: str, color: str = "#555") -> go.Figure:
