@@ -78,7 +78,11 @@ def run(settings: Settings) -> list[Row]:
     every = [t for ts in times.values() for t in ts]
     median = statistics.median(every) * 1e3
     worst = max(times, key=lambda k: statistics.median(times[k]))
+    worst_ms = statistics.median(times[worst]) * 1e3
     notes = [f"{k}: median {statistics.median(v) * 1e3:.1f} ms over {len(v)} updates" for k, v in times.items()]
-    return [Row("widget control update, 6-layer model (kernel side)", "—", f"median < {TARGET_MS:g} ms",
-                ours=f"{median:.1f} ms", ratio="—", ok=None if settings.smoke else median < TARGET_MS,
+    # Met only when every control's median is under the target, not just the median of them all.
+    return [Row("widget control update, 6-layer model (kernel side)", "—",
+                f"median < {TARGET_MS:g} ms (every control)",
+                ours=f"all controls {median:.1f} ms; slowest control {worst_ms:.1f} ms", ratio="—",
+                ok=None if settings.smoke else worst_ms < TARGET_MS,
                 load=str(load), notes=notes + [f"slowest control: {worst}"], key="widgets")]
