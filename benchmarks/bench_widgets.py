@@ -64,6 +64,7 @@ def _changes(model, routing, timeline):
 def run(settings: Settings) -> list[Row]:
     model, routing, timeline = _model(settings.smoke)
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}  # process CPU time: waiting for a core on a busy machine not counted
     with LoadWindow() as load:
         changes = _changes(model, routing, timeline)
         rounds = 2 if settings.smoke else max(settings.repeats, 5)
@@ -72,14 +73,16 @@ def run(settings: Settings) -> list[Row]:
                 for v in values:
                     if control.value == v:
                         continue
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     control.value = v
                     times.setdefault(name, []).append(time.perf_counter() - t0)
+                    cpu.setdefault(name, []).append(time.process_time() - c0)
     every = [t for ts in times.values() for t in ts]
     median = statistics.median(every) * 1e3
     worst = max(times, key=lambda k: statistics.median(times[k]))
     worst_ms = statistics.median(times[worst]) * 1e3
-    notes = [f"{k}: median {statistics.median(v) * 1e3:.1f} ms over {len(v)} updates" for k, v in times.items()]
+    notes = [f"{k}: median {statistics.median(v) * 1e3:.1f} ms over {len(v)} updates "
+             f"(CPU time {statistics.median(cpu[k]) * 1e3:.1f} ms)" for k, v in times.items()]
     # Met only when every control's median is under the target, not just the median of them all.
     return [Row("widget control update, 6-layer model (kernel side)", "—",
                 f"median < {TARGET_MS:g} ms (every control)",
