@@ -40,7 +40,7 @@ def run(settings: Settings) -> list[Row]:
                 rec.annotate(labels=labels)
         return rec.routing
 
-    check(model, batch, labels, check_run())
+    check(model, batch, labels, check_run(), rtol=1e-2 if settings.dtype == "bf16" else 1e-4)
 
     repeats = 3 * settings.repeats  # a forward is cheap: more pairs, finer alternation
     with torch.no_grad(), LoadWindow() as load:
@@ -64,8 +64,9 @@ def run(settings: Settings) -> list[Row]:
     return [row]
 
 
-def check(model, batch, labels, routing) -> None:
-    """The recording holds what a recomputation from the layers' inputs gives (raises if not)."""
+def check(model, batch, labels, routing, rtol: float = 1e-4) -> None:
+    """The recording holds what a recomputation from the layers' inputs gives (raises if not).
+    ``rtol``: 1e-4 in float32; a bf16 model rounds its router probabilities to bf16 (2⁻⁸)."""
     mask = batch["attention_mask"].bool().cpu()
     real = int(mask.sum())
     captured = {}
@@ -84,6 +85,6 @@ def check(model, batch, labels, routing) -> None:
         with torch.no_grad():
             h = captured[name].to(layer.lily_A.dtype) @ layer.lily_A.T
             p = torch.softmax((h @ layer.lily_router.T).float(), dim=-1)[mask.to(h.device)].double().cpu().numpy()
-        assert np.allclose(rec.sum_probs, CALLS * p.sum(axis=0), rtol=1e-4, atol=1e-6), f"{name}: usage sums differ"
+        assert np.allclose(rec.sum_probs, CALLS * p.sum(axis=0), rtol=rtol, atol=1e-6), f"{name}: usage sums differ"
         assert sum(v[0] for v in rec.label_sums.values()) == CALLS * real, f"{name}: labels not folded in"
         assert sum(v[0] for v in rec.token_sums.values()) == CALLS * real, f"{name}: token ids not folded in"
