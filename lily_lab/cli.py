@@ -116,8 +116,8 @@ def _cores_are_busy() -> bool:
 def _idle_threads_sleep_when_busy(argv: list[str] | None) -> None:
     """On a busy machine, let torch's idle OpenMP threads sleep instead of spinning
     (``OMP_WAIT_POLICY=PASSIVE``). Measured with ``lily-lab demo`` on 2 cores: with two other busy
-    processes 116–121 s → 78–80 s; on an idle machine PASSIVE cost 4–8 s (41 → 46–49 s), so it is
-    only set when the 1-minute load is at least the core count. An ``OMP_WAIT_POLICY`` you set is
+    processes 116–121 s → 72–80 s; on an idle machine PASSIVE cost 4–8 s (41 → 46–49 s), so it is
+    only set when the cores are busy (:func:`_cores_are_busy`). An ``OMP_WAIT_POLICY`` you set is
     kept. OpenMP reads the variable once, when torch loads — and importing ``lily_lab`` has loaded
     torch — so the command line restarts itself once with it set (a second or two of start-up);
     a call with an explicit ``argv`` (from Python) is never restarted."""
