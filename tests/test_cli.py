@@ -1,4 +1,4 @@
-"""`lily-lab` argument parsing (the demo itself runs in `make demo`, not in the unit tests)."""
+"""`lily-lab` argument parsing and start-up (the commands end to end: tests/test_commands.py)."""
 
 import os
 
