@@ -378,6 +378,35 @@ def test_record_dataset_with_labels_and_progress(capsys):
     assert "probe" in capsys.readouterr().err
 
 
+def test_sites_summed_in_slices_record_exactly_what_one_slice_records(monkeypatch):
+    from lily_lab.observe import record
+
+    model = ll.add_lily(tiny_bert(), ll.LilyConfig(["query", "value"], r=4, num_B=3, init_weights=False,
+                                                   routing="token"))
+    x = {"input_ids": torch.randint(0, 100, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    x["attention_mask"][1, 5:] = 0
+
+    def recording():
+        with ll.record_routing(model, max_tokens=10) as rec, torch.no_grad():
+            for _ in range(4):
+                model(**x)
+                rec.annotate(labels=[0, 1, 1])
+        return rec.routing
+
+    whole = recording()
+    monkeypatch.setattr(record, "_SUM_BYTES", 1)  # one site per slice
+    sliced = recording()
+    assert whole.sites == sliced.sites and len(whole.sites) > 2
+    for site in whole.sites:
+        a, b = whole.record(site), sliced.record(site)
+        assert a.n_tokens == b.n_tokens == 4 * 23
+        for field in ("sum_probs", "argmax_counts", "sum_mixture"):
+            assert np.array_equal(getattr(a, field), getattr(b, field))
+        assert a.sum_z == b.sum_z and a.sum_token_entropy == b.sum_token_entropy
+        assert np.array_equal(whole.probs(site), sliced.probs(site))  # the same reservoir sample
+        assert a.label_sums.keys() == b.label_sums.keys()
+
+
 def test_record_dataset_runs_in_eval_mode_and_restores_each_module():
     torch.manual_seed(0)
     model = ll.add_lily(tiny_bert(), ll.LilyConfig(["query", "value"], r=4, num_B=2, init_weights=False))

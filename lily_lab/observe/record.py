@@ -23,6 +23,7 @@ from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord
 
 DEFAULT_MAX_TOKENS = 100_000
 _COMPACT_ROWS = 1 << 16  # per site: token-id rows waiting to be summed before they are compacted
+_SUM_BYTES = 64 << 20  # float64 routing summed at once when a call is flushed (several sites per slice)
 
 
 class Recorder:
@@ -185,30 +186,39 @@ class Recorder:
         for entry in call["raw"]:
             groups.setdefault((tuple(entry[2].shape), entry[2].dtype, entry[2].device), []).append(entry)
         call["raw"] = []
-        for (shape, _, _), entries in groups.items():
-            E, lead = shape[-1], shape[:-1]
-            # One copy to the host: (sites, tokens, 2E), columns [p | logits], float64 as every sum is.
-            X = torch.cat([torch.stack([e[2].reshape(-1, E) for e in entries]),
-                           torch.stack([e[1].reshape(-1, E) for e in entries])], dim=2)
-            X = X.float().cpu().numpy().astype(np.float64)
-            # Which sequence and position each token is: (batch, positions) inputs, else one per row.
-            if len(lead) >= 2:
-                b, t = lead[0], math.prod(lead[1:])
-            elif len(lead) == 1:
-                b, t = lead[0], 1
-            else:
-                b, t = 1, 1
-            seq_local, position, rows = self._token_index(call, lead, b, t)  # rows: real tokens, None = all
-            if np.isfinite(X).all():
-                self._sum_sites(call, entries, X, rows, seq_local, position, b, t)
-                continue
-            real = np.zeros(b * t, dtype=bool)
-            real[slice(None) if rows is None else rows] = True
-            for i, entry in enumerate(entries):  # rare: each site drops its own non-finite tokens
-                finite = np.isfinite(X[i]).all(axis=1)
-                self._routing.record(entry[0]).nonfinite += int((real & ~finite).sum())
-                keep = np.flatnonzero(real & finite)
-                self._sum_sites(call, [entry], X[i : i + 1], keep, seq_local, position, b, t)
+        for (shape, _, _), same_shape in groups.items():
+            # As many sites at once as fit in _SUM_BYTES of float64: a huge call is summed in
+            # slices rather than holding a copy of every site's routing at once.
+            per_site = 2 * shape[-1] * max(math.prod(shape[:-1]), 1) * 8
+            step = max(1, _SUM_BYTES // per_site)
+            for start in range(0, len(same_shape), step):
+                self._sum_entries(call, shape, same_shape[start : start + step])
+
+    def _sum_entries(self, call: dict, shape: tuple, entries: list) -> None:
+        """Sum the routing of ``entries`` (sites of one input shape) into their records."""
+        E, lead = shape[-1], shape[:-1]
+        # One copy to the host: (sites, tokens, 2E), columns [p | logits], float64 as every sum is.
+        X = torch.cat([torch.stack([e[2].reshape(-1, E) for e in entries]),
+                       torch.stack([e[1].reshape(-1, E) for e in entries])], dim=2)
+        X = X.float().cpu().numpy().astype(np.float64)
+        # Which sequence and position each token is: (batch, positions) inputs, else one per row.
+        if len(lead) >= 2:
+            b, t = lead[0], math.prod(lead[1:])
+        elif len(lead) == 1:
+            b, t = lead[0], 1
+        else:
+            b, t = 1, 1
+        seq_local, position, rows = self._token_index(call, lead, b, t)  # rows: real tokens, None = all
+        if np.isfinite(X).all():
+            self._sum_sites(call, entries, X, rows, seq_local, position, b, t)
+            return
+        real = np.zeros(b * t, dtype=bool)
+        real[slice(None) if rows is None else rows] = True
+        for i, entry in enumerate(entries):  # rare: each site drops its own non-finite tokens
+            finite = np.isfinite(X[i]).all(axis=1)
+            self._routing.record(entry[0]).nonfinite += int((real & ~finite).sum())
+            keep = np.flatnonzero(real & finite)
+            self._sum_sites(call, [entry], X[i : i + 1], keep, seq_local, position, b, t)
 
     def _sum_sites(self, call, entries, X, keep, seq_local, position, b: int, t: int) -> None:
         """Fold ``X`` (sites × tokens × 2E: p | logits) of ``entries`` into their records,
