@@ -83,13 +83,16 @@ def plot_usage_bars(usage: pd.DataFrame, site: str, *, title: str | None = None)
     label = site_label(modules(part).iloc[0], part["layer"].iloc[0])
     experts = part["expert"].tolist()
     tokens = f"<br>tokens {int(part['n_tokens'].iloc[0]):,}" if "n_tokens" in part.columns else ""
-    fig = figure(escape(title) if title else f"Expert usage at {label}")
-    fig.add_bar(x=experts, y=part["usage"].tolist(), name="usage", marker_color=[expert_color(e) for e in experts],
-                hovertext=[f"site: {escape(site)}<br>{label}<br>expert {e}<br>usage {fmt(u)}{tokens}"
-                           for e, u in zip(experts, part["usage"])], hoverinfo="text")
+    # Traces and axes go in at construction: add_bar and update_*axes afterwards took twice as long.
+    fig = figure(escape(title) if title else f"Expert usage at {label}",
+                 xaxis=dict(title=dict(text="expert"), tickmode="array", tickvals=experts),
+                 yaxis=dict(title=dict(text="usage (mean router probability)"), rangemode="tozero"))
+    fig.add_traces([dict(
+        type="bar", x=experts, y=part["usage"].tolist(), name="usage",
+        marker=dict(color=[expert_color(e) for e in experts]),
+        hovertext=[f"site: {escape(site)}<br>{label}<br>expert {e}<br>usage {fmt(u)}{tokens}"
+                   for e, u in zip(experts, part["usage"])], hoverinfo="text")])
     _fair_line(fig, len(experts))
-    fig.update_xaxes(title_text="expert", tickmode="array", tickvals=experts)
-    fig.update_yaxes(title_text="usage (mean router probability)", rangemode="tozero")
     return fig
 
 
@@ -112,18 +115,20 @@ def plot_label_usage(spec: pd.DataFrame, site: str | None = None, *, title: str 
         if col in part.columns:
             scores.append(f"{name} {fmt(part[col].iloc[0])}")
     head = f"Expert usage by label at {label}" + (f" — {', '.join(scores)}" if scores else "")
-    fig = figure(escape(title) if title else head, barmode="group")
+    traces = []
     for e in experts:
         sub = part[part["expert"] == e].drop_duplicates("value").set_index("value").reindex(values)
         counts = sub["n_tokens"].tolist() if "n_tokens" in sub.columns else [None] * len(values)
-        fig.add_bar(x=x, y=sub["usage"].tolist(), name=f"expert {e}", marker_color=expert_color(e),
-                    hovertext=[f"site: {escape(site)}<br>{label}<br>label {xv}<br>expert {e}: usage {fmt(u)}"
-                               + (f"<br>tokens {int(c):,}" if c is not None and c == c else "")
-                               for xv, u, c in zip(x, sub["usage"], counts)], hoverinfo="text")
+        traces.append(dict(
+            type="bar", x=x, y=sub["usage"].tolist(), name=f"expert {e}", marker=dict(color=expert_color(e)),
+            hovertext=[f"site: {escape(site)}<br>{label}<br>label {xv}<br>expert {e}: usage {fmt(u)}"
+                       + (f"<br>tokens {int(c):,}" if c is not None and c == c else "")
+                       for xv, u, c in zip(x, sub["usage"], counts)], hoverinfo="text"))
+    fig = figure(escape(title) if title else head, barmode="group", legend=dict(title=dict(text="expert")),
+                 xaxis=dict(title=dict(text="label"), type="category"),
+                 yaxis=dict(title=dict(text="usage (mean router probability)"), rangemode="tozero"))
+    fig.add_traces(traces)
     _fair_line(fig, len(experts))
-    fig.update_xaxes(title_text="label", type="category")
-    fig.update_yaxes(title_text="usage (mean router probability)", rangemode="tozero")
-    fig.update_layout(legend_title_text="expert")
     return fig
 
 
@@ -206,17 +211,19 @@ def plot_mixture_modes(modes: pd.DataFrame, site: str, *, title: str | None = No
     part = part.assign(layer=layers(part))
     module = modules(part).iloc[0]
     where = site_label(module, part["layer"].iloc[0])
-    fig = figure(escape(title) if title else f"Mixture applied by each routing mode at {where}", boxmode="group")
+    traces = []
     for mode in dict.fromkeys(part["mode"]):
         sub = part[part["mode"] == mode]
         n = sub["item"].nunique() if "item" in sub.columns else len(sub)
-        fig.add_box(x=[f"expert {e}" for e in sub["expert"]], y=sub["weight"].tolist(), name=f"{escape(mode)} ({n})",
-                    marker_color=_MODE_COLORS.get(mode, NEUTRAL), boxpoints=False,
-                    hovertext=[f"site: {escape(site)}<br>{escape(mode)} routing<br>expert {e}: weight {fmt(w)}"
-                               for e, w in zip(sub["expert"], sub["weight"])], hoverinfo="y+text")
-    fig.update_xaxes(title_text="expert")
-    fig.update_yaxes(title_text="mixture weight π_e", range=[0, 1.02])
-    fig.update_layout(legend_title_text="routing mode (mixtures)")
+        traces.append(dict(
+            type="box", x=[f"expert {e}" for e in sub["expert"]], y=sub["weight"].tolist(),
+            name=f"{escape(mode)} ({n})", marker=dict(color=_MODE_COLORS.get(mode, NEUTRAL)), boxpoints=False,
+            hovertext=[f"site: {escape(site)}<br>{escape(mode)} routing<br>expert {e}: weight {fmt(w)}"
+                       for e, w in zip(sub["expert"], sub["weight"])], hoverinfo="y+text"))
+    fig = figure(escape(title) if title else f"Mixture applied by each routing mode at {where}", boxmode="group",
+                 legend=dict(title=dict(text="routing mode (mixtures)")), xaxis=dict(title=dict(text="expert")),
+                 yaxis=dict(title=dict(text="mixture weight π_e"), range=[0, 1.02]))
+    fig.add_traces(traces)
     return fig
 
 

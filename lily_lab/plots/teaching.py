@@ -111,9 +111,12 @@ def plot_parameter_budget(budget: pd.DataFrame, *, log: bool = False, title: str
                  f"num_B={row['num_B']}" + (f", {row['groups']} groups" if row.get("groups", 1) > 1 else ""))
     # Two panels side by side, laid out by hand: make_subplots took 15 ms, most of a slider move
     # in BudgetCalculator.
+    r_title = dict(text="r (Lily's rank)")
     fig = figure(escape(title) if title else escape(head), height=420,
-                 xaxis=dict(domain=[0, 0.44], anchor="y"), yaxis=dict(anchor="x"),
-                 xaxis2=dict(domain=[0.56, 1], anchor="y2"), yaxis2=dict(anchor="x2"),
+                 xaxis=dict(domain=[0, 0.44], anchor="y", title=r_title),
+                 yaxis=dict(anchor="x", title=dict(text="trainable parameters"), type="log" if log else "linear"),
+                 xaxis2=dict(domain=[0.56, 1], anchor="y2", title=r_title),
+                 yaxis2=dict(anchor="x2", title=dict(text="rank"), rangemode="tozero"),
                  annotations=[dict(text=text, x=x, y=1.0, xref="paper", yref="paper", xanchor="center",
                                    yanchor="bottom", showarrow=False, font=dict(size=16))
                               for text, x in (("Trainable parameters", 0.22),
@@ -121,18 +124,15 @@ def plot_parameter_budget(budget: pd.DataFrame, *, log: bool = False, title: str
     hover = [f"r = {ri}<br>Lily: {int(a):,} parameters<br>LoRA of rank {ri}: {int(b):,}<br>Lily / LoRA: {fmt(a / b)}"
              f"<br>LoRA with Lily's budget: rank {int(c)}"
              for ri, a, b, c in zip(r, df["lily_params"], df["lora_params_same_r"], df["lora_equivalent_rank"])]
-    fig.add_scatter(x=r, y=df["lily_params"].tolist(), mode="lines+markers", name="Lily", line=dict(color=ACCENT),
-                    hovertext=hover, hoverinfo="text")
-    fig.add_scatter(x=r, y=df["lora_params_same_r"].tolist(), mode="lines+markers", name="LoRA, same r",
-                    line=dict(color=expert_color(1), dash="dash"), hovertext=hover, hoverinfo="text")
-    fig.add_scatter(x=r, y=bound, mode="lines+markers", name="Lily: rank ≤ r per site", line=dict(color=ACCENT),
-                    hovertext=hover, hoverinfo="text", xaxis="x2", yaxis="y2")
-    fig.add_scatter(x=r, y=df["lora_equivalent_rank"].tolist(), mode="lines+markers",
-                    name="LoRA with Lily's budget: its rank", line=dict(color=expert_color(1), dash="dash"),
-                    hovertext=hover, hoverinfo="text", xaxis="x2", yaxis="y2")
-    fig.update_layout(xaxis_title_text="r (Lily's rank)", xaxis2_title_text="r (Lily's rank)",
-                      yaxis_title_text="trainable parameters", yaxis_type="log" if log else "linear",
-                      yaxis2_title_text="rank", yaxis2_rangemode="tozero")
+    style = dict(mode="lines+markers", hovertext=hover, hoverinfo="text", type="scatter")
+    lora_line = dict(color=expert_color(1), dash="dash")
+    fig.add_traces([
+        dict(x=r, y=df["lily_params"].tolist(), name="Lily", line=dict(color=ACCENT), **style),
+        dict(x=r, y=df["lora_params_same_r"].tolist(), name="LoRA, same r", line=lora_line, **style),
+        dict(x=r, y=bound, name="Lily: rank ≤ r per site", line=dict(color=ACCENT), xaxis="x2", yaxis="y2", **style),
+        dict(x=r, y=df["lora_equivalent_rank"].tolist(), name="LoRA with Lily's budget: its rank", line=lora_line,
+             xaxis="x2", yaxis="y2", **style),
+    ])
     return fig
 
 

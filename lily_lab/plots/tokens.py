@@ -56,20 +56,23 @@ def plot_token_probs(tokens: pd.DataFrame, site: str, *, kind: str = "box", titl
     extra = [f"<br>label {escape(l)}" if l is not None and l == l else "" for l in
              (part["label"] if "label" in part.columns else [None] * len(part))]
     pos = part["position"].tolist() if "position" in part.columns else [""] * len(part)
-    fig = figure(escape(title) if title else f"Router probability per token at {where} ({len(part):,} sampled tokens)")
+    traces = []
     for c in cols:
         e = int(c[1:])
         hover = [f"token {t} · position {p}{x}<br>{where}<br>expert {e}: p = {fmt(v)}"
                  for t, p, x, v in zip(text, pos, extra, part[c])]
-        common = dict(y=part[c].tolist(), name=f"expert {e}", marker_color=expert_color(e), hovertext=hover,
+        common = dict(y=part[c].tolist(), name=f"expert {e}", marker=dict(color=expert_color(e)), hovertext=hover,
                       hoverinfo="y+text")
         if kind == "box":
-            fig.add_trace(go.Box(boxpoints="outliers", boxmean=True, **common))
+            traces.append(dict(type="box", boxpoints="outliers", boxmean=True, **common))
         else:
-            fig.add_trace(go.Violin(points="outliers", box_visible=True, meanline_visible=True, **common))
-    fig.update_xaxes(title_text="expert")
-    fig.update_yaxes(title_text="router probability p(expert | token)", range=[0, 1.02])
-    fig.update_layout(showlegend=False)
+            traces.append(dict(type="violin", points="outliers", box=dict(visible=True),
+                               meanline=dict(visible=True), **common))
+    # Traces and axes at construction: one validation pass instead of one per add and update.
+    fig = figure(escape(title) if title else f"Router probability per token at {where} ({len(part):,} sampled tokens)",
+                 showlegend=False, xaxis=dict(title=dict(text="expert")),
+                 yaxis=dict(title=dict(text="router probability p(expert | token)"), range=[0, 1.02]))
+    fig.add_traces(traces)
     return fig
 
 
