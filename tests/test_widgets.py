@@ -80,13 +80,20 @@ def test_live_routing_of_a_typed_sentence(setup):
     assert len(w.live.figure.data) > 0 and w.live.message.value == ""
 
 
-def test_expert_map_and_spectrum_explorer(setup):
+def test_expert_map_and_spectrum_explorer(setup, monkeypatch):
+    from lily_lab import plots
+
     model, routing = setup
     em = widgets.ExpertMap(model, routing)
-    before = trace_data(em.matrix.figure)
+    before, profile = trace_data(em.matrix.figure), trace_data(em.layers.figure)
+    drawn = []
+    real_profile = plots.plot_expert_profile
+    monkeypatch.setattr(plots, "plot_expert_profile", lambda *a, **k: drawn.append(1) or real_profile(*a, **k))
     em.measure.value = "functional_cosine"
     assert trace_data(em.matrix.figure) != before
+    assert not drawn  # the layer profile does not depend on the measure: not rebuilt
     em.group.value = em.group.options[1]
+    assert drawn and trace_data(em.layers.figure) != profile  # another bank: its own profile
     sx = widgets.SpectrumExplorer(model, routing)
     assert {"uniform", "routed mean", "expert 0", "label=pos"} <= set(sx.mixture.options)
     n_all = len(sx.pane.figure.data)

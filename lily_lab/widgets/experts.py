@@ -33,15 +33,19 @@ class ExpertMap(W.VBox):
         self.matrix, self.layers = FigurePane(height), FigurePane(height)
         panes = [self.matrix.box] + ([self.layers.box] if self.profile is not None else [])
         self.children = [W.HBox([self.group]), self.measure, W.HBox(panes)]
-        for control in (self.group, self.measure):
-            control.observe(lambda _: self.redraw(), "value")
+        self.group.observe(lambda _: self.redraw(), "value")
+        self.measure.observe(lambda _: self._draw_matrix(), "value")  # the layer profile does not depend on it
         self.redraw()
 
     def redraw(self) -> None:
+        self._draw_matrix()
+        if self.profile is not None:
+            g = self.group.value
+            guarded(self.layers, lambda: plots.plot_expert_profile(self.profile, g))
+
+    def _draw_matrix(self) -> None:
         g = self.group.value
         guarded(self.matrix, lambda: plots.plot_expert_similarity(self.similarity, g, value=self.measure.value))
-        if self.profile is not None:
-            guarded(self.layers, lambda: plots.plot_expert_profile(self.profile, g))
 
 
 class SpectrumExplorer(W.VBox):
