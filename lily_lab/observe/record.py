@@ -420,22 +420,9 @@ def record_dataset(model: nn.Module, loader, *, max_tokens: int = DEFAULT_MAX_TO
     """
     from tqdm.auto import tqdm
 
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+    device = device_of(model)
     total = len(loader) if hasattr(loader, "__len__") else None
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        return _record_batches(model, loader, device, total, max_tokens, label_key, progress, desc, seed, tqdm)
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _record_batches(model, loader, device, total, max_tokens, label_key, progress, desc, seed, tqdm) -> Routing:
-    with record_routing(model, max_tokens=max_tokens, seed=seed) as rec, torch.no_grad():
+    with evaluating(model), record_routing(model, max_tokens=max_tokens, seed=seed) as rec, torch.no_grad():
         for batch in tqdm(loader, total=total, desc=desc, disable=not progress, unit="batch"):
             labels = None
             if isinstance(batch, dict):
@@ -457,6 +444,27 @@ def _record_batches(model, loader, device, total, max_tokens, label_key, progres
 
 def _to(v, device):
     return v.to(device) if isinstance(v, torch.Tensor) else v
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; afterwards, also on error, every module back in the
+    mode it was in (a model whose parts were in different modes stays so)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _as_list(labels) -> list:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core import adapter_sites
-from .record import record_routing
+from .record import _to, device_of, evaluating, record_routing
 from .routing import Routing, RoutingError
 
 
@@ -42,26 +42,19 @@ class Timeline:
         probe = self.probe if probe is None else probe
         if probe is None:
             raise RoutingError("Timeline.observe needs a probe batch: Timeline(probe=batch) or observe(model, step, probe)")
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        device = device_of(model)
         labels = None
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             # gather=False: every rank runs the same probe, so rank 0's recording is the whole story.
             with record_routing(model, max_tokens=self.max_tokens, gather=False) as rec, torch.no_grad():
                 if isinstance(probe, dict):
                     inputs = {k: v for k, v in probe.items() if k != "labels"}
                     labels = probe.get("labels")
-                    model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+                    model(**{k: _to(v, device) for k, v in inputs.items()})
                 else:
                     model(probe.to(device))
                 if labels is not None:
                     rec.annotate(labels=labels)
-        finally:
-            model.train(was_training)
         routing = rec.routing
         self.steps.append(int(step))
         self.routings.append(routing)
