@@ -252,19 +252,22 @@ class Recorder:
             if n:
                 rec.sum_z += float(z_sum[i])
             rec.n_calls += 1
-            # The mixture applied to each kept token, and sampled mixture rows.
-            mix = mixture.float().cpu().numpy().astype(np.float64)
-            if rec.routing == "token" or mix.ndim > 2 or (mix.ndim == 2 and mix.shape[0] != b):
+            # The mixture applied to each kept token, and sampled mixture rows. A per-token mixture
+            # is p itself, already on the host: only per-sequence or per-call mixtures are copied.
+            dims = mixture.dim()
+            if rec.routing == "token" or dims > 2 or (dims == 2 and mixture.shape[0] != b):
                 mix_tok = p
                 rows = {"mixture": p.astype(np.float32), "call": call_col, "sequence": seq_col}
-            elif mix.ndim == 2:  # sequence routing: one row per sequence
-                mix_tok = mix[seq_k]
-                rows = {"mixture": mix.astype(np.float32), "call": np.full(b, call["id"]),
-                        "sequence": call["seq_offset"] + np.arange(b)}
-            else:  # batch routing: one mixture for the whole call
-                mix_tok = np.broadcast_to(mix, (n, E))
-                rows = {"mixture": mix[None].astype(np.float32), "call": np.array([call["id"]]),
-                        "sequence": np.array([-1])}
+            else:
+                mix = mixture.float().cpu().numpy().astype(np.float64)
+                if dims == 2:  # sequence routing: one row per sequence
+                    mix_tok = mix[seq_k]
+                    rows = {"mixture": mix.astype(np.float32), "call": np.full(b, call["id"]),
+                            "sequence": call["seq_offset"] + np.arange(b)}
+                else:  # batch routing: one mixture for the whole call
+                    mix_tok = np.broadcast_to(mix, (n, E))
+                    rows = {"mixture": mix[None].astype(np.float32), "call": np.array([call["id"]]),
+                            "sequence": np.array([-1])}
             if np.isfinite(mix_tok).all():
                 rec.sum_mixture += mix_tok.sum(axis=0)
             rec.mixtures.add(rows)
