@@ -498,3 +498,20 @@ def test_timeline_in_a_plain_loop():
     assert list(tm.step.unique()) == [0, 1, 2]
     with pytest.raises(RoutingError, match="probe"):
         ll.Timeline().observe(model, 0)
+
+
+def test_every_site_samples_the_same_tokens():
+    """A sampled sentence can be shown across all sites: each site's token sample (smaller than
+    the stream) keeps the same (call, sequence, position) triples."""
+    model = tiny_bert()
+    ll.add_lily(model, ll.LilyConfig(["query", "value"], r=4, num_B=3, routing="token", init_weights=False))
+    g = torch.Generator().manual_seed(0)
+    with ll.record_routing(model, max_tokens=50) as rec:
+        for _ in range(5):
+            model(input_ids=torch.randint(0, 100, (4, 10), generator=g), attention_mask=torch.ones(4, 10, dtype=torch.long))
+    table = rec.routing.token_table()
+    kept = {site: set(map(tuple, part[["call", "sequence", "position"]].to_numpy().tolist()))
+            for site, part in table.groupby("site")}
+    first = next(iter(kept.values()))
+    assert len(kept) == 6 and len(first) == 50
+    assert all(k == first for k in kept.values())

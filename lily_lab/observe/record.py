@@ -49,10 +49,13 @@ class Recorder:
             E = s.num_B
             routing = s.layer.routing if isinstance(s.layer, LilyLayer) else "batch"
             rec = SiteRecord(s.name, s.module, s.group, s.index, s.kind, routing, E)
+            # One seed for every site's token sample: each site is offered the same tokens call
+            # by call, so every site keeps the same tokens and a sampled sentence can be shown
+            # across all sites at once (the token views of the dashboard and the report).
             rec.tokens = Reservoir(max_tokens, {
                 "probs": ((E,), np.float32), "logits": ((E,), np.float32), "call": ((), np.int64),
                 "sequence": ((), np.int64), "position": ((), np.int64), "token_id": ((), np.int64),
-                "label": ((), np.int64)}, seed=seed + 2 * k)
+                "label": ((), np.int64)}, seed=seed)
             rec.mixtures = Reservoir(max_tokens, {
                 "mixture": ((E,), np.float32), "call": ((), np.int64), "sequence": ((), np.int64)},
                 seed=seed + 2 * k + 1)
