@@ -96,10 +96,14 @@ CASES = [
     ("plot_expert_profile", lambda L: (L.f["profile"],), {}, 3, go.Scatter, "layer", "usage (mean router probability)"),
     ("plot_top_tokens", lambda L: (L.f["top"], L.site), {}, 3, go.Bar, "mean probability", None),
     ("plot_token_text", lambda L: (L.f["tokens"], L.site, 3), {}, 3, go.Bar, None, None),
+    # 3 heatmaps (one per expert) and 3 legend entries; x: the tokens, y: the sites (tick labels, no titles)
+    ("plot_token_routes", lambda L: (L.f["tokens"], 3), {}, 6, (go.Heatmap, go.Scatter), None, None),
     ("plot_metric_timeline", lambda L: (L.f["timeline"],), {}, 8, go.Scatter, "training step",
      "routing MI (0: router ignores its input)"),
     ("plot_mixture_modes", lambda L: (L.f["modes"], L.site), {}, 3, go.Box, "expert", "mixture weight π_e"),
     ("plot_spectra", lambda L: (L.f["spectra"],), {}, 8, go.Scatter, "k (1 = largest singular value)", "σ_k of ΔW"),
+    # 8 site lines in 2 bank panels, and a legend line per layer (4)
+    ("plot_spectra", lambda L: (L.f["spectra"],), {"facet": "group"}, 12, go.Scatter, "k (1 = largest σ)", "σ_k"),
     ("plot_rank_by_layer", lambda L: (L.f["ranks"],), {}, 3, go.Scatter, "layer", "effective rank exp H(σ/Σσ)"),
     ("plot_expert_similarity", lambda L: (L.f["similarity"],), {}, 1, go.Heatmap, "expert", "expert"),
     ("plot_diagnosis", lambda L: (L.f["findings"],), {}, 2, go.Bar, "sites or banks affected", "finding"),
@@ -143,6 +147,7 @@ MISSING = [
     ("plot_expert_profile", "profile", ["group", "expert", "site", "index", "usage"], lambda L: ()),
     ("plot_top_tokens", "top", ["site", "expert", "rank", "usage"], lambda L: (L.site,)),
     ("plot_token_text", "tokens", ["site", "sequence", "position", "top_expert", "p0"], lambda L: (L.site, 0)),
+    ("plot_token_routes", "tokens", ["site", "sequence", "position", "top_expert", "p0"], lambda L: (0,)),
     ("plot_metric_timeline", "timeline", ["step", "site", "metric", "value"], lambda L: ()),
     ("plot_mixture_modes", "modes", ["site", "mode", "expert", "weight"], lambda L: (L.site,)),
     ("plot_spectra", "spectra", ["site", "k", "sigma"], lambda L: ()),
@@ -264,6 +269,158 @@ def test_token_text_tints_each_token_by_its_top_expert(lab):
     assert_escaped(fig, EVIL_TOKEN)
 
 
+def test_token_text_is_readable_for_a_short_typed_sentence(lab):
+    tokens = lab.f["tokens"]
+    one = tokens[(tokens.site == lab.site) & (tokens.sequence == 0) & (tokens.position < 3)]
+    fig = plots.plot_token_text(one, lab.site, 0)
+    assert max(t for trace in fig.data for t in trace.y) == 0  # one line of text
+    plot_px = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    assert fig.layout.height >= 230 and plot_px >= 40  # a readable row, not a strip
+    assert list(fig.layout.yaxis.range) == [0.5, -0.5]  # the line fills the plot, top to bottom
+    title = fig.layout.title.text
+    assert "top expert" in title and "query · layer 0" in title and "sequence 0" in title and "label pos" in title
+
+
+# ------------------------------------------------------------------ plot_token_routes
+HOSTILE = "<b>x</b>"
+
+
+def route_table() -> pd.DataFrame:
+    """A hand-built token table: sequence 5 (label "<i>pos</i>") of 4 tokens at 4 sites of two banks
+    (query: E = 3, value: E = 2, so p2 is NaN there), frame rows shuffled; position 2 was not
+    sampled at query · layer 1; sequence 6 is another sequence."""
+    sites = [  # name, module, group, index, E
+        ("enc.layer.1.attn.value", "value", "value:8x8", 1, 2), ("enc.layer.0.attn.query", "query", "query:8x8", 0, 3),
+        ("enc.layer.0.attn.value", "value", "value:8x8", 0, 2), ("enc.layer.1.attn.query", "query", "query:8x8", 1, 3)]
+    words = ["the", HOSTILE, "cat", "sat"]
+    rng = np.random.default_rng(3)
+    rows = []
+    for seq in (5, 6):
+        for name, module, group, index, E in sites:
+            for pos, word in enumerate(words):
+                if seq == 5 and name == "enc.layer.1.attn.query" and pos == 2:
+                    continue
+                p = rng.dirichlet(np.ones(E))
+                row = dict(site=name, module=module, group=group, index=index, call=0, sequence=seq, position=pos,
+                           token_id=10 + pos, label="<i>pos</i>" if seq == 5 else "neg", token=word,
+                           p0=p[0], p1=p[1], p2=p[2] if E == 3 else np.nan, top_expert=int(p.argmax()))
+                rows.append(row)
+    return pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True)
+
+
+SITE_ORDER = ["enc.layer.0.attn.query", "enc.layer.1.attn.query", "enc.layer.0.attn.value", "enc.layer.1.attn.value"]
+
+
+def test_token_routes_rows_are_sites_columns_are_tokens_cells_the_top_expert():
+    table = route_table()
+    fig = plots.plot_token_routes(table, 5, prediction="<u>neg</u>")
+    heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    legend = [t for t in fig.data if isinstance(t, go.Scatter)]
+    assert len(heat) == 3 and len(legend) == 3  # one heatmap and one legend entry per expert (max E = 3)
+    # rows: the sites, by module then layer, labelled "module · layer"; a rule between the modules
+    assert list(fig.layout.yaxis.tickvals) == SITE_ORDER and fig.layout.yaxis.type == "category"
+    assert list(fig.layout.yaxis.ticktext) == ["query · layer 0", "query · layer 1", "value · layer 0", "value · layer 1"]
+    assert [(s.y0, s.y1) for s in fig.layout.shapes] == [(1.5, 1.5)]
+    # columns: the tokens in position order, as horizontal tick labels (escaped)
+    assert fig.layout.xaxis.type == "category" and fig.layout.xaxis.tickangle == 0
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
+    assert list(fig.layout.xaxis.ticktext) == ["the", "&lt;b&gt;x&lt;/b&gt;", "cat", "sat"]
+    seq = table[table.sequence == 5].set_index(["site", "position"])
+    for e, trace in enumerate(heat):
+        assert trace.name == f"expert {e}" and trace.showscale is False and trace.hoverongaps is False
+        assert trace.colorscale[-1][1] == plots.expert_color(e)  # full colour: a decisive router
+        assert legend[e].name == f"expert {e}" and legend[e].marker.color == plots.expert_color(e)
+        assert legend[e].legendgroup == trace.legendgroup
+        assert list(trace.y) == SITE_ORDER and list(trace.x) == [0, 1, 2, 3]
+        z = np.array(trace.z, dtype=float)
+        for i, site in enumerate(SITE_ORDER):
+            E = 3 if "query" in site else 2
+            for j in range(4):
+                if (site, j) not in seq.index:
+                    assert np.isnan(z[i, j])  # not sampled: blank in every trace
+                    continue
+                row = seq.loc[(site, j)]
+                if row.top_expert != e:
+                    assert np.isnan(z[i, j])  # another expert's colour
+                    continue
+                p_max = row[f"p{e}"]
+                assert z[i, j] == pytest.approx((p_max - 1 / E) / (1 - 1 / E))  # tint: decisiveness
+                hover = trace.hovertext[i][j]
+                for k in range(E):  # the whole distribution, the top expert marked
+                    assert f"expert {k}: {row[f'p{k}']:.3f}" in hover
+                assert f"▶ expert {e}: " in hover and ("expert 2" in hover) == (E == 3)
+                assert f"site: {site}" in hover and f"position {j}" in hover
+    title = fig.layout.title.text
+    assert title.startswith("Sequence 5 — label &lt;i&gt;pos&lt;/i&gt; · predicted &lt;u&gt;neg&lt;/u&gt;")
+    assert "all 4 sites" in title and "blank" in fig.layout.legend.title.text
+    texts = list(strings(fig.to_plotly_json()))
+    assert not [t for t in texts if HOSTILE in t or "<i>" in t or "<u>" in t]  # every text from the data escaped
+    assert_escaped(fig, HOSTILE)
+
+
+def test_token_routes_height_grows_with_the_sites_and_long_sequences_wrap():
+    table = route_table()
+    four = plots.plot_token_routes(table, 6)
+    two = plots.plot_token_routes(table, 6, sites=SITE_ORDER[2:])
+    assert four.layout.height - two.layout.height == 2 * plots.tokens.ROUTE_ROW_PX  # px per site row
+    assert four.layout.width is None and "at 2 sites of 4" in two.layout.title.text
+    assert list(two.layout.yaxis.ticktext) == ["value · layer 0", "value · layer 1"]
+    assert "blank" not in four.layout.legend.title.text  # every token sampled everywhere
+    blocks = plots.plot_token_routes(table, 6, wrap=2)  # two row blocks of two tokens
+    assert list(blocks.layout.xaxis.ticktext) == ["the", "&lt;b&gt;x&lt;/b&gt;"]
+    assert list(blocks.layout.xaxis2.ticktext) == ["cat", "sat"] and blocks.layout.yaxis2.anchor == "x2"
+    assert len(blocks.data) == 2 * 3 + 3 and blocks.layout.height > four.layout.height
+    assert blocks.layout.yaxis.domain[0] > blocks.layout.yaxis2.domain[1]  # the second block below the first
+    # 120 tokens: wrapped into blocks of at most 40, every tick label horizontal
+    long = pd.concat([table[(table.sequence == 6) & (table.position == 0)].assign(position=p, token=f"w{p}")
+                      for p in range(120)], ignore_index=True)
+    fig = plots.plot_token_routes(long, 6)
+    names = sorted((k for k in fig.layout if k.startswith("xaxis")), key=lambda k: int(k[5:] or 1))
+    axes = [fig.layout[k] for k in names]
+    assert len(axes) >= 3 and all(len(ax.ticktext) <= 40 and ax.tickangle == 0 for ax in axes)
+    assert [t for ax in axes for t in ax.ticktext] == [f"w{p}" for p in range(120)]
+
+
+def test_token_routes_name_what_is_wrong(lab):
+    table = route_table()
+    with pytest.raises(ValueError, match=r"plot_token_routes: no rows with sequence=99; .*5, 6"):
+        plots.plot_token_routes(table, 99)
+    with pytest.raises(ValueError, match=r"sites \['nope'\] are not in the token table; .*enc.layer.0.attn.query"):
+        plots.plot_token_routes(table, 5, sites=["nope"])
+    with pytest.raises(ValueError, match="wrap"):
+        plots.plot_token_routes(table, 5, wrap=0)
+    # the recorded table works too: every site of the model, the hostile token escaped
+    fig = plots.plot_token_routes(lab.f["tokens"], 3)
+    assert len(fig.layout.yaxis.ticktext) == lab.n_sites and "label &lt;script&gt;" in fig.layout.title.text
+    assert_escaped(fig, EVIL_TOKEN)
+
+
+def test_spectra_small_multiples_one_panel_per_bank(lab, tiny_bert):
+    peft = pytest.importorskip("peft")
+    spectra = pd.concat([lab.f["spectra"], ll.delta_spectra(lab.model, lab.routing)], ignore_index=True)
+    lora = peft.get_peft_model(tiny_bert(), peft.LoraConfig(target_modules=["query", "value"], r=4,
+                                                            init_lora_weights=False))
+    fig = plots.plot_spectra(spectra, facet="group", baseline=ll.delta_spectra(lora))
+    assert [a.text for a in fig.layout.annotations] == ["query bank (32×32)", "value bank (32×32)"]
+    lines = [t for t in fig.data if t.x[0] is not None]
+    keys = [t for t in fig.data if t.x[0] is None]
+    assert len(lines) == 8 * 2 + 8 and not any(t.showlegend for t in lines)
+    for t in lines:  # each line in its bank's panel, colour the layer, grouped by layer
+        layer = int(t.legendgroup.split()[-1])
+        assert t.xaxis == ("x" if t.name.startswith("query") else "x2") and t.name.startswith(("query", "value"))
+        assert f"layer {layer}" in t.name
+    first = spectra[(spectra.site == lab.site) & (spectra.mixture == "uniform")]
+    assert list(lines[0].y) == first.sigma.tolist()
+    assert [t.name for t in keys] == [f"layer {i}" for i in range(4)] + ["line: uniform", "line: routed mean",
+                                                                          "line: baseline"]
+    assert {t.line.color for t in lines if t.legendgroup == "layer 2"} == {keys[2].line.color}
+    assert len([t for t in lines if t.line.dash == "dash"]) == 8  # the baseline, in the panel of its site
+    by_module = plots.plot_spectra(spectra, facet="module")
+    assert [a.text for a in by_module.layout.annotations] == ["query sites", "value sites"]
+    assert len(plots.plot_spectra(spectra).layout.annotations) == 0  # no facet: one plot, as before
+    with pytest.raises(ValueError, match="facet"):
+        plots.plot_spectra(spectra, facet="layer")
+
 def test_metric_timeline_one_line_per_site(lab):
     tl = lab.f["timeline"]
     fig = plots.plot_metric_timeline(tl, "max_usage", sites=lab.routing.sites[:2], step=1)
@@ -370,7 +527,7 @@ def test_sharing_diagram_joins_sites_to_their_A_and_every_A_to_the_bank(lab):
     assert "shared by: layer 0, layer 1, layer 2" in As.hovertext[0]
     assert list(fig.layout.yaxis.ticktext) == ["sites (layers)", "shared A projectors", "bank of B experts"]
     one = plots.plot_sharing_diagram(lab.f["layout"], group="value:32x32")
-    assert len(one.data) == 5 and "value:32x32" in one.layout.annotations[0].text
+    assert len(one.data) == 5 and "value bank (32×32)" in one.layout.annotations[0].text
     assert "encoder.layer.0.attention.self.value" in one.data[2].hovertext[0]
 
 
@@ -403,3 +560,95 @@ def test_parameter_budget_names_a_bad_input(kw, field):
     args = dict(d_in=8, d_out=8, layers=4, r_values=[2], stride_A=1, num_B=2) | kw
     with pytest.raises(ValueError, match=field):
         ll.parameter_budget(**args)
+
+
+# --- findings as HTML: one definition for the report and the Diagnosis widget -------------------------------
+
+@pytest.mark.parametrize("key, scope, shown", [
+    ("encoder.layer.3.attention.self.query", "site", "query · layer 3"),  # a lily_lab site
+    ("base_model.model.model.layers.3.self_attn.q_proj", "site", "q_proj · layer 3"),  # a PEFT site
+    ("query:384x384", "site", "query bank (384×384)"),  # a group key reads as its bank, whatever the scope
+    ("query:384x384", "bank", "query bank (384×384)"),
+    ("value", "bank", "value bank"),
+    ("lm_head", "site", "lm_head · site"),  # no layer in the path
+    ("layers.1." + EVIL_TOKEN, "site", "&lt;img src=x onerror=alert(1)&gt; · layer 1"),
+    (EVIL_LABEL + ":8x4", "bank", "&lt;script&gt;alert(1)&lt;/script&gt; bank (8×4)"),
+])
+def test_place_label_names_sites_and_banks_escaped(key, scope, shown):
+    assert plots.place_label(key, scope) == shown
+
+
+@pytest.mark.parametrize("n, scope, shown", [(1, "site", "1 site"), (2, "site", "2 sites"), (0, "site", "0 sites"),
+                                             (1, "bank", "1 bank"), (2, "bank", "2 banks")])
+def test_count_label(n, scope, shown):
+    assert plots.count_label(n, scope) == shown
+
+
+def _rows(table: str, tag: str = "td|th") -> list[list[str]]:
+    import re
+    return [re.findall(rf"<(?:{tag})[^>]*>(.*?)</(?:{tag})>", r) for r in re.findall(r"<tr>(.*?)</tr>", table)]
+
+
+@pytest.mark.parametrize("evidence, sites, scope, tables", [
+    # per place: a row per place (the finding's sites first), a column per measure; then key → value rows
+    ({"routing_mi": {"enc.layer.1.value": 0.00123456, "enc.layer.0.query": 0.5},
+      "max_usage": {"enc.layer.0.query": 0.9}, "routing": ["batch", "token"], "n": 12345},
+     ["enc.layer.0.query", "enc.layer.1.value"], "site",
+     [[["site", "routing MI", "max usage"], ["query · layer 0", "0.5000", "0.9000"],
+       ["value · layer 1", "0.0012", "–"]],
+      [["routing", "batch, token"], ["n", "12,345"]]]),
+    ({"mean_cosine": {"query:32x32": 1.0}, "dead_experts": {"query:32x32": [0, 2]}, "usage": [0.0012345, 0.5]},
+     ["query:32x32"], "bank",
+     [[["bank", "mean cosine", "dead experts"], ["query bank (32×32)", "1.0000", "0, 2"]],
+      [["usage", "0.001, 0.500"]]]),
+    ({"note": EVIL_LABEL, EVIL_TOKEN: {EVIL_TOKEN: EVIL_LABEL}}, [], "site",
+     [[["site", "&lt;img src=x onerror=alert(1)&gt;"],
+       ["&lt;img src=x onerror=alert(1)&gt; · site", "&lt;script&gt;alert(1)&lt;/script&gt;"]],
+      [["note", "&lt;script&gt;alert(1)&lt;/script&gt;"]]]),
+])
+def test_evidence_html_is_a_table_per_place_then_key_value_rows(evidence, sites, scope, tables):
+    import re
+    out = plots.evidence_html(evidence, sites, scope)
+    assert "<script" not in out and "<img" not in out and "{" not in out
+    found = re.findall(r"<table class='evidence'>(.*?)</table>", out)
+    assert [_rows(t) for t in found] == tables
+    for place in {p for v in evidence.values() if isinstance(v, dict) for p in v}:  # the full key as a tooltip
+        assert f'title="{plots.escape(place)}"' in out
+    assert "no evidence" in plots.evidence_html({}, [], "site")
+
+
+def test_finding_html_is_a_card_with_title_badge_where_evidence_and_remedy():
+    f = Finding("redundant_experts", "critical", ["query:32x32", "value:32x32"],
+                {"mean_cosine": {"query:32x32": 0.99, "value:32x32": 0.95}, "routing": "batch"},
+                "Switch to routing='token'", "2 bank(s) whose experts are near copies")
+    card = plots.finding_html(f)
+    assert card.startswith("<div class='lily-finding critical'>")
+    assert "<span class='severity critical'>critical</span>" in card
+    assert "<b>Experts that are near copies of each other</b> <code>redundant_experts</code>" in card
+    assert "2 bank(s) whose experts are near copies" in card
+    assert ('<b>where</b> (2 banks): <span title="query:32x32">query bank (32×32)</span>, '
+            '<span title="value:32x32">value bank (32×32)</span>') in card
+    assert "<table class='evidence'>" in card and "<td class='num'>0.9900</td>" in card
+    assert "<b>try:</b> Switch to routing=&#x27;token&#x27;" in card
+    # every selector of the cards' CSS is scoped under .lily-finding
+    import re
+    selectors = [s.strip() for rule in re.findall(r"([^{}]+)\{", plots.FINDING_CSS) for s in rule.split(",")]
+    assert selectors and all(s.startswith(".lily-finding") for s in selectors)
+
+
+def test_finding_html_escapes_hostile_text_and_names_unknown_kinds():
+    evil = SimpleNamespace(kind="odd_kind", severity="warning x' onclick='alert(1)", summary=EVIL_LABEL,
+                           sites=[f"layers.{i}.{EVIL_TOKEN}" for i in range(14)], evidence={"why": EVIL_TOKEN},
+                           remedy=EVIL_LABEL, scope="site")
+    card = plots.finding_html(evil)
+    assert "<script" not in card and "<img" not in card and "onclick='" not in card
+    assert card.startswith("<div class='lily-finding'>")  # a severity that is not one word adds no class
+    assert "<b>odd kind</b> <code>odd_kind</code>" in card and "(14 sites)" in card and "(+2 more)" in card
+    assert card.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2  # summary and remedy, as text
+
+
+def test_evidence_html_of_many_places_shows_twelve_and_counts_the_rest():
+    sites = [f"model.layers.{i}.q_proj" for i in range(20)]
+    html_ = plots.evidence_html({"max_usage": {s: 0.95 for s in sites}}, sites, "site")
+    assert html_.count("<tr><td title=") == 12 and "… and 8 more sites" in html_
+    assert "q_proj · layer 11" in html_ and "q_proj · layer 12" not in html_

@@ -37,6 +37,10 @@ class Thresholds:
     inactive_norm: float = 1e-6  # every ‖B_e‖ below this → inactive_adapter
 
 
+#: Findings about a whole bank: their ``sites`` are group keys (``query:384x384``), not site names.
+BANK_KINDS = frozenset({"redundant_experts", "inactive_adapter"})
+
+
 @dataclass
 class Finding:
     kind: str
@@ -45,6 +49,11 @@ class Finding:
     evidence: dict[str, Any]
     remedy: str
     summary: str = ""
+
+    @property
+    def scope(self) -> str:
+        """``"bank"`` when ``sites`` names banks (group keys), ``"site"`` when it names sites."""
+        return "bank" if self.kind in BANK_KINDS else "site"
 
     def __str__(self) -> str:
         where = ", ".join(self.sites[:4]) + (f" (+{len(self.sites) - 4} more)" if len(self.sites) > 4 else "")
@@ -64,8 +73,9 @@ class Diagnosis:
         return not self.findings
 
     def to_frame(self) -> pd.DataFrame:
-        rows = [{**asdict(f), "n_sites": len(f.sites)} for f in self.findings]
-        return pd.DataFrame(rows, columns=["kind", "severity", "summary", "sites", "n_sites", "evidence", "remedy"])
+        rows = [{**asdict(f), "n_sites": len(f.sites), "scope": f.scope} for f in self.findings]
+        return pd.DataFrame(rows, columns=["kind", "severity", "summary", "sites", "n_sites", "scope", "evidence",
+                                           "remedy"])
 
     def __str__(self) -> str:
         head = "no collapse found" if self.ok else f"{len(self.findings)} finding(s)"

@@ -75,9 +75,26 @@ def modules(frame: pd.DataFrame) -> pd.Series:
 
 
 def site_label(module: Any, layer: Any) -> str:
-    """A site in the user's terms, escaped: ``query · layer 3``."""
+    """A site in the user's terms, escaped: ``query · layer 3``.
+
+    The one display name of a site in every figure, widget and table of lily_lab; the full
+    module path (``bert.encoder.layer.3.attention.self.query``) goes in hover text and tooltips."""
     where = f"layer {layer}" if layer is not None and not (isinstance(layer, float) and np.isnan(layer)) else "site"
     return f"{escape(module)} · {where}" if module is not None else where
+
+
+_GROUP = re.compile(r"^(?P<target>.*):(?P<d_out>\d+)x(?P<d_in>\d+)$")
+
+
+def bank_label(group: Any) -> str:
+    """A group (and its bank of B experts) in the user's terms, escaped: the group key
+    ``query:384x384`` (target, then ``d_out x d_in``) reads ``query bank (384×384)``.
+
+    A group's sites share one bank, so a bank and a group carry the same name everywhere."""
+    m = _GROUP.match(str(group))
+    if m is None:
+        return f"{escape(group)} bank"
+    return f"{escape(m['target'])} bank ({m['d_out']}×{m['d_in']})"
 
 
 def prob_columns(frame: pd.DataFrame) -> list[str]:

@@ -12,9 +12,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
+from plotly.subplots import make_subplots
 
-from ._common import escape, figure, first, fmt, layers, message_figure, modules, pick, require, site_label
-from .theme import NEUTRAL, SEVERITY_COLORS, severity_color
+from ._common import (bank_label, escape, figure, first, fmt, layers, message_figure, modules, pick, require,
+                      site_label)
+from .findings import count_label
+from .theme import NEUTRAL, SEVERITY_COLORS, TEMPLATE, severity_color
 
 _DASHES = ["solid", "dot", "dashdot", "longdashdot", "longdash"]  # "dash" is kept for baselines and bounds
 
@@ -48,18 +51,31 @@ def _key(site: str) -> str:
     return str(site).removeprefix("base_model.model.")
 
 
+FACETS = ("group", "module")
+
+
 def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] | str | None = None,
-                 baseline: pd.DataFrame | None = None, title: str | None = None) -> go.Figure:
+                 baseline: pd.DataFrame | None = None, title: str | None = None, facet: str | None = None,
+                 columns: int = 2) -> go.Figure:
     """Singular values of each site's ΔW against their index, one line per site × mixture.
 
     Colour is the layer (dark: first, yellow: last), marker the module, line style the mixture;
     ``baseline`` (another ``delta_spectra`` frame, e.g. of a PEFT LoRA model) is drawn dashed in the
-    colour of the matching site. ``log`` puts σ on a log scale; ``sites`` keeps a subset by name."""
+    colour of the matching site. ``log`` puts σ on a log scale; ``sites`` keeps a subset by name.
+
+    ``facet="group"`` (one panel per bank, titled by its bank name) or ``facet="module"`` (one per
+    module) draws small multiples, ``columns`` panels a row, instead of every line in one plot: a
+    panel's lines are its layers; the legend has one entry per layer (a click toggles that layer in
+    every panel) and one key per mixture's line style."""
     fn = "plot_spectra"
     made_by = "lily_lab.delta_spectra(model, …)"
     require(spectra, ["site", "k", "sigma"], fn, made_by)
     if baseline is not None:
         require(baseline, ["site", "k", "sigma"], fn + " (baseline)", made_by)
+    if facet is not None and facet not in FACETS:
+        raise ValueError(f"{fn}: facet must be None, 'group' (one panel per bank) or 'module'; got {facet!r}")
+    if facet == "group" and not spectra.empty and "group" not in spectra.columns:
+        raise ValueError(f"{fn}: facet='group' needs a 'group' column; the frame has {list(spectra.columns)}")
     if spectra.empty:
         return message_figure(title or "Spectra of ΔW", "no adapter sites in this frame")
     frames = {"": spectra, "baseline": baseline if baseline is not None else spectra.iloc[:0]}
@@ -79,6 +95,9 @@ def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] |
     module_list = list(dict.fromkeys(modules(order)))
     mixtures = list(dict.fromkeys(main["mixture"])) if "mixture" in main.columns else [None]
     head = "Singular values of ΔW per site" + (" (dashed: baseline)" if baseline is not None else "")
+    if facet is not None:
+        return _spectra_facets(main, frames["baseline"], facet, int(columns), log, title, colors, layer_values,
+                               palette, mixtures, baseline is not None)
     fig = figure(escape(title) if title else head)
     for role, frame in (("", main), ("baseline", frames["baseline"])):
         if frame.empty:
@@ -105,6 +124,70 @@ def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] |
                            for k, s in zip(part["k"], part["sigma"])], hoverinfo="text")
     fig.update_xaxes(title_text="k (1 = largest singular value)", tick0=1, dtick=1 if main["k"].max() < 20 else None)
     fig.update_yaxes(title_text="σ_k of ΔW" + (" (log scale)" if log else ""), type="log" if log else "linear")
+    return fig
+
+
+def _spectra_facets(main: pd.DataFrame, base: pd.DataFrame, facet: str, columns: int, log: bool,
+                    title: str | None, colors: dict, layer_values: list, palette: list, mixtures: list,
+                    has_baseline: bool) -> go.Figure:
+    """``plot_spectra``'s small multiples: a panel per ``facet`` value (bank or module)."""
+    def panel_of(frame: pd.DataFrame) -> pd.Series:
+        return frame["group"] if facet == "group" else modules(frame)
+
+    main = main.assign(_panel=panel_of(main).tolist())
+    panels = list(dict.fromkeys(main["_panel"]))
+    by_key = dict(zip(main["site"].map(_key), main["_panel"]))
+    if not base.empty:  # a baseline site joins the panel of the site it matches
+        own = panel_of(base).tolist() if facet == "module" or "group" in base.columns else [None] * len(base)
+        base = base.assign(_panel=[by_key.get(_key(s), p) for s, p in zip(base["site"], own)])
+        base = base[base["_panel"].isin(panels)]
+    ncols = max(1, min(columns, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    names = [bank_label(p) if facet == "group" else f"{escape(p)} sites" for p in panels]
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=names, horizontal_spacing=0.08,
+                        vertical_spacing=min(0.12, 0.5 / max(nrows - 1, 1)) if nrows > 1 else 0.1)
+    head = f"Singular values of ΔW: one panel per {'bank' if facet == 'group' else 'module'}, a line per layer"
+    head += " (dashed: baseline)" if has_baseline else ""
+    traces = []
+    for role, frame in (("", main), ("baseline", base)):
+        if frame.empty:
+            continue
+        frame = frame.assign(layer=layers(frame))
+        keys = [c for c in ("site", "mixture") if c in frame.columns]
+        for key, part in frame.groupby(keys, sort=False):
+            site, mixture = (key if isinstance(key, tuple) else (key,)) + ((None,) if len(keys) == 1 else ())
+            part = part.sort_values("k")
+            if log:
+                part = part[part["sigma"] > 0]
+            i = panels.index(part["_panel"].iloc[0])
+            layer = part["layer"].iloc[0]
+            where = site_label(modules(part).iloc[0], layer)
+            what = (escape(part["kind"].iloc[0] if "kind" in part.columns else "baseline") + " (baseline)" if role
+                    else escape(mixture) if mixture is not None else "")
+            traces.append(dict(
+                type="scatter", x=(part["k"] + 1).tolist(), y=part["sigma"].tolist(), mode="lines+markers",
+                name=f"{where} · {what}" if what else where, legendgroup=f"layer {layer}", showlegend=False,
+                line=dict(color=colors.get(_key(site), NEUTRAL), width=1.5, dash="dash" if role else
+                          _dash(mixtures.index(mixture)) if mixture in mixtures else "solid"),
+                marker=dict(size=4), xaxis=f"x{i + 1 if i else ''}", yaxis=f"y{i + 1 if i else ''}",
+                hovertext=[f"site: {escape(site)}<br>{where}<br>{what}<br>k = {k + 1}: σ = {fmt(s, 4)}"
+                           for k, s in zip(part["k"], part["sigma"])], hoverinfo="text"))
+    # The legend: a line per layer in its colour (toggles the layer everywhere), a key per line style.
+    for layer, color in zip(layer_values, palette):
+        traces.append(dict(type="scatter", x=[None], y=[None], mode="lines", name=f"layer {escape(layer)}",
+                           legendgroup=f"layer {layer}", line=dict(color=color, width=3), hoverinfo="skip"))
+    styles = [(escape(m), _dash(i)) for i, m in enumerate(mixtures) if m is not None and len(mixtures) > 1]
+    styles += [("baseline", "dash")] if has_baseline and not base.empty else []
+    for name, dash in styles:
+        traces.append(dict(type="scatter", x=[None], y=[None], mode="lines", name=f"line: {name}",
+                           legendgroup=f"style {name}", line=dict(color=NEUTRAL, width=2, dash=dash),
+                           hoverinfo="skip"))
+    fig.add_traces(traces)
+    fig.update_layout(template=TEMPLATE, height=140 + 300 * nrows, title=dict(text=escape(title) if title else head),
+                      margin=dict(t=100),
+                      legend=dict(title=dict(text="colour: layer · line: mixture"), tracegroupgap=2))
+    fig.update_xaxes(title_text="k (1 = largest σ)", tick0=1, dtick=1 if main["k"].max() < 20 else None)
+    fig.update_yaxes(title_text="σ_k" + (" (log)" if log else ""), type="log" if log else "linear")
     return fig
 
 
@@ -173,9 +256,9 @@ def plot_expert_similarity(similarity: pd.DataFrame, group: str | None = None, v
     off = M[np.triu_indices(E, k=1)]
     mean = float(np.nanmean(off)) if np.isfinite(off).any() else float("nan")
     experts = list(range(E))
-    hover = [[f"bank {escape(group)}<br>expert {i} · expert {j}<br>{escape(value)} {fmt(M[i, j])}" for j in experts]
+    hover = [[f"{bank_label(group)}<br>expert {i} · expert {j}<br>{escape(value)} {fmt(M[i, j])}" for j in experts]
              for i in experts]
-    fig = figure(escape(title) if title else f"Bank {escape(group)}: {what} (mean of pairs {fmt(mean)})",
+    fig = figure(escape(title) if title else f"{bank_label(group)}: {what} (mean of pairs {fmt(mean)})",
                  height=max(320, 160 + 40 * E))
     fig.add_heatmap(z=M, x=experts, y=experts, zmin=-1 if value != "subspace_overlap" else 0, zmax=1,
                     colorscale="RdBu_r" if value != "subspace_overlap" else "Reds", texttemplate="%{z:.2f}",
@@ -203,6 +286,7 @@ def plot_diagnosis(findings: pd.DataFrame, *, title: str | None = None) -> go.Fi
         return message_figure(title or "Diagnosis", "No findings: no collapse found", color=SEVERITY_COLORS["ok"])
     df = findings.reset_index(drop=True)
     n = df["n_sites"] if "n_sites" in df.columns else df["sites"].map(len)
+    scope = df["scope"] if "scope" in df.columns else pd.Series(["site"] * len(df), index=df.index)
     rank = {"critical": 0, "warning": 1}
     severities = sorted(dict.fromkeys(df["severity"]), key=lambda s: (rank.get(s, 2), str(s)))
     ticks = [f"{escape(k)}" for k in df["kind"]]
@@ -218,7 +302,7 @@ def plot_diagnosis(findings: pd.DataFrame, *, title: str | None = None) -> go.Fi
                          + (f"<br>where: {_wrap(where)}" if where else "")
                          + (f"<br>try: {_wrap(row['remedy'])}" if "remedy" in df.columns else ""))
         fig.add_bar(x=[int(n[i]) for i in idx], y=idx, orientation="h", name=escape(sev),
-                    marker_color=severity_color(sev), text=[f"{int(n[i])} site(s)" for i in idx], textposition="auto",
+                    marker_color=severity_color(sev), text=[count_label(int(n[i]), scope[i]) for i in idx], textposition="auto",
                     hovertext=hover, hoverinfo="text")
     fig.update_xaxes(title_text="sites or banks affected", rangemode="tozero", dtick=1 if n.max() <= 12 else None)
     fig.update_yaxes(title_text="finding", tickmode="array", tickvals=list(df.index), ticktext=ticks, autorange="reversed")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._common import escape, figure, first, fmt, layers, message_figure, modules, pick, require, site_label
+from ._common import bank_label, escape, figure, first, fmt, layers, message_figure, modules, pick, require, site_label
 from .theme import NEUTRAL, SEVERITY_COLORS, expert_color, usage_colorscale
 
 #: Axis titles for the router metrics of DESIGN §5, in words a user reads without the paper.
@@ -146,7 +146,7 @@ def plot_expert_profile(profile: pd.DataFrame, group: str | None = None, *, valu
     part = part.assign(layer=layers(part))
     by_layer = part.drop_duplicates("site")["layer"]
     x_col, x_title = ("layer", "layer") if by_layer.is_unique and by_layer.notna().all() else ("index", "position in group")
-    fig = figure(escape(title) if title else f"Bank {escape(group)}: each expert across the group's layers")
+    fig = figure(escape(title) if title else f"{bank_label(group)}: each expert across its group's layers")
     for e in sorted(part["expert"].unique().tolist()):
         sub = part[part["expert"] == e].sort_values("index")
         H = sub["layer_entropy"].iloc[0] if "layer_entropy" in sub.columns else np.nan

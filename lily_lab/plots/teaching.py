@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._common import escape, figure, fmt, layers, message_figure, pick, require
+from ._common import bank_label, escape, figure, fmt, layers, message_figure, pick, require
 from .theme import ACCENT, NEUTRAL, expert_color
 
 _TIERS = ("sites (layers)", "shared A projectors", "bank of B experts")
@@ -79,7 +79,7 @@ def plot_sharing_diagram(layout: pd.DataFrame, *, group: str | None = None, titl
             hovertext=[f"expert B{e} ({r} × {d_out}) of bank {gname}<br>shared by all {L} sites of the group"
                        for e in range(E)]))
         notes.append(dict(x=-0.5, y=y0 + 2.75, xref="x", yref="y", xanchor="left", showarrow=False,
-                          text=f"<b>group {gname}</b>: {L} sites, {len(a_ids)} A, {E} expert(s)"))
+                          text=f"<b>{bank_label(g)}</b>: {L} sites, {len(a_ids)} A, {E} expert{'s' * (E != 1)}"))
         tickvals += [y0 + 2, y0 + 1, y0]
         ticktext += list(_TIERS)
     # Everything in one go: five add_scatter calls and three axis updates took twice as long.

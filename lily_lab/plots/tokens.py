@@ -138,11 +138,14 @@ def plot_token_text(tokens: pd.DataFrame, site: str, sequence: int, *, width: in
     positions = part["position"].to_numpy()
     gaps = len(positions) and (positions.max() - positions.min() + 1) > len(positions)
     label = part["label"].iloc[0] if "label" in part.columns and len(part) else None
-    head = f"Sequence {escape(sequence)} at {where}"
+    head = f"Each token's top expert at {where} · sequence {escape(sequence)}"
     head += f" — label {escape(label)}" if label is not None and label == label else ""
     head += " (some tokens were not sampled)" if gaps else ""
-    fig = figure(escape(title) if title else head, barmode="overlay", height=140 + 36 * (max(lines, default=0) + 1),
-                 bargap=0.15, uniformtext=dict(minsize=10, mode="show"))
+    n_lines = max(lines, default=0) + 1
+    # A fixed pixel budget per line of text and fixed margins: a one-line typed sentence gets a
+    # readable 40 px row, never the strip left over by automatic margins.
+    fig = figure(escape(title) if title else head, barmode="overlay", height=max(230, 150 + 40 * n_lines),
+                 margin=dict(l=20, r=20, t=70, b=80), bargap=0.15, uniformtext=dict(minsize=10, mode="show"))
     top = part["top_expert"].to_numpy()
     for e in range(E):
         idx = np.flatnonzero(top == e)
@@ -158,9 +161,162 @@ def plot_token_text(tokens: pd.DataFrame, site: str, sequence: int, *, width: in
                     constraintext="none", textfont=dict(family="Menlo, Consolas, monospace", size=13, color="#111"),
                     hovertext=hover, hoverinfo="text", width=0.8)
     fig.update_xaxes(visible=False, range=[-1, width + 1])
-    fig.update_yaxes(visible=False, autorange="reversed")
-    fig.update_layout(legend=dict(orientation="h", y=-0.05, title_text="top expert"))
+    fig.update_yaxes(visible=False, range=[n_lines - 0.5, -0.5], fixedrange=True)
+    fig.update_layout(legend=dict(orientation="h", x=0, y=0, yanchor="top",
+                                  title_text="top expert (paler: less decisive router)"))
     return fig
 
 
-__all__ = ["plot_token_probs", "plot_top_tokens", "plot_token_text"]
+#: Pixels per site row and between row blocks of ``plot_token_routes``.
+ROUTE_ROW_PX, ROUTE_GAP_PX = 28, 56
+
+
+def _tint(color: str, amount: float) -> str:
+    """``color`` (``#rrggbb``) mixed with white: ``amount`` 1 is the colour, 0 is white."""
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    mix = [round(255 + (c - 255) * amount) for c in (r, g, b)]
+    return f"rgb({mix[0]},{mix[1]},{mix[2]})"
+
+
+#: Width the automatic ``wrap`` of ``plot_token_routes`` plans for: the plot area of a figure in a
+#: 1280 px window (the report's column), and the width of one tick-label character.
+ROUTE_PLOT_WIDTH_PX, ROUTE_CHAR_PX, ROUTE_TICK_CHARS = 1050, 6.5, 8
+
+
+def _tick(token: str, limit: int = ROUTE_TICK_CHARS) -> str:
+    """A token as an x tick label: escaped, long ones cut (the hover has them whole)."""
+    return escape(token if len(token) <= limit else token[: limit - 1] + "…")
+
+
+def _ordered_sites(tokens: pd.DataFrame) -> pd.DataFrame:
+    """One row per site (site, module, layer), ordered by module, then group, then layer."""
+    sites = tokens.drop_duplicates("site")
+    sites = pd.DataFrame({"site": sites["site"].tolist(), "module": modules(sites).tolist(),
+                          "group": (sites["group"] if "group" in sites.columns else sites["site"]).tolist(),
+                          "layer": layers(sites).tolist(),
+                          "index": (sites["index"].tolist() if "index" in sites.columns else list(range(len(sites))))})
+    key = sites.assign(_layer=[l if isinstance(l, (int, np.integer)) else -1 for l in sites["layer"]],
+                       _module=sites["module"].map(str), _group=sites["group"].map(str))
+    return sites.loc[key.sort_values(["_module", "_group", "_layer", "index"], kind="stable").index].reset_index(drop=True)
+
+
+def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] | str | None = None,
+                      title: str | None = None, prediction=None, wrap: int | None = None) -> go.Figure:
+    """One recorded sequence through every routed site at once: a row per site ("module · layer",
+    ordered by module then layer, a rule between modules), a column per sampled token in position
+    order, each cell in the colour of the token's top expert there; a paler cell is a less decisive
+    router ((p_max − 1/E) / (1 − 1/E), 0 uniform, 1 all on one expert), a blank one a token not
+    sampled at that site. Hover gives the token, the site and the whole distribution.
+
+    ``tokens``: the frame of ``Routing.token_table(tokenizer)``; ``sites``: a subset by name (default
+    every site in the frame); ``prediction``: the model's output for the sequence, shown in the
+    title beside its label; ``wrap``: tokens per row block — a longer sequence continues in a block
+    below, so the tick labels stay horizontal and apart (default: as many as fit
+    ``ROUTE_PLOT_WIDTH_PX`` at the sequence's longest tick label, 8 to 40). One heatmap per expert
+    (legend group) and a legend entry per expert."""
+    fn = "plot_token_routes"
+    require(tokens, ["site", "sequence", "position", "top_expert"], fn, TOKEN_TABLE)
+    _require_probs(tokens, fn)
+    if wrap is not None and (isinstance(wrap, bool) or not isinstance(wrap, (int, np.integer)) or wrap < 1):
+        raise ValueError(f"{fn}: wrap (tokens per row block) must be ≥ 1, got {wrap!r}")
+    order = _ordered_sites(tokens)
+    if sites is not None:
+        wanted = [sites] if isinstance(sites, str) else list(sites)
+        unknown = [s for s in wanted if s not in set(order["site"])]
+        if unknown:
+            have = order["site"].tolist()
+            shown = ", ".join(map(repr, have[:8])) + (" …" if len(have) > 8 else "")
+            raise ValueError(f"{fn}: sites {unknown} are not in the token table; it has sites: {shown}")
+        order = order[order["site"].isin(wanted)].reset_index(drop=True)
+    seq = pick(tokens, "sequence", sequence, fn)
+    part = seq[seq["site"].isin(set(order["site"]))]
+    if part.empty:
+        raise ValueError(f"{fn}: sequence {sequence!r} has no sampled token at the sites {order['site'].tolist()}; "
+                         f"it has tokens at: {list(dict.fromkeys(seq['site']))}")
+    part = part.drop_duplicates(["site", "position"], keep="last")
+    cols = [c for c in prob_columns(part) if part[c].notna().any()]
+    E = len(cols)
+    positions = sorted(part["position"].unique().tolist())
+    S, n = len(order), len(positions)
+    row_of = {s: i for i, s in enumerate(order["site"])}
+    col_of = {p: j for j, p in enumerate(positions)}
+    rows = part["site"].map(row_of).to_numpy()
+    cells = part["position"].map(col_of).to_numpy()
+    P = np.full((S, n, E), np.nan)
+    P[rows, cells] = part[cols].to_numpy(dtype=float)
+    top = np.full((S, n), -1)
+    top[rows, cells] = part["top_expert"].to_numpy(dtype=int)
+    raw = dict(zip(part["position"], _token_text(part)))  # one token per position (the same at every site)
+    text = [raw[p] for p in positions]
+    n_exp = np.isfinite(P).sum(axis=2)  # each site's E (banks of different sizes pad with NaN)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_top = np.take_along_axis(P, np.clip(top, 0, None)[..., None], axis=2)[..., 0]
+        decisive = np.where(n_exp > 1, (p_top - 1 / n_exp) / (1 - 1 / np.maximum(n_exp, 2)), 1.0)
+    decisive = np.clip(np.where(top >= 0, decisive, np.nan), 0, 1)
+    labels = [site_label(m, l) for m, l in zip(order["module"], order["layer"])]
+    y = [escape(s) for s in order["site"]]
+    hover = [[""] * n for _ in range(S)]
+    for i, j in zip(rows, cells):
+        dist = "<br>".join(f"{'▶' if k == top[i, j] else '&nbsp;&nbsp;'} expert {k}: {fmt(P[i, j, k])}"
+                           for k in range(E) if np.isfinite(P[i, j, k]))
+        hover[i][j] = (f"token <b>{escape(text[j])}</b> · position {positions[j]}<br>{labels[i]}"
+                       f"<br>site: {y[i]}<br>top expert {top[i, j]} · decisiveness {fmt(decisive[i, j], 2)}"
+                       f"<br>{dist}")
+    label = next((l for l in seq.get("label", pd.Series(dtype=object)) if l is not None and l == l), None)
+    every = len(order) == tokens["site"].nunique()
+    head = f"Sequence {escape(sequence)}" + (f" — label {escape(label)}" if label is not None else "")
+    head += f" · predicted {escape(prediction)}" if prediction is not None else ""
+    head += f": each token's top expert at {'all ' if every else ''}{S} site{'s' if S != 1 else ''}"
+    if not every:
+        head += f" of {tokens['site'].nunique()}"
+    missing = bool((top < 0).any())
+    # Layout by hand: S rows of ROUTE_ROW_PX per block, blocks of at most `wrap` tokens.
+    if wrap is None:
+        chars = max((min(len(t), ROUTE_TICK_CHARS) for t in text), default=1)
+        wrap = int(np.clip(ROUTE_PLOT_WIDTH_PX // (ROUTE_CHAR_PX * max(chars, 3) + 12), 8, 40))
+    n_blocks = max(1, math.ceil(n / int(wrap)))
+    per = math.ceil(n / n_blocks)
+    top_px, bottom_px = 80, 80
+    plot_px = n_blocks * S * ROUTE_ROW_PX + (n_blocks - 1) * ROUTE_GAP_PX
+    height = top_px + bottom_px + plot_px
+    layout: dict = dict(height=height, margin=dict(t=top_px, b=bottom_px, l=20, r=20),
+                        legend=dict(orientation="h", x=0, y=-30 / plot_px, yanchor="top", itemclick="toggle",
+                                    title=dict(text="top expert" + (" · paler: less decisive router" if E > 1 else "")
+                                               + (" · blank: token not sampled at that site" if missing else ""))))
+    fig = figure(escape(title) if title else head, **layout)
+    traces, shapes = [], []
+    boundaries = [i for i in range(1, S) if order["module"][i] != order["module"][i - 1]]
+    for b in range(n_blocks):
+        j0, j1 = b * per, min(n, (b + 1) * per)
+        suffix = "" if b == 0 else str(b + 1)
+        y1 = 1 - b * (S * ROUTE_ROW_PX + ROUTE_GAP_PX) / plot_px
+        y0 = y1 - S * ROUTE_ROW_PX / plot_px
+        xs = positions[j0:j1]
+        fig.layout[f"xaxis{suffix}"] = dict(type="category", anchor=f"y{suffix}", domain=[0, 1], tickangle=0,
+                                            categoryorder="array", categoryarray=xs, tickmode="array", tickvals=xs,
+                                            ticktext=[_tick(t) for t in text[j0:j1]], showgrid=False,
+                                            tickfont=dict(size=12),
+                                            range=[-0.5, per - 0.5], fixedrange=True, side="bottom")
+        fig.layout[f"yaxis{suffix}"] = dict(type="category", anchor=f"x{suffix}", domain=[max(y0, 0), min(y1, 1)],
+                                            categoryorder="array", categoryarray=y, tickmode="array", tickvals=y,
+                                            ticktext=labels, autorange="reversed", showgrid=False, fixedrange=True)
+        for e in range(E):
+            z = np.where(top[:, j0:j1] == e, decisive[:, j0:j1], np.nan)
+            color = expert_color(e)
+            traces.append(dict(type="heatmap", x=xs, y=y, z=z.tolist(), zmin=0, zmax=1, showscale=False,
+                               colorscale=[[0, _tint(color, 0.3)], [1, color]], xgap=1, ygap=1,
+                               hoverongaps=False, hovertext=[r[j0:j1] for r in hover], hoverinfo="text",
+                               name=f"expert {e}", legendgroup=f"expert {e}", xaxis=f"x{suffix}", yaxis=f"y{suffix}"))
+        for i in boundaries:  # a rule between modules: categories sit at 0, 1, …
+            shapes.append(dict(type="line", xref=f"x{suffix} domain", x0=0, x1=1, yref=f"y{suffix}", y0=i - 0.5,
+                               y1=i - 0.5, line=dict(color="#222", width=2)))
+    for e in range(E):  # the legend: one square per expert (a heatmap has no legend symbol)
+        traces.append(dict(type="scatter", x=[None], y=[None], mode="markers", name=f"expert {e}",
+                           legendgroup=f"expert {e}", showlegend=True, hoverinfo="skip",
+                           marker=dict(color=expert_color(e), symbol="square", size=12)))
+    fig.add_traces(traces)
+    fig.update_layout(shapes=shapes)
+    return fig
+
+
+__all__ = ["plot_token_probs", "plot_top_tokens", "plot_token_text", "plot_token_routes"]
