@@ -15,11 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
 from . import plots
+from .plots import FINDING_CSS, finding_html, number_label
+from .plots.experts import RANK_TITLES
+from .plots.routing import METRIC_TITLES
 from .analysis import (bank_summary, delta_spectra, diagnose, expert_layer_profile, expert_similarity, rank_summary,
                        router_metrics, specialization, top_tokens)
 from .analysis.layout import sharing_layout
@@ -35,12 +39,14 @@ nav a { margin-right: 1.2em; } pre { background: #f6f8fa; padding: .8em; overflo
 .table-wrap { overflow-x: auto; max-height: 480px; overflow-y: auto; margin: .5em 0 1.5em; }
 table.metrics { border-collapse: collapse; font-size: 12px; white-space: nowrap; }
 table.metrics th, table.metrics td { border-bottom: 1px solid #e4e4e4; padding: 3px 8px; text-align: right; }
-table.metrics th { position: sticky; top: 0; background: #fafafa; }
-table.metrics td:first-child, table.metrics th:first-child { text-align: left; }
-.finding { border-left: 5px solid #999; padding: .4em .9em; margin: .8em 0; background: #fbfbfb; }
-.finding.critical { border-color: #c0392b; } .finding.warning { border-color: #d68910; }
+table.metrics th { position: sticky; top: 0; background: #fafafa; white-space: normal; vertical-align: bottom; }
+table.metrics td:first-child, table.metrics th:first-child, table.metrics td.text, table.metrics th.text {
+  text-align: left; }
+table.metrics [title] { cursor: help; }
+details.all-columns { margin: -1em 0 1.5em; font-size: 12px; } details.all-columns summary { color: #555; cursor: pointer; }
+p.caption { color: #444; font-size: 13px; margin: -.2em 0 1.6em; max-width: 60em; }
 .ok { color: #1e8449; font-weight: bold; } code { font-size: 12px; }
-"""
+""" + FINDING_CSS  # the diagnosis cards: the same look as in the Diagnosis widget
 
 _PLOTLYJS_CHOICES = "'inline' (default, opens offline), 'cdn', a path or URL of plotly.js, or False"
 
@@ -76,19 +82,104 @@ class _Page:
                                       config={"displaylogo": False, "responsive": True}))
         self._first = False  # plotly.js goes in once, with the first figure
 
-    def table(self, frame: pd.DataFrame, caption: str) -> None:
-        frame = frame.copy()
-        for c in frame.columns:  # lists (a finding's sites) as plain text
-            frame[c] = frame[c].map(lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-        body = frame.to_html(index=False, escape=True, border=0, classes="metrics", na_rep="–",
-                             float_format=lambda x: f"{x:.4g}")
+    def table(self, frame: pd.DataFrame, caption: str, columns: list["_Column"] | None = None) -> None:
+        """``frame`` under the heading ``caption``: the ``columns`` that matter, with readable names
+        and rounded numbers (default: every column as it is); when ``columns`` leave some out, every
+        column of ``frame`` is one click away below the table."""
+        if columns is None:
+            self.parts.append(f"<h3>{html.escape(caption)}</h3><div class='table-wrap'>{_frame_html(frame)}</div>")
+            return
+        head = "".join(c.th() for c in columns)
+        rows = "".join("<tr>" + "".join(c.td(row) for c in columns) + "</tr>" for _, row in frame.iterrows())
+        body = f'<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
         self.parts.append(f"<h3>{html.escape(caption)}</h3><div class='table-wrap'>{body}</div>")
+        shown = {c.source for c in columns}
+        if set(frame.columns) - shown:
+            self.parts.append(f"<details class='all-columns'><summary>all {len(frame.columns)} columns "
+                              f"(full names)</summary><div class='table-wrap'>{_frame_html(frame)}</div></details>")
 
     def text(self, text: str, cls: str = "note") -> None:
         self.parts.append(f"<p class='{cls}'>{html.escape(text)}</p>")
 
+    def caption(self, text: str) -> None:
+        """How to read the figure above."""
+        self.text(text, "caption")
+
     def raw(self, markup: str) -> None:  # markup built here, from escaped pieces only
         self.parts.append(markup)
+
+
+def _frame_html(frame: pd.DataFrame) -> str:
+    frame = frame.copy()
+    for c in frame.columns:  # lists (a finding's sites) as plain text
+        frame[c] = frame[c].map(lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+    return frame.to_html(index=False, escape=True, border=0, classes="metrics", na_rep="–",
+                         float_format=lambda x: f"{x:.4g}")
+
+
+def _plain(label: str) -> str:
+    """A display name from ``plots`` (``site_label``, ``bank_label``: escaped markup) as plain text,
+    for the places that escape what they are given — ``_Page.text``/``caption``, ``_Column`` cells and
+    the plots' ``title=`` — so that a name is escaped once, not twice."""
+    return html.unescape(label)
+
+
+class _Column:
+    """One column of a report table: ``header`` over ``source`` shown by ``show`` (default: the
+    value, numbers rounded), the ``tip`` column (e.g. the full module path) as a tooltip."""
+
+    def __init__(self, header: str, source: str, show=None, tip: str | None = None, about: str = "",
+                 text: bool = False):
+        self.header, self.source, self.show, self.tip, self.about, self.text = header, source, show, tip, about, text
+
+    def _attrs(self, tip: str) -> str:
+        return (f' title="{html.escape(tip)}"' if tip else "") + (' class="text"' if self.text else "")
+
+    def th(self) -> str:
+        return f"<th{self._attrs(self.about)}>{html.escape(self.header)}</th>"
+
+    def td(self, row: pd.Series) -> str:
+        value = row[self.source]
+        shown = self.show(row) if self.show is not None else value if self.text else number_label(value)
+        return f"<td{self._attrs(str(row[self.tip]) if self.tip else '')}>{html.escape(str(shown))}</td>"
+
+
+def _site_columns(frame: pd.DataFrame) -> list[_Column]:
+    """The site (``module · layer``, full path as tooltip) and its bank (group key as tooltip)."""
+    layer = "layer" if "layer" in frame.columns else "index"
+    return [_Column("site", "site", lambda r: _plain(plots.site_label(r["module"], r[layer])), tip="site", text=True),
+            _Column("bank", "group", lambda r: _plain(plots.bank_label(r["group"])), tip="group", text=True)]
+
+
+def _metrics_columns(metrics: pd.DataFrame) -> list[_Column]:
+    shown = [("routing MI", "routing_mi"), ("load entropy", "load_entropy"), ("token entropy", "token_entropy"),
+             ("effective experts", "effective_experts"), ("max usage", "max_usage")]
+    return _site_columns(metrics) + [
+        _Column("routing", "routing", text=True, about="the mixture a site applies: per batch, sequence or token"),
+        _Column("experts", "num_B", about="experts in the site's bank (E)"),
+        _Column("tokens", "n_tokens", about="real tokens recorded"),
+    ] + [_Column(h, c, about=METRIC_TITLES.get(c, c)) for h, c in shown if c in metrics.columns]
+
+
+def _rank_columns(ranks: pd.DataFrame) -> list[_Column]:
+    titles = RANK_TITLES
+    shown = [("effective rank", "effective_rank"), ("stable rank", "stable_rank"),
+             ("numerical rank", "numerical_rank"), ("top-1 energy", "energy_top1"), ("top-4 energy", "energy_top4")]
+    return _site_columns(ranks) + [
+        _Column("mixture", "mixture", text=True, about="the mixture of experts the spectrum is of (see Spectra)"),
+        _Column("r", "r", about="rank of the factors: the bound of every rank"),
+    ] + [_Column(h, c, about=titles.get(c, c)) for h, c in shown if c in ranks.columns]
+
+
+def _bank_columns(banks: pd.DataFrame) -> list[_Column]:
+    shown = [("experts", "num_B", "experts in the bank (E)"),
+             ("mean cosine", "mean_cosine", "mean pairwise cosine of the flattened B experts (1: copies)"),
+             ("max cosine", "max_cosine", "the most alike pair of experts"),
+             ("distinct experts", "distinct_experts", "how many really different experts the bank holds"),
+             ("mean ‖B‖", "mean_norm", "mean Frobenius norm of an expert"),
+             ("max ‖B‖", "max_norm", "largest Frobenius norm of an expert (0: the adapter is inactive)")]
+    return [_Column("bank", "group", lambda r: _plain(plots.bank_label(r["group"])), tip="group", text=True)] + [
+        _Column(h, c, about=a) for h, c, a in shown if c in banks.columns]
 
 
 def _focus_sites(metrics: pd.DataFrame) -> list[str]:
@@ -110,10 +201,11 @@ def _router_sections(page: _Page, routing: Routing, tokenizer) -> None:
         page.text("No routed site has seen a token: run forward calls inside record_routing to fill this section.")
         return
     page.figure(plots.plot_usage_heatmap(usage[usage["site"].isin(metrics["site"])]))
-    page.table(metrics, "Router metrics (one row per routed site)")
+    page.table(metrics, "Router metrics (one row per routed site)", _metrics_columns(metrics))
     profile = expert_layer_profile(routing)
     for group in dict.fromkeys(profile["group"]):
-        page.figure(plots.plot_expert_profile(profile, group))
+        page.figure(plots.plot_expert_profile(profile, group,
+                                              title=f"{_plain(plots.bank_label(group))}: each expert across the group's layers"))
     if routing.labels:
         spec = specialization(routing, by="label")
         page.section("labels", "Routing by label", "For each group, the site whose router depends most on its "
@@ -126,31 +218,87 @@ def _router_sections(page: _Page, routing: Routing, tokenizer) -> None:
     except RoutingError:
         top = pd.DataFrame()
     tokens = routing.token_table(tokenizer)
-    if len(top) or len(tokens):
-        page.section("tokens", "Tokens", "The tokens each expert prefers and one recorded sequence tinted by "
-                     "each token's top expert, at the same sites.")
+    examples = _example_sequences(tokens, routing.labels)
+    if len(top) or examples:
+        page.section("tokens", "Tokens", "The tokens each expert prefers at the same sites, then a few recorded "
+                     "sequences through every routed site at once.")
     for site in focus:
         if len(top) and site in set(top["site"]):
             page.figure(plots.plot_top_tokens(top, site))
-    if len(tokens):
-        at = tokens[tokens["site"] == focus[0]]
-        if len(at):
-            page.figure(plots.plot_token_text(tokens, focus[0], int(at["sequence"].iloc[0])))
+    if examples:
+        page.caption("How to read the sequences below: each row is a routed site, each column a token of the "
+                     "sequence; a cell is coloured by the expert the router there gave that token most weight, "
+                     "paler where the router was less decisive (near-uniform over the experts), blank where the "
+                     "token was not sampled. Hover a cell for the whole distribution."
+                     + ("" if tokenizer is not None else " Pass tokenizer= to show token text instead of ids."))
+    for sequence in examples:
+        page.figure(plots.plot_token_routes(tokens, sequence))
+
+
+def _same(a: Any, b: Any) -> bool:
+    missing = lambda v: v is None or (isinstance(v, float) and np.isnan(v))  # noqa: E731
+    return (missing(a) and missing(b)) or (not missing(a) and not missing(b) and a == b)
+
+
+def _example_sequences(tokens: pd.DataFrame, labels: list, k: int = 4) -> list:
+    """Up to ``k`` recorded sequences for the token view: first the best-sampled sequence of each
+    label (in the recording's label order), then the best-sampled others."""
+    if tokens.empty:
+        return []
+    counts = tokens.groupby("sequence").size()
+    label_of = tokens.drop_duplicates("sequence").set_index("sequence")["label"]
+    ranked = sorted(counts.index, key=lambda q: (-counts[q], q))
+    chosen: list = []
+    for value in list(labels) + [None]:
+        hit = next((q for q in ranked if _same(label_of[q], value)), None)
+        if hit is not None and len(chosen) < k:
+            chosen.append(hit)
+    chosen += [q for q in ranked if q not in chosen][: k - len(chosen)]
+    return [int(q) for q in chosen]
 
 
 def _diagnosis_section(page: _Page, model, routing: Routing | None) -> None:
     d = diagnose(model, routing)
-    page.section("diagnosis", "Diagnosis")
-    page.figure(plots.plot_diagnosis(d.to_frame()))
+    page.section("diagnosis", "Diagnosis", "Each finding: what is wrong and how badly, where, the numbers that "
+                 "triggered it and what to try.")
+    frame = d.to_frame()
+    page.figure(plots.plot_diagnosis(frame))
     if d.ok:
         page.raw(f"<p class='ok'>No collapse found (checked: {html.escape(', '.join(d.checked))}).</p>")
     for f in d.findings:
-        where = ", ".join(f.sites[:12]) + (f" (+{len(f.sites) - 12} more)" if len(f.sites) > 12 else "")
-        page.raw(f"<div class='finding {html.escape(f.severity)}'><b>{html.escape(f.severity)}</b> · "
-                 f"<b>{html.escape(f.kind)}</b> — {html.escape(f.summary)}<br>where: {html.escape(where)}<br>"
-                 f"evidence: <code>{html.escape(str(f.evidence))}</code><br>try: {html.escape(f.remedy)}</div>")
+        page.raw(finding_html(f))
     for note in d.notes:
         page.text(note)
+
+
+def _similarity_caption(part: pd.DataFrame, group: Any) -> str:
+    off = part[part["expert_i"] != part["expert_j"]]["cosine"]
+    mean = float(off.mean()) if len(off) else float("nan")
+    if np.isnan(mean):
+        verdict = "no pair of experts to compare"
+    elif mean >= 0.9:
+        verdict = "the experts are near copies: the bank adds parameters but little capacity"
+    elif mean >= 0.5:
+        verdict = "the experts are partly alike: some of the bank's capacity is duplicated"
+    elif mean > -0.5:
+        verdict = "the experts point in unrelated directions: each adds capacity of its own"
+    else:
+        verdict = "the experts point in largely opposite directions"
+    return ("How to read: each cell is the cosine of two experts' B matrices, flattened to vectors. 1 = the same "
+            "direction, i.e. redundant copies that add parameters but no capacity (a mean cosine of 0.94 means "
+            "the experts are near copies); around 0 = unrelated; −1 = opposite. "
+            f"{_plain(plots.bank_label(group))}: mean over pairs {number_label(mean, 2)} — {verdict}.")
+
+
+def _spectra_caption(spectra: pd.DataFrame, baseline) -> str:
+    present = list(dict.fromkeys(spectra["mixture"])) if "mixture" in spectra.columns else []
+    return ("How to read: each line is the singular values σ_k of one site's update ΔW (largest first) under one "
+            "mixture of its bank's experts, one panel per bank, colour the layer. Mixtures: \"uniform\" = every "
+            "expert weighted 1/E; \"routed mean\" = each site's mean applied mixture over the recording; "
+            "\"expert k\" = only expert k; \"label=X\" = the mean mixture over tokens of label X. "
+            + (f"Drawn here: {', '.join(map(str, present))}. " if present else "")
+            + ("Dashed: the baseline's spectrum of the same site. " if baseline is not None else "")
+            + "A spectrum that falls off fast uses few directions (see the effective rank below).")
 
 
 def report(model, routing: Routing | None = None, path: str | os.PathLike = "lily_lab_report.html", *,
@@ -160,10 +308,14 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     when given, of ``routing`` (a recording from ``record_routing``); return its path.
 
     Sections: the adapter's layout and sharing diagram; routers (usage heatmap, metrics table,
-    experts across layers, usage by label when the recording has labels, top tokens and a tinted
-    sequence — token text needs ``tokenizer``); experts (similarity per bank, bank table); spectra of
-    ΔW (uniform and routed mixtures, ``baseline``: a model or ``delta_spectra`` frame drawn dashed)
-    and rank by layer; the diagnosis. ``routing=None`` leaves the router sections out.
+    experts across layers, usage by label when the recording has labels, top tokens and up to four
+    recorded sequences through every routed site, one per label first — token text needs
+    ``tokenizer``); experts (similarity per bank with how to read it, bank table); spectra of ΔW,
+    one panel per bank (uniform and routed mixtures, ``baseline``: a model or ``delta_spectra``
+    frame drawn dashed), and rank by layer; the diagnosis, a card per finding. Sites and banks go
+    by their display names (``query · layer 3``, ``query bank (384×384)``), full names in tooltips;
+    tables show the columns that matter, every column one click away. ``routing=None`` leaves the
+    router sections out.
 
     ``include_plotlyjs``: ``"inline"`` (default: plotly.js inside the file, which opens offline),
     ``"cdn"`` (plotly's hosted copy), a path or URL of a plotly.js file, or ``False`` (the page
@@ -188,10 +340,16 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     page.section("experts", "Experts", "How alike the B experts of each bank are: near copies (cosine ≈ 1) add "
                  "parameters without adding capacity.")
     for group in dict.fromkeys(similarity["group"]):
-        page.figure(plots.plot_expert_similarity(similarity, group))
+        part = similarity[similarity["group"] == group]
+        off = part[part["expert_i"] != part["expert_j"]]["cosine"]
+        page.figure(plots.plot_expert_similarity(
+            similarity, group, title=f"{_plain(plots.bank_label(group))}: cosine of the flattened B experts"
+            + (f" (mean of pairs {number_label(float(off.mean()), 2)})" if len(off) else "")))
+        page.caption(_similarity_caption(part, group))
     if similarity.empty:
         page.text("No bank has two or more experts, so there is no expert similarity to show.")
-    page.table(bank_summary(model), "Banks")
+    banks = bank_summary(model)
+    page.table(banks, "Banks", _bank_columns(banks))
     spectra = delta_spectra(model) if routing is None else pd.concat([delta_spectra(model), delta_spectra(model, routing)],
                                                                       ignore_index=True)
     if baseline is not None and not isinstance(baseline, pd.DataFrame):
@@ -199,9 +357,10 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     ranks = rank_summary(spectra)
     page.section("spectra", "Spectra of ΔW", "Singular values of each site's update, exact from the factors; "
                  + ("uniform mixture and each site's mean routed mixture." if routing is not None else "uniform mixture."))
-    page.figure(plots.plot_spectra(spectra, baseline=baseline))
+    page.figure(plots.plot_spectra(spectra, baseline=baseline, facet="group"))
+    page.caption(_spectra_caption(spectra, baseline))
     page.figure(plots.plot_rank_by_layer(ranks))
-    page.table(ranks, "Rank summary (one row per site and mixture)")
+    page.table(ranks, "Rank summary (one row per site and mixture)", _rank_columns(ranks))
     _diagnosis_section(page, model, routing)
     if routing is None:
         page.text("Router sections left out: pass routing= a recording from lily_lab.record_routing on your data.")
