@@ -92,7 +92,7 @@ def test_expert_map_and_spectrum_explorer(setup, monkeypatch):
     em.measure.value = "functional_cosine"
     assert trace_data(em.matrix.figure) != before
     assert not drawn  # the layer profile does not depend on the measure: not rebuilt
-    em.group.value = em.group.options[1]
+    em.group.value = em.group.options[1][1]
     assert drawn and trace_data(em.layers.figure) != profile  # another bank: its own profile
     sx = widgets.SpectrumExplorer(model, routing)
     assert {"uniform", "routed mean", "expert 0", "label=pos"} <= set(sx.mixture.options)
@@ -120,8 +120,17 @@ def test_collapse_dashboard_links_findings_to_sites(setup):
             site.B.copy_(saved)
     kinds = [f.kind for f in w.diagnosis.findings]
     assert "redundant_experts" in kinds
-    w.finding.value = kinds.index("redundant_experts")
+    i = kinds.index("redundant_experts")
+    card, show = w.cards[i].children
+    assert card.value == ll.plots.finding_html(w.diagnosis.findings[i])  # the report's card, one definition
+    assert "Experts that are near copies of each other" in card.value and "(1 bank)" in card.value
+    html_widgets = [c for c in w.children if hasattr(c, "value") and isinstance(c.value, str)]
+    assert sum(c.value.count("<style>") for c in html_widgets + [c.children[0] for c in w.cards]) == 1
+    assert ll.plots.FINDING_CSS in w.children[0].value
+    show.click()  # the card's button selects its finding
+    assert w.finding.value == i
     assert "redundant_experts" in w.detail.value and w.selected_sites == [site.group]
+    assert "cosine of each pair of its B experts" in w.caption.value  # a bank finding: its bank's similarity
 
 
 def test_timeline_player_and_budget_calculator(setup):
@@ -154,3 +163,171 @@ def test_lily_dashboard_composes_tabs(setup):
     d = widgets.LilyDashboard(model, routing)
     titles = [d.get_title(i) for i in range(len(d.children))]
     assert titles == ["Routers", "Experts", "Spectra", "Diagnosis", "Budget"]
+
+
+# ----------------------------------------------------------------------------- what reaches the browser
+class FrontEnd:
+    """The figure as plotly.js holds it: starts from the kernel's state and applies only the
+    messages the FigureWidget sends (dotted property paths; ``None`` deletes). A widget whose
+    updates do not reach the front end (e.g. one built with ``_validate=False``, which dropped
+    every layout change after the first draw) leaves this mirror behind the kernel's figure."""
+
+    def __init__(self, pane):
+        fig = self.fig = pane.figure
+        self.source = None  # the figure the plot function built, that the pane was asked to show
+        show = pane.show
+
+        def spy(figure, **kw):
+            self.source = figure
+            return show(figure, **kw)
+
+        pane.show = spy
+        self.layout = _plain(fig.layout._props)
+        self.data = [_plain(t._props) for t in fig.data]
+        names = [n for n in fig.trait_names() if n.startswith("_py2js_")]
+        fig.observe(self._apply, names=names)
+
+    @staticmethod
+    def _set(tree, path, value):
+        keys = [int(k) if k.isdigit() else k for k in path.split(".")]  # "shapes.0.y0": item 0 of an array
+        for k in keys[:-1]:
+            tree = tree[k] if isinstance(k, int) else tree.setdefault(k, {})
+        if value is None:
+            tree.pop(keys[-1], None)
+        else:
+            tree[keys[-1]] = _plain(value)
+
+    def _apply(self, change):
+        msg, name = change["new"], change["name"]
+        if msg is None:
+            return
+        if name == "_py2js_addTraces":
+            self.data += [_plain(t) for t in msg["trace_data"]]
+        elif name == "_py2js_deleteTraces":
+            self.data = [t for i, t in enumerate(self.data) if i not in set(msg["delete_inds"])]
+        elif name in ("_py2js_update", "_py2js_relayout", "_py2js_restyle"):
+            layout = msg.get("layout_data", msg.get("relayout_data", {}))
+            style = msg.get("style_data", msg.get("restyle_data", {}))
+            traces = msg.get("style_traces", msg.get("restyle_traces")) or range(len(self.data))
+            for path, value in layout.items():
+                self._set(self.layout, path, value)
+            for path, values in style.items():
+                for i, t in enumerate(traces):
+                    self._set(self.data[t], path, values[i % len(values)] if isinstance(values, list) else values)
+        elif name in ("_py2js_removeLayoutProps", "_py2js_removeTraceProps"):
+            raise AssertionError(f"unexpected {name}: {msg}")
+
+    def check(self, what=""):
+        want_layout = {k: v for k, v in _plain(self.fig.layout._props).items() if k != "template"}
+        got_layout = {k: v for k, v in _plain(self.layout).items() if k != "template"}
+        assert got_layout == want_layout, f"{what}: the front end's layout differs from the kernel's"
+        assert _plain(self.data) == [_plain(t._props) for t in self.fig.data], f"{what}: traces differ"
+        if self.source is not None:  # and the kernel's figure is the one the plot function built
+            own = {"template", "height", "width", "autosize"}
+            shown = {k: v for k, v in want_layout.items() if k not in own and v != []}  # [] = no shapes
+            built = {k: v for k, v in _plain(self.source.layout._props).items() if k not in own and v != []}
+            assert shown == built, f"{what}: the widget's layout is not the plot function's"
+            strip = lambda t: {k: v for k, v in _plain(t._props).items() if k != "uid"}  # noqa: E731
+            assert [strip(t) for t in self.fig.data] == [strip(t) for t in self.source.data], f"{what}: traces"
+
+
+def _plain(value):
+    """JSON-comparable: numpy arrays and tuples as lists, NaN as a string."""
+    if isinstance(value, dict):  # an unset property and an emptied object ({}) mean the same
+        plain = {k: _plain(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in plain.items() if v != {}}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, (float, np.floating)) and np.isnan(value):
+        return "NaN"
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _cycle(control, front, what):
+    """Every value of ``control`` in turn, checking the front end after each change."""
+    values = [v for _, v in control.options] if isinstance(control.options[0], tuple) else list(control.options)
+    for v in values + values[:1]:
+        control.value = v
+        front.check(f"{what}={v!r}")
+
+
+def test_every_layout_change_reaches_the_front_end(setup):
+    model, routing = setup
+    w = widgets.RouterExplorer(routing)
+    front = FrontEnd(w.pane)
+    _cycle(w.view, front, "view")
+    for view in ("usage", "tokens", "labels"):
+        w.view.value = view
+        _cycle(w.layer, front, f"{view} layer")
+        _cycle(w.label, front, f"{view} label")
+    assert w.pane.figure.layout.xaxis.type == "category" or w.view.value != "labels"
+    w.view.value = "labels"
+    assert front.layout["xaxis"]["type"] == "category" and "label" in front.layout["title"]["text"].lower()
+
+    sx = widgets.SpectrumExplorer(model, routing)
+    front = FrontEnd(sx.pane)
+    for log in (False, True, False):
+        sx.log_scale.value = log
+        front.check(f"log={log}")
+        assert front.layout["yaxis"].get("type", "linear") == ("log" if log else "linear")
+    _cycle(sx.site, front, "spectra site")
+    _cycle(sx.mixture, front, "spectra mixture")
+
+    em = widgets.ExpertMap(model, routing)
+    fronts = FrontEnd(em.matrix), FrontEnd(em.layers)
+    for measure in ("functional_cosine", "subspace_overlap", "cosine"):
+        em.measure.value = measure
+        fronts[0].check(measure)
+    em.group.value = em.group.options[1][1]
+    for f in fronts:
+        f.check("bank")
+
+    b = widgets.BudgetCalculator(d_in=64, d_out=64, layers=4, r=8, stride_A=2, num_B=4)
+    fronts = FrontEnd(b.diagram), FrontEnd(b.budget)
+    for r in (2, 16, 8):
+        b.r.value = r
+        for f in fronts:
+            f.check(f"r={r}")
+
+
+def test_controls_show_text_apply_or_are_disabled(setup):
+    model, routing = setup
+    w = widgets.RouterExplorer(routing)
+    assert w.label.label == "all labels" and w.label.value is widgets._common.ALL  # not a blank box
+    assert all(isinstance(t, str) and t for t in w.view.tooltips) and len(w.view.tooltips) == len(w.view.options)
+    assert w.view.style.button_width == "auto"  # labels are never cut to a fixed button width
+    w.view.value = "profile"
+    assert w.layer.disabled and w.label.disabled and not w.module.disabled
+    w.view.value = "modes"
+    assert w.label.disabled and not w.layer.disabled
+    w.view.value = "usage"
+    assert not w.label.disabled
+    # The summary follows the label filter: the "neg" tokens' own count, not the whole site's.
+    everything = w.summary.value
+    w.label.value = "neg"
+    spec = ll.specialization(routing, by="label")
+    n_neg = int(spec[(spec.site == w.site) & (spec.value == "neg")].n_tokens.iloc[0])
+    assert f"{n_neg:,} tokens" in w.summary.value and w.summary.value != everything
+    assert "query · layer 0" in w.summary.value  # one naming scheme: module · layer
+    sx = widgets.SpectrumExplorer(model, routing)
+    assert sx.site.label == "all sites" and sx.site.options[1][0] == "query · layer 0"
+    assert sx.compare.disabled  # no baseline given: nothing to compare against
+    em = widgets.ExpertMap(model, routing)
+    assert em.group.label == "query bank (32×32)"
+
+
+def test_sentence_view_steps_through_recorded_sequences(setup):
+    model, routing = setup
+    w = widgets.RouterExplorer(routing, predictions=["neg"] * 12)
+    w.view.value = "sentence"
+    assert not w.sequence.disabled and w.module.disabled and w.layer.disabled
+    fig = w.pane.figure
+    sites = len(routing.sites)
+    assert len(fig.data) > 0 and w.pane.message.value == ""
+    assert "predicted neg" in w.sequence.label and "label pos" in w.sequence.label
+    first = w.sequence.value
+    w.next.click()
+    assert w.sequence.value != first
+    assert f"across {sites} routed sites" in w.summary.value
+    w.label.value = "neg"  # only the neg sequences to step through
+    assert all("label neg" in text for text, _ in w.sequence.options)

@@ -7,7 +7,7 @@ import ipywidgets as W
 from .. import plots
 from ..analysis.layout import parameter_budget, sharing_layout_from_config
 from ..core import LilyConfig, lily_parameter_formula
-from ._common import FigurePane, guarded
+from ._common import FigurePane, caption, grid, guarded
 
 
 class BudgetCalculator(W.VBox):
@@ -18,16 +18,25 @@ class BudgetCalculator(W.VBox):
     def __init__(self, d_in: int = 384, d_out: int = 384, layers: int = 6, r: int = 8, stride_A: int = 2,
                  num_B: int = 4):
         super().__init__()
-        slider = lambda v, lo, hi, name, step=1: W.IntSlider(value=v, min=lo, max=hi, step=step,  # noqa: E731
-                                                              description=name, continuous_update=False)
-        self.d_in, self.d_out = slider(d_in, 16, 4096, "d_in", 16), slider(d_out, 16, 4096, "d_out", 16)
-        self.layers, self.r = slider(layers, 1, 48, "layers"), slider(r, 1, 128, "r")
-        self.stride_A, self.num_B = slider(stride_A, 1, 48, "stride_A"), slider(num_B, 1, 16, "num_B")
+        def slider(v, lo, hi, name, tip, step=1):
+            return W.IntSlider(value=v, min=lo, max=hi, step=step, description=name, tooltip=tip,
+                               continuous_update=False, style={"description_width": "70px"})
+
+        self.d_in = slider(d_in, 16, 4096, "d_in", "input width of each adapted layer", 16)
+        self.d_out = slider(d_out, 16, 4096, "d_out", "output width of each adapted layer", 16)
+        self.layers = slider(layers, 1, 48, "layers", "how many layers the group adapts (one router each)")
+        self.r = slider(r, 1, 128, "r", "Lily's rank: rows of each A, rows of each B expert")
+        self.stride_A = slider(stride_A, 1, 48, "stride_A", "how many consecutive layers share one A")
+        self.num_B = slider(num_B, 1, 16, "num_B", "experts in the bank shared by every layer of the group")
         self.counts = W.HTML()
-        self.diagram, self.budget = FigurePane(360), FigurePane(360)
+        self.diagram, self.budget = FigurePane(360), FigurePane(420)
         controls = [self.d_in, self.d_out, self.layers, self.r, self.stride_A, self.num_B]
-        self.children = [W.HBox([W.VBox(controls[:3]), W.VBox(controls[3:])]), self.counts,
-                         W.HBox([self.diagram.box, self.budget.box])]
+        self.children = [W.HBox([W.VBox(controls[:3]), W.VBox(controls[3:])], layout=W.Layout(flex_flow="row wrap")),
+                         self.counts, grid(self.diagram.box, self.budget.box, min_width=600), caption(
+                             "<b>Left:</b> who shares what — each layer (a site with its own router) uses one A "
+                             "shared with its stride_A neighbours, and every router mixes the one bank of B experts. "
+                             "<b>Right:</b> Lily's trainable parameters against LoRA of the same r, and the rank "
+                             "one layer's update can reach: Lily ≤ r, LoRA with Lily's budget ≤ its rank.")]
         for c in controls:
             c.observe(lambda _: self.redraw(), "value")
         self.redraw()

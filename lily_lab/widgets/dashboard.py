@@ -18,15 +18,17 @@ class LilyDashboard(W.Tab):
 
     ``routing`` is a recording on representative data (``record_routing``); ``tokenizer`` enables
     live routing of typed sentences; ``baseline`` (a model or spectra frame) is overlaid on the
-    spectra; ``timeline`` adds a training-timeline tab.
+    spectra; ``timeline`` adds a training-timeline tab; ``predictions`` (the model's prediction per
+    recorded sequence, a list by sequence number or a mapping) is shown beside each sequence's
+    label in the Routers tab's sentence view.
     """
 
     def __init__(self, model, routing: Routing | None = None, *, tokenizer=None, timeline: Timeline | None = None,
-                 baseline=None):
+                 baseline=None, predictions=None):
         super().__init__()
         tabs = []
         if routing is not None:
-            self.router = RouterExplorer(routing, model, tokenizer)
+            self.router = RouterExplorer(routing, model, tokenizer, predictions=predictions)
             tabs.append(("Routers", self.router))
         else:
             tabs.append(("Routers", empty_notice("No recording: pass routing=rec.routing from record_routing.")))

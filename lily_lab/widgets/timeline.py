@@ -8,7 +8,7 @@ from .. import plots
 from ..analysis import timeline_metrics
 from ..analysis.routing import METRIC_COLUMNS
 from ..observe import Timeline
-from ._common import FigurePane, empty_notice, guarded
+from ._common import FigurePane, caption, dropdown, empty_notice, guarded, row
 
 
 class TimelinePlayer(W.VBox):
@@ -30,9 +30,12 @@ class TimelinePlayer(W.VBox):
         self.index = W.IntSlider(min=0, max=len(steps) - 1, layout={"display": "none"})
         W.jslink((self.play, "value"), (self.index, "value"))
         self.index.observe(lambda c: setattr(self.step, "value", steps[c["new"]]), "value")
-        self.metric = W.Dropdown(options=METRIC_COLUMNS, value="routing_mi", description="metric")
+        self.metric = dropdown([(m.replace("_", " "), m) for m in METRIC_COLUMNS], value="routing_mi",
+                               description="metric", tooltip="The router metric drawn over training, one line per site")
         self.curves, self.heat = FigurePane(height), FigurePane(height)
-        self.children = [W.HBox([self.play, self.step, self.metric]), self.curves.box, self.heat.box, self.index]
+        self.children = [row(self.play, self.step, self.metric), self.curves.box, self.heat.box, self.index, caption(
+            "<b>Top:</b> the metric at every observed step, one line per site; the dashed line is the step shown "
+            "below. <b>Below:</b> each expert's usage at each site at that step (white: the fair share 1/E).")]
         self.metric.observe(lambda _: self.redraw_curves(), "value")
         self.step.observe(lambda _: self.redraw_step(), "value")
         self.redraw_curves()
