@@ -37,6 +37,11 @@ class Thresholds:
     inactive_norm: float = 1e-6  # every ‖B_e‖ below this → inactive_adapter
 
 
+def _plural(n: int, what: str) -> str:
+    """``1 site``, ``2 sites``."""
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
 #: Findings about a whole bank: their ``sites`` are group keys (``query:384x384``), not site names.
 BANK_KINDS = frozenset({"redundant_experts", "inactive_adapter"})
 
@@ -78,7 +83,7 @@ class Diagnosis:
                                            "remedy"])
 
     def __str__(self) -> str:
-        head = "no collapse found" if self.ok else f"{len(self.findings)} finding(s)"
+        head = "no collapse found" if self.ok else _plural(len(self.findings), "finding")
         lines = [f"Diagnosis: {head} (checked: {', '.join(self.checked)})"]
         lines += [str(f) for f in self.findings]
         lines += [f"note: {n}" for n in self.notes]
@@ -157,7 +162,7 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
             "Train the adapter: B starts at zero (init_weights=True), so a fresh adapter changes nothing. If it "
             "stays at zero after training, check that the adapter's parameters are in the optimizer "
             "(count_parameters(model)['trainable']) and that the learning rate is not 0.",
-            f"{len(inactive)} bank(s) whose every expert is zero: the adapter has learned nothing yet"))
+            f"{_plural(len(inactive), 'bank')} whose every expert is zero: the adapter has learned nothing yet"))
     active = banks[(banks.max_norm >= t.inactive_norm) & (banks.num_B >= 2)]
     redundant = active[active.mean_cosine >= t.redundant_cosine]
     if len(redundant):
@@ -168,7 +173,7 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
              "distinct_experts": dict(zip(redundant.group, redundant.distinct_experts.round(3))),
              "routing": mode},
             _remedy_redundant(mode),
-            f"{len(redundant)} bank(s) whose B experts are near copies (mean pairwise cosine ≥ "
+            f"{_plural(len(redundant), 'bank')} whose B experts are near copies (mean pairwise cosine ≥ "
             f"{t.redundant_critical if critical else t.redundant_cosine})"))
     if routing is None:
         d.notes.append("router checks skipped: pass routing= a recording from record_routing on your data")
@@ -187,7 +192,7 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
             "lily_aux_loss(model) to the training loss (measured in tests/test_diagnose.py: it turns a "
             "router stuck on one expert back to balanced use). A higher router_temperature early in "
             "training also spreads the load." + _balance_caveat(dom_modes),
-            f"{len(dom)} site(s) send ≥ {t.dominant_usage:.0%} of the router mass to one expert"))
+            f"{_plural(len(dom), 'site')} sending ≥ {t.dominant_usage:.0%} of the router mass to one expert"))
     rows = []
     for site in m.itertuples():
         u = routing.record(site.site).sum_probs / max(routing.record(site.site).n_tokens, 1)
@@ -201,7 +206,7 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
             "Add a load-balancing loss (LilyConfig(balance_loss_weight=0.01 … 0.1), plus "
             "lily_aux_loss(model) in the loss) so unused experts receive tokens again; or lower num_B."
             + _balance_caveat(set(m.set_index("site").loc[[r[0] for r in rows], "routing"])),
-            f"{len(rows)} site(s) with experts that get under {t.dead_fraction:.0%} of a fair share"))
+            f"{_plural(len(rows), 'site')} with experts that get under {t.dead_fraction:.0%} of a fair share"))
     blind = m[m.routing_mi < t.blind_mi]
     if len(blind):
         modes = sorted(set(blind.routing))
@@ -218,5 +223,5 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
             ("Routing is per token yet barely depends on the input: break the symmetry (re-initialise "
              "the routers, or init_weights=False), then train; router_entropy_weight > 0 with "
              "balance_loss_weight makes tokens choose experts decisively."),
-            f"{len(blind)} site(s) whose routing barely depends on the input (routing_mi < {t.blind_mi})"))
+            f"{_plural(len(blind), 'site')} whose routing barely depends on the input (routing_mi < {t.blind_mi})"))
     return d

@@ -290,7 +290,8 @@ def plot_diagnosis(findings: pd.DataFrame, *, title: str | None = None) -> go.Fi
     rank = {"critical": 0, "warning": 1}
     severities = sorted(dict.fromkeys(df["severity"]), key=lambda s: (rank.get(s, 2), str(s)))
     ticks = [f"{escape(k)}" for k in df["kind"]]
-    fig = figure(escape(title) if title else f"Diagnosis: {len(df)} finding(s)", height=max(240, 140 + 48 * len(df)))
+    head = f"Diagnosis: {len(df)} finding{'' if len(df) == 1 else 's'}"
+    fig = figure(escape(title) if title else head, height=max(240, 140 + 48 * len(df)))
     for sev in severities:
         idx = df.index[df["severity"] == sev].tolist()
         hover = []

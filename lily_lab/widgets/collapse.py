@@ -65,7 +65,7 @@ class CollapseDashboard(W.VBox):
     def _card(self, i: int, f) -> W.VBox:
         """The finding's card (``plots.finding_html``) with its "show below" button."""
         show = W.Button(description="show below", icon="crosshairs", tooltip="Draw this finding's sites or bank below",
-                        layout=W.Layout(width="auto"))
+                        layout=W.Layout(width="auto", align_self="flex-start"))
         show.on_click(lambda _, i=i: setattr(self.finding, "value", i))
         return W.VBox([W.HTML(finding_html(f)), show], layout=W.Layout(margin="0 0 6px 0", width="auto"))
 
