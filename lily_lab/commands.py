@@ -35,7 +35,8 @@ def _data(data, text_column, label_column, n_train, n_heldout, seed):
 
 
 def _record(model, enc, labels, names):
-    """A routing recording of the held-out set, labelled, in the batches predict_logits uses."""
+    """A routing recording of the held-out set, labelled, in the batches predict_logits uses;
+    and ``order``: recorded sequence ``k`` is held-out row ``order[k]``."""
     from . import record_routing
 
     with record_routing(model) as rec, torch.no_grad():
@@ -46,7 +47,7 @@ def _record(model, enc, labels, names):
             model(**batch)
             if labels is not None:
                 rec.annotate(labels=[names[i] for i in labels[index].tolist()])
-    return rec.routing
+    return rec.routing, order
 
 
 def _summary(model, routing) -> None:
@@ -115,10 +116,11 @@ def run_demo(*, steps=30, routing="batch", r=8, stride_A=2, num_B=4, seed=0, out
     print(f"held-out accuracy after {steps} steps (batch {batch_size}, AdamW lr {lr:g}, "
           f"{time.perf_counter() - t0:.1f} s): {D.accuracy(trained, heldout_y):.3f}")
 
-    routing_rec = _record(model, heldout_x, heldout_y, names)
+    routing_rec, order = _record(model, heldout_x, heldout_y, names)
     _summary(model, routing_rec)
+    predicted = [names[i] for i in trained.argmax(dim=-1)[order].tolist()]  # by recorded sequence
     path = report(model, routing_rec, out, title=f"lily_lab demo — {routing} routing, {steps} steps",
-                  tokenizer=tokenizer)
+                  tokenizer=tokenizer, predictions=predicted)
     print(f"\nreport: {path}")
 
     out_dir = Path(out_dir)
@@ -180,11 +182,14 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
     names = frame.attrs.get("label_names") or (["negative", "positive"] if data is None else [])
     labels = torch.tensor(frame["label"].to_numpy()) if "label" in frame else None
     enc = D.tokenize(tokenizer, frame["text"])
-    routing = None
+    routing = predicted = None
     if kind != "LORA":
-        routing = _record(model, enc, labels, names)
+        routing, order = _record(model, enc, labels, names)
         _summary(model, routing)
-    path = report(model, routing, out, title=f"lily_lab report — {adapter_dir.name}", tokenizer=tokenizer)
+        if head.is_file() and len(names) == num_labels:  # a trained head: its predictions mean something
+            predicted = [names[i] for i in D.predict_logits(model, enc).argmax(dim=-1)[order].tolist()]
+    path = report(model, routing, out, title=f"lily_lab report — {adapter_dir.name}", tokenizer=tokenizer,
+                  predictions=predicted)
     print(f"report: {path}")
     return 0
 

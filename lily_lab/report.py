@@ -188,7 +188,7 @@ def _focus_sites(metrics: pd.DataFrame) -> list[str]:
     return [part.sort_values("routing_mi", ascending=False)["site"].iloc[0] for _, part in m.groupby("group", sort=False)]
 
 
-def _router_sections(page: _Page, routing: Routing, tokenizer) -> None:
+def _router_sections(page: _Page, routing: Routing, tokenizer, predictions=None) -> None:
     usage = routing.usage()
     metrics = router_metrics(routing)
     focus = _focus_sites(metrics)
@@ -232,7 +232,8 @@ def _router_sections(page: _Page, routing: Routing, tokenizer) -> None:
                      "token was not sampled. Hover a cell for the whole distribution."
                      + ("" if tokenizer is not None else " Pass tokenizer= to show token text instead of ids."))
     for sequence in examples:
-        page.figure(plots.plot_token_routes(tokens, sequence))
+        page.figure(plots.plot_token_routes(tokens, sequence,
+                                            prediction=plots.prediction_for(predictions, int(sequence))))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -303,7 +304,7 @@ def _spectra_caption(spectra: pd.DataFrame, baseline) -> str:
 
 def report(model, routing: Routing | None = None, path: str | os.PathLike = "lily_lab_report.html", *,
            title: str = "lily_lab report", include_plotlyjs: Any = "inline", tokenizer=None,
-           baseline=None) -> Path:
+           baseline=None, predictions=None) -> Path:
     """Write one HTML report of ``model``'s adapter (lily_lab Lily, PEFT Lily or PEFT LoRA) and,
     when given, of ``routing`` (a recording from ``record_routing``); return its path.
 
@@ -315,7 +316,8 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     frame drawn dashed), and rank by layer; the diagnosis, a card per finding. Sites and banks go
     by their display names (``query · layer 3``, ``query bank (384×384)``), full names in tooltips;
     tables show the columns that matter, every column one click away. ``routing=None`` leaves the
-    router sections out.
+    router sections out. ``predictions``: the model's prediction for each recorded sequence (a list
+    by the recording's sequence number, or a mapping), shown beside each example's label.
 
     ``include_plotlyjs``: ``"inline"`` (default: plotly.js inside the file, which opens offline),
     ``"cdn"`` (plotly's hosted copy), a path or URL of a plotly.js file, or ``False`` (the page
@@ -335,7 +337,7 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     page.raw(f"<pre>{html.escape(adapter_summary(model))}</pre>")
     page.figure(plots.plot_sharing_diagram(sharing_layout(model)))
     if routing is not None:
-        _router_sections(page, routing, tokenizer)
+        _router_sections(page, routing, tokenizer, predictions)
     similarity = expert_similarity(model)
     page.section("experts", "Experts", "How alike the B experts of each bank are: near copies (cosine ≈ 1) add "
                  "parameters without adding capacity.")

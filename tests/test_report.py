@@ -14,6 +14,7 @@ import torch
 from plotly.offline import get_plotlyjs
 
 import lily_lab as ll
+from lily_lab import plots
 from lily_lab.report import report
 
 EVIL_LABEL = "<script>alert(1)</script>"
@@ -122,6 +123,20 @@ def test_the_token_view_shows_a_few_sequences_one_per_label_first(inline_html):
         heat = [t for t in f["data"] if t["type"] == "heatmap"]
         assert [t["name"] for t in heat] == ["expert 0", "expert 1", "expert 2"]
     assert any("How to read the sequences below" in c for c in captions(inline_html))
+
+
+def test_predictions_go_beside_each_example_label(lily, tmp_path):
+    model, routing = lily
+    predicted = {s: f"guess{s}" for s in range(12)}
+    text = report(model, routing, tmp_path / "r.html", predictions=predicted).read_text(encoding="utf-8")
+    routes = [title(f) for f in figures(text) if title(f).startswith("Sequence ")]
+    assert routes and all(re.match(r"Sequence (\d+) — label .*? · predicted guess\1: ", t) for t in routes)
+
+
+@pytest.mark.parametrize("predictions, sequence, want", [
+    (None, 0, None), (["a", "b"], 1, "b"), (["a", "b"], 2, None), ({3: "x"}, 3, "x"), ({3: "x"}, 0, None)])
+def test_prediction_for_reads_lists_and_mappings(predictions, sequence, want):
+    assert plots.prediction_for(predictions, sequence) == want
 
 
 def test_spectra_are_small_multiples_with_a_caption(inline_html):

@@ -13,14 +13,14 @@ from .routing import (plot_expert_profile, plot_label_usage, plot_metric_timelin
                       plot_usage_heatmap)
 from .teaching import plot_parameter_budget, plot_sharing_diagram
 from .theme import EXPERT_COLORS, SEVERITY_COLORS, TEMPLATE, expert_color, severity_color
-from .tokens import plot_token_probs, plot_token_routes, plot_token_text, plot_top_tokens
+from .tokens import plot_token_probs, plot_token_routes, plot_token_text, plot_top_tokens, prediction_for
 
 __all__ = [
     # routing views
     "plot_usage_heatmap", "plot_usage_bars", "plot_label_usage", "plot_expert_profile", "plot_metric_timeline",
     "plot_mixture_modes",
     # token views
-    "plot_token_probs", "plot_top_tokens", "plot_token_text", "plot_token_routes",
+    "plot_token_probs", "plot_top_tokens", "plot_token_text", "plot_token_routes", "prediction_for",
     # adapter views
     "plot_spectra", "plot_rank_by_layer", "plot_expert_similarity", "plot_diagnosis",
     # teaching views

@@ -8,6 +8,8 @@ Inputs are ``Routing.token_table(tokenizer)`` (site, sequence, position, token_i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -200,6 +202,16 @@ def _ordered_sites(tokens: pd.DataFrame) -> pd.DataFrame:
     return sites.loc[key.sort_values(["_module", "_group", "_layer", "index"], kind="stable").index].reset_index(drop=True)
 
 
+def prediction_for(predictions: Any, sequence: int) -> Any:
+    """The prediction of recorded ``sequence`` in ``predictions``: a list (or array) indexed by the
+    recording's sequence number, or a mapping ``{sequence: prediction}``; ``None`` when absent."""
+    if predictions is None:
+        return None
+    if isinstance(predictions, Mapping):
+        return predictions.get(sequence)
+    return predictions[sequence] if 0 <= sequence < len(predictions) else None
+
+
 def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] | str | None = None,
                       title: str | None = None, prediction=None, wrap: int | None = None) -> go.Figure:
     """One recorded sequence through every routed site at once: a row per site ("module · layer",
@@ -319,4 +331,4 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
     return fig
 
 
-__all__ = ["plot_token_probs", "plot_top_tokens", "plot_token_text", "plot_token_routes"]
+__all__ = ["plot_token_probs", "plot_top_tokens", "plot_token_text", "plot_token_routes", "prediction_for"]

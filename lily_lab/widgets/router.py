@@ -114,12 +114,7 @@ class RouterExplorer(W.VBox):
         return rows.site.iloc[0] if len(rows) else None
 
     def _prediction(self, sequence: int):
-        p = self.predictions
-        if p is None:
-            return None
-        if isinstance(p, dict):
-            return p.get(sequence)
-        return p[sequence] if 0 <= sequence < len(p) else None
+        return plots.prediction_for(self.predictions, sequence)
 
     def _fill_sequences(self) -> None:
         """The sequences of the token sample (under the label filter), each with its label."""
