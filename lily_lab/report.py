@@ -342,12 +342,8 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     page.section("experts", "Experts", "How alike the B experts of each bank are: near copies (cosine ≈ 1) add "
                  "parameters without adding capacity.")
     for group in dict.fromkeys(similarity["group"]):
-        part = similarity[similarity["group"] == group]
-        off = part[part["expert_i"] != part["expert_j"]]["cosine"]
-        page.figure(plots.plot_expert_similarity(
-            similarity, group, title=f"{_plain(plots.bank_label(group))}: cosine of the flattened B experts"
-            + (f" (mean of pairs {number_label(float(off.mean()), 2)})" if len(off) else "")))
-        page.caption(_similarity_caption(part, group))
+        page.figure(plots.plot_expert_similarity(similarity, group))
+        page.caption(_similarity_caption(similarity[similarity["group"] == group], group))
     if similarity.empty:
         page.text("No bank has two or more experts, so there is no expert similarity to show.")
     banks = bank_summary(model)

@@ -352,7 +352,8 @@ def test_token_routes_rows_are_sites_columns_are_tokens_cells_the_top_expert():
                 assert f"site: {site}" in hover and f"position {j}" in hover
     title = fig.layout.title.text
     assert title.startswith("Sequence 5 — label &lt;i&gt;pos&lt;/i&gt; · predicted &lt;u&gt;neg&lt;/u&gt;")
-    assert "all 4 sites" in title and "blank" in fig.layout.legend.title.text
+    assert "all 4 sites" in fig.layout.title.subtitle.text and "blank" in fig.layout.legend.title.text
+    assert fig.layout.xaxis.title.text == "tokens, in order" and fig.layout.yaxis.title.text == "site (module · layer)"
     texts = list(strings(fig.to_plotly_json()))
     assert not [t for t in texts if HOSTILE in t or "<i>" in t or "<u>" in t]  # every text from the data escaped
     assert_escaped(fig, HOSTILE)
@@ -363,7 +364,7 @@ def test_token_routes_height_grows_with_the_sites_and_long_sequences_wrap():
     four = plots.plot_token_routes(table, 6)
     two = plots.plot_token_routes(table, 6, sites=SITE_ORDER[2:])
     assert four.layout.height - two.layout.height == 2 * plots.tokens.ROUTE_ROW_PX  # px per site row
-    assert four.layout.width is None and "at 2 sites of 4" in two.layout.title.text
+    assert four.layout.width is None and "at 2 sites of 4" in two.layout.title.subtitle.text
     assert list(two.layout.yaxis.ticktext) == ["value · layer 0", "value · layer 1"]
     assert "blank" not in four.layout.legend.title.text  # every token sampled everywhere
     blocks = plots.plot_token_routes(table, 6, wrap=2)  # two row blocks of two tokens

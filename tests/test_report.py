@@ -112,9 +112,9 @@ def test_text_from_the_data_is_escaped_everywhere(inline_html):
 def test_the_token_view_shows_a_few_sequences_one_per_label_first(inline_html):
     routes = [f for f in figures(inline_html) if title(f).startswith("Sequence ")]
     assert len(routes) == 4
-    labels = [re.match(r"Sequence \d+ — label (.*?): ", title(f)).group(1) for f in routes]
+    labels = [re.fullmatch(r"Sequence \d+ — label (.*?)", title(f)).group(1) for f in routes]
     assert labels == ["pos", "neg", "&lt;script&gt;alert(1)&lt;/script&gt;", "pos"]  # every label, then more
-    assert len({title(f) for f in routes}) == 4 and all("at all 8 sites" in title(f) for f in routes)
+    assert len({title(f) for f in routes}) == 4 and all("at all 8 sites" in f["layout"]["title"]["subtitle"]["text"] for f in routes)
     for f in routes:
         y, x = f["layout"]["yaxis"], f["layout"]["xaxis"]
         assert y["ticktext"] == [f"{m} · layer {i}" for m in ("query", "value") for i in range(4)]
@@ -130,7 +130,7 @@ def test_predictions_go_beside_each_example_label(lily, tmp_path):
     predicted = {s: f"guess{s}" for s in range(12)}
     text = report(model, routing, tmp_path / "r.html", predictions=predicted).read_text(encoding="utf-8")
     routes = [title(f) for f in figures(text) if title(f).startswith("Sequence ")]
-    assert routes and all(re.match(r"Sequence (\d+) — label .*? · predicted guess\1: ", t) for t in routes)
+    assert routes and all(re.fullmatch(r"Sequence (\d+) — label .*? · predicted guess\1", t) for t in routes)
 
 
 @pytest.mark.parametrize("predictions, sequence, want", [
@@ -156,8 +156,9 @@ def test_spectra_are_small_multiples_with_a_caption(inline_html):
 
 
 def test_expert_similarity_figures_say_how_to_read_them(inline_html):
-    sims = [f for f in figures(inline_html) if "cosine of the flattened B experts" in title(f)]
+    sims = [f for f in figures(inline_html) if "cosine of the B experts" in title(f)]
     assert [title(f).split(":")[0] for f in sims] == ["query bank (32×32)", "value bank (32×32)"]
+    assert all(f["layout"]["title"]["subtitle"]["text"].startswith("mean over the 3 pairs of experts: ") for f in sims)
     read = [c for c in captions(inline_html) if "cosine of two experts' B matrices" in c]
     assert len(read) == 2
     for c, bank in zip(read, ["query bank (32×32)", "value bank (32×32)"]):

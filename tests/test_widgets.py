@@ -3,6 +3,8 @@ JupyterLab)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -224,7 +226,12 @@ class FrontEnd:
         assert _plain(self.data) == [_plain(t._props) for t in self.fig.data], f"{what}: traces differ"
         if self.source is not None:  # and the kernel's figure is the one the plot function built
             own = {"template", "height", "width", "autosize"}
-            shown = {k: v for k, v in want_layout.items() if k not in own and v != []}  # [] = no shapes
+            # [] = no shapes; autorange=True is plotly's default, which the pane states for every axis
+            # the figure does not range (plotly.js would keep the previous figure's range)
+            shown = {k: ({a: b for a, b in v.items() if (a, b) != ("autorange", True)} or None)
+                     if re.fullmatch(r"[xy]axis\d*", k) and isinstance(v, dict) else v
+                     for k, v in want_layout.items() if k not in own and v != []}
+            shown = {k: v for k, v in shown.items() if v is not None}
             built = {k: v for k, v in _plain(self.source.layout._props).items() if k not in own and v != []}
             assert shown == built, f"{what}: the widget's layout is not the plot function's"
             strip = lambda t: {k: v for k, v in _plain(t._props).items() if k != "uid"}  # noqa: E731

@@ -41,9 +41,9 @@ RANK_TITLES = {
     "energy_top4": "share of Σσ² in the 4 largest σ",
     "energy_top16": "share of Σσ² in the 16 largest σ",
 }
-SIMILARITY_TITLES = {"cosine": "cosine of the flattened B experts",
-                     "subspace_overlap": "subspace overlap of the experts' output spaces",
-                     "functional_cosine": "cosine of the experts' updates through A"}
+SIMILARITY_TITLES = {"cosine": "cosine of the B experts",
+                     "subspace_overlap": "overlap of output spaces",
+                     "functional_cosine": "cosine of updates ΔW_e"}
 
 
 def _key(site: str) -> str:
@@ -258,8 +258,10 @@ def plot_expert_similarity(similarity: pd.DataFrame, group: str | None = None, v
     experts = list(range(E))
     hover = [[f"{bank_label(group)}<br>expert {i} · expert {j}<br>{escape(value)} {fmt(M[i, j])}" for j in experts]
              for i in experts]
-    fig = figure(escape(title) if title else f"{bank_label(group)}: {what} (mean of pairs {fmt(mean)})",
-                 height=max(320, 160 + 40 * E))
+    # The bank and the measure in the title, the mean in the subtitle: one line that fits half a screen.
+    fig = figure(escape(title) if title else f"{bank_label(group)}: {what}", height=max(320, 160 + 40 * E))
+    fig.layout.title.subtitle.text = f"mean over the {len(off)} pairs of experts: {fmt(mean, 2)}"
+    fig.layout.margin.t = 84
     fig.add_heatmap(z=M, x=experts, y=experts, zmin=-1 if value != "subspace_overlap" else 0, zmax=1,
                     colorscale="RdBu_r" if value != "subspace_overlap" else "Reds", texttemplate="%{z:.2f}",
                     hovertext=hover, hoverinfo="text", xgap=2, ygap=2, colorbar=dict(title=dict(text=escape(value))))

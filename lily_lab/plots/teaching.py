@@ -88,6 +88,7 @@ def plot_sharing_diagram(layout: pd.DataFrame, *, group: str | None = None, titl
         annotations=notes, legend=dict(orientation="h", y=-0.02, yanchor="top"),
         xaxis=dict(visible=False, range=[-1, max(df.groupby("group").size().max(), 2)]),
         yaxis=dict(tickmode="array", tickvals=tickvals, ticktext=ticktext, showgrid=False, zeroline=False,
+                   title=dict(text="part of the adapter"),
                    range=[-4.0 * (len(groups) - 1) - 0.8, 3.1]))
     return fig
 
@@ -112,7 +113,9 @@ def plot_parameter_budget(budget: pd.DataFrame, *, log: bool = False, title: str
     # Two panels side by side, laid out by hand: make_subplots took 15 ms, most of a slider move
     # in BudgetCalculator.
     r_title = dict(text="r (Lily's rank)")
-    fig = figure(escape(title) if title else escape(head), height=420,
+    # The legend below the panels: on the right it took a third of a half-screen pane from them.
+    fig = figure(escape(title) if title else escape(head), height=460,
+                 legend=dict(orientation="h", x=0, y=-0.2, yanchor="top"), margin=dict(b=120),
                  xaxis=dict(domain=[0, 0.44], anchor="y", title=r_title),
                  yaxis=dict(anchor="x", title=dict(text="trainable parameters"), type="log" if log else "linear"),
                  xaxis2=dict(domain=[0.56, 1], anchor="y2", title=r_title),

@@ -170,7 +170,7 @@ def plot_token_text(tokens: pd.DataFrame, site: str, sequence: int, *, width: in
 
 
 #: Pixels per site row and between row blocks of ``plot_token_routes``.
-ROUTE_ROW_PX, ROUTE_GAP_PX = 28, 56
+ROUTE_ROW_PX, ROUTE_GAP_PX = 28, 72
 
 
 def _tint(color: str, amount: float) -> str:
@@ -276,11 +276,12 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
                        f"<br>{dist}")
     label = next((l for l in seq.get("label", pd.Series(dtype=object)) if l is not None and l == l), None)
     every = len(order) == tokens["site"].nunique()
-    head = f"Sequence {escape(sequence)}" + (f" — label {escape(label)}" if label is not None else "")
-    head += f" · predicted {escape(prediction)}" if prediction is not None else ""
-    head += f": each token's top expert at {'all ' if every else ''}{S} site{'s' if S != 1 else ''}"
+    # Label and prediction cut to a few words (a title does not wrap; the hover has the rest).
+    head = f"Sequence {escape(sequence)}" + (f" — label {_tick(str(label), 28)}" if label is not None else "")
+    head += f" · predicted {_tick(str(prediction), 28)}" if prediction is not None else ""
+    sub = f"each token's top expert at {'all ' if every else ''}{S} site{'s' if S != 1 else ''}"
     if not every:
-        head += f" of {tokens['site'].nunique()}"
+        sub += f" of {tokens['site'].nunique()}"
     missing = bool((top < 0).any())
     # Layout by hand: S rows of ROUTE_ROW_PX per block, blocks of at most `wrap` tokens.
     if wrap is None:
@@ -288,14 +289,15 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
         wrap = int(np.clip(ROUTE_PLOT_WIDTH_PX // (ROUTE_CHAR_PX * max(chars, 3) + 12), 8, 40))
     n_blocks = max(1, math.ceil(n / int(wrap)))
     per = math.ceil(n / n_blocks)
-    top_px, bottom_px = 80, 80
+    top_px, bottom_px = 96, 104
     plot_px = n_blocks * S * ROUTE_ROW_PX + (n_blocks - 1) * ROUTE_GAP_PX
     height = top_px + bottom_px + plot_px
-    layout: dict = dict(height=height, margin=dict(t=top_px, b=bottom_px, l=20, r=20),
-                        legend=dict(orientation="h", x=0, y=-30 / plot_px, yanchor="top", itemclick="toggle",
+    layout: dict = dict(height=height, margin=dict(t=top_px, b=bottom_px, l=60, r=20),
+                        legend=dict(orientation="h", x=0, y=-58 / plot_px, yanchor="top", itemclick="toggle",
                                     title=dict(text="top expert" + (" · paler: less decisive router" if E > 1 else "")
                                                + (" · blank: token not sampled at that site" if missing else ""))))
     fig = figure(escape(title) if title else head, **layout)
+    fig.layout.title.subtitle.text = sub
     traces, shapes = [], []
     boundaries = [i for i in range(1, S) if order["module"][i] != order["module"][i - 1]]
     for b in range(n_blocks):
@@ -308,10 +310,13 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
                                             categoryorder="array", categoryarray=xs, tickmode="array", tickvals=xs,
                                             ticktext=[_tick(t) for t in text[j0:j1]], showgrid=False,
                                             tickfont=dict(size=12),
-                                            range=[-0.5, per - 0.5], fixedrange=True, side="bottom")
+                                            range=[-0.5, per - 0.5], fixedrange=True, side="bottom",
+                                            title=dict(text="tokens, in order" if n_blocks == 1 else
+                                                       f"tokens {j0 + 1}–{j1} of {n}, in order"))
         fig.layout[f"yaxis{suffix}"] = dict(type="category", anchor=f"x{suffix}", domain=[max(y0, 0), min(y1, 1)],
                                             categoryorder="array", categoryarray=y, tickmode="array", tickvals=y,
-                                            ticktext=labels, autorange="reversed", showgrid=False, fixedrange=True)
+                                            ticktext=labels, autorange="reversed", showgrid=False, fixedrange=True,
+                                            title=dict(text="site (module · layer)"))
         for e in range(E):
             z = np.where(top[:, j0:j1] == e, decisive[:, j0:j1], np.nan)
             color = expert_color(e)

@@ -5,6 +5,7 @@ message box for empty data, and escaping of data text rendered as HTML."""
 from __future__ import annotations
 
 import html
+import re
 from typing import Any, Callable, Iterable
 
 import anywidget
@@ -35,6 +36,7 @@ ALL = _All()
 
 # The pane owns these layout properties; every lily_lab figure has the lily_lab template.
 _KEEP = {"template", "height", "autosize", "width"}
+_AXIS = re.compile(r"[xy]axis\d*")
 
 
 def _flatten(props: dict, prefix: tuple = (), out: dict | None = None) -> dict:
@@ -165,6 +167,13 @@ class FigurePane:
         """Draw ``fig`` (its own ``height`` when it sets one and ``height`` is not given)."""
         data = [t.to_plotly_json() for t in fig.data]
         layout = {k: v for k, v in fig.layout._props.items() if k not in _KEEP}
+        # plotly.js writes the range it drew back into the page's layout and stops autoranging an
+        # axis once a range was given: an axis the new figure does not range is told to autorange,
+        # or it would keep the previous figure's range (bars of 0.3 on a -1…4 axis).
+        for name in [k for k in set(layout) | set(self.figure.layout._props) if _AXIS.fullmatch(k)]:
+            axis = layout.get(name) or {}
+            if isinstance(axis, dict) and "range" not in axis and "autorange" not in axis:
+                layout[name] = {**axis, "autorange": True}
         height = height or fig.layout.height or self.height
         same = len(data) == len(self.figure.data) and all(
             d.get("type") == t.type for d, t in zip(data, self.figure.data))

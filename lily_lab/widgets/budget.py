@@ -33,9 +33,9 @@ class BudgetCalculator(W.VBox):
         controls = [self.d_in, self.d_out, self.layers, self.r, self.stride_A, self.num_B]
         self.children = [W.HBox([W.VBox(controls[:3]), W.VBox(controls[3:])], layout=W.Layout(flex_flow="row wrap")),
                          self.counts, grid(self.diagram.box, self.budget.box, min_width=600), caption(
-                             "<b>Left:</b> who shares what — each layer (a site with its own router) uses one A "
+                             "<b>The diagram:</b> who shares what — each layer (a site with its own router) uses one A "
                              "shared with its stride_A neighbours, and every router mixes the one bank of B experts. "
-                             "<b>Right:</b> Lily's trainable parameters against LoRA of the same r, and the rank "
+                             "<b>The curves:</b> Lily's trainable parameters against LoRA of the same r, and the rank "
                              "one layer's update can reach: Lily ≤ r, LoRA with Lily's budget ≤ its rank.")]
         for c in controls:
             c.observe(lambda _: self.redraw(), "value")

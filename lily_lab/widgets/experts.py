@@ -22,7 +22,8 @@ SIMILARITY_CAPTION = (
     "the two experts are copies, and the second adds parameters but no capacity; around 0 they are unrelated; "
     "−1 opposite. A mean cosine of 0.94 means the bank's experts are near copies (expert collapse: see the "
     "Diagnosis tab). Output-space overlap is 1 when two experts write into the same r-dimensional subspace "
-    "whatever their scale. <b>Right:</b> with a recording, each expert's usage at every layer that shares the bank.")
+    "whatever their scale. <b>The second figure</b> (with a recording): each expert's usage at every layer that "
+    "shares the bank.")
 SPECTRA_CAPTION = (
     "<b>How to read it.</b> The singular values σ of each site's update ΔW = s·(Σ_e π_e B_e)ᵀ A for one mixture π, "
     "largest first (exact, from the factors). A steep drop after a few values: the update has low effective rank. "
