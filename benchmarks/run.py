@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks                       # everything, CPU, ~10 min on 2 cores
     .venv/bin/python -m benchmarks --smoke               # tiny random models, seconds (make test runs it)
+    .venv/bin/python -m benchmarks --only browser        # the dashboard's round trip in JupyterLab + Chromium
     .venv/bin/python -m benchmarks --only training,record
     .venv/bin/python -m benchmarks --device cuda --dtype bf16
 
@@ -29,7 +30,11 @@ import torch  # noqa: E402
 
 from ._common import Row, Settings, load_now, table  # noqa: E402
 
-SECTIONS = ["training", "record", "spectra", "adapter_file", "widgets", "demo"]
+SECTIONS = ["training", "record", "spectra", "adapter_file", "widgets", "browser", "demo"]
+# Not in a plain `--smoke` run (which `make test` runs): starting JupyterLab and Chromium takes
+# ~30 s on 2 busy cores, and tests/test_browser.py drives the same page. `--smoke --only browser`
+# runs it.
+NOT_IN_SMOKE = {"browser"}
 WIDGET_PLACEHOLDER = "widget control update — see benchmarks/bench_widgets.py (issue 5)"
 
 
@@ -69,11 +74,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per side (default 9, smoke 2; "
                     "record_routing takes 3×, the dense SVD at most 5)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per side first (default 2; smoke 1)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
+    ap.add_argument("--only", default=None, help=f"comma-separated sections of: {', '.join(SECTIONS)} (default: "
+                    f"all; with --smoke all but {', '.join(sorted(NOT_IN_SMOKE))})")
     ap.add_argument("--out", type=Path, help="also write the table to this file")
     args = ap.parse_args(argv)
 
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.only is None:
+        sections = [s for s in SECTIONS if not (args.smoke and s in NOT_IN_SMOKE)]
+    else:
+        sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
