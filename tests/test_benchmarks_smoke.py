@@ -114,3 +114,22 @@ def test_record_side_check_catches_missing_tokens():
             rec.annotate(labels=labels)
     with pytest.raises(AssertionError, match="recorded"):
         bench_record.check(model, batch, labels, rec.routing)
+
+
+def test_browser_benchmark_smoke_times_every_control():
+    """`--smoke --only browser`: JupyterLab + Chromium on a tiny model; both rows, and a time for
+    each control (no target judged at smoke size)."""
+    if not Path("/usr/bin/chromium").exists():
+        if os.environ.get("CI"):
+            pytest.fail("/usr/bin/chromium is missing in CI: `make test` should have installed Debian's chromium")
+        pytest.skip("/usr/bin/chromium is not installed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "browser"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 2, "\n".join(rows)
+    assert rows[0].startswith("| dashboard control changed in the page") and rows[1].startswith("| `LilyDashboard(")
+    assert "median" in rows[0] and "p90" in rows[0] and " s" in rows[1]
+    timed = [line for line in done.stdout.splitlines() if line.startswith("- browser: ") and "median" in line]
+    assert {"Routers", "Experts", "Spectra", "Diagnosis", "Budget"} <= {t.split()[2] for t in timed}
