@@ -26,7 +26,7 @@ PIP := $(PY) -m pip
 INSTALL_KEY := $(shell { cat pyproject.toml; echo '$(TORCH_SPEC) $(EXTRAS)'; } | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(INSTALL_KEY)
 
-.PHONY: venv test demo browser clean
+.PHONY: venv test demo browser docs-images clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,14 @@ test: $(STAMP) browser
 
 demo: $(STAMP)
 	$(VENV)/bin/lily-lab demo $(DEMO_ARGS)
+
+# The README's dashboard pictures are the browser test's screenshots (run `make test` first).
+DOC_IMAGES := dashboard.png dashboard_routers_sentence_sites.png:dashboard_routers_sentence.png \
+              dashboard_diagnosis.png
+docs-images:
+	@for pair in $(DOC_IMAGES); do src=$${pair%%:*}; dst=$${pair#*:}; \
+		test -f test-output/$$src || { echo "test-output/$$src missing: run tests/test_browser.py first" >&2; exit 1; }; \
+		cp test-output/$$src docs/$$dst; echo "docs/$$dst <- test-output/$$src"; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis lily_lab_demo_adapter

@@ -79,7 +79,7 @@ def plot_sharing_diagram(layout: pd.DataFrame, *, group: str | None = None, titl
             hovertext=[f"expert B{e} ({r} × {d_out}) of bank {gname}<br>shared by all {L} sites of the group"
                        for e in range(E)]))
         notes.append(dict(x=-0.5, y=y0 + 2.75, xref="x", yref="y", xanchor="left", showarrow=False,
-                          text=f"<b>{bank_label(g)}</b>: {L} sites, {len(a_ids)} A, {E} expert{'s' * (E != 1)}"))
+                          text=f"<b>{bank_label(g)}</b>: {L} site{'s' * (L != 1)}, {len(a_ids)} A, {E} expert{'s' * (E != 1)}"))
         tickvals += [y0 + 2, y0 + 1, y0]
         ticktext += list(_TIERS)
     # Everything in one go: five add_scatter calls and three axis updates took twice as long.
@@ -108,7 +108,7 @@ def plot_parameter_budget(budget: pd.DataFrame, *, log: bool = False, title: str
     head = "Lily vs LoRA"
     if {"layers", "d_in", "d_out", "stride_A", "num_B"} <= set(df.columns):
         row = {c: int(df[c].iloc[0]) for c in ("layers", "d_in", "d_out", "stride_A", "num_B", "groups") if c in df}
-        head += (f": {row['layers']} sites of {row['d_out']}×{row['d_in']}, stride_A={row['stride_A']}, "
+        head += (f": {row['layers']} site{'s' * (row['layers'] != 1)} of {row['d_out']}×{row['d_in']}, stride_A={row['stride_A']}, "
                  f"num_B={row['num_B']}" + (f", {row['groups']} groups" if row.get("groups", 1) > 1 else ""))
     # Two panels side by side, laid out by hand: make_subplots took 15 ms, most of a slider move
     # in BudgetCalculator.
