@@ -99,7 +99,29 @@ def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] |
         return _spectra_facets(main, frames["baseline"], facet, int(columns), log, title, colors, layer_values,
                                palette, mixtures, baseline is not None)
     fig = figure(escape(title) if title else head)
-    for role, frame in (("", main), ("baseline", frames["baseline"])):
+    for role, site, mixture, part in _lines(main, frames["baseline"], log):
+        module = modules(part).iloc[0]
+        where = site_label(module, part["layer"].iloc[0])
+        what = escape(part["kind"].iloc[0] if "kind" in part.columns else "baseline") + " (baseline)" if role \
+            else escape(mixture) if mixture is not None else ""
+        name = f"{where} · {what}" if what else where
+        fig.add_scatter(
+            x=(part["k"] + 1).tolist(), y=part["sigma"].tolist(), mode="lines+markers", name=name,
+            legendgroup=_key(site),
+            line=dict(color=colors.get(_key(site), NEUTRAL), width=1.5, dash="dash" if role else
+                      _dash(mixtures.index(mixture)) if mixture in mixtures else "solid"),
+            marker=dict(size=5, symbol=_SYMBOLS[module_list.index(module) % len(_SYMBOLS)]),
+            hovertext=[f"site: {escape(site)}<br>{where}<br>{what}<br>k = {k + 1}: σ = {fmt(s, 4)}"
+                       for k, s in zip(part["k"], part["sigma"])], hoverinfo="text")
+    fig.update_xaxes(title_text="k (1 = largest singular value)", tick0=1, dtick=1 if main["k"].max() < 20 else None)
+    fig.update_yaxes(title_text="σ_k of ΔW" + (" (log scale)" if log else ""), type="log" if log else "linear")
+    return fig
+
+
+def _lines(main: pd.DataFrame, base: pd.DataFrame, log: bool):
+    """``(role, site, mixture, rows)`` for each line of a spectra figure: every site × mixture of
+    ``main`` (role ``""``), then of ``base`` (role ``"baseline"``), rows in order of k, with layers."""
+    for role, frame in (("", main), ("baseline", base)):
         if frame.empty:
             continue
         frame = frame.assign(layer=layers(frame))
@@ -107,24 +129,7 @@ def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] |
         for key, part in frame.groupby(keys, sort=False):
             site, mixture = (key if isinstance(key, tuple) else (key,)) + ((None,) if len(keys) == 1 else ())
             part = part.sort_values("k")
-            if log:
-                part = part[part["sigma"] > 0]  # log scale: σ = 0 has no place
-            module = modules(part).iloc[0]
-            where = site_label(module, part["layer"].iloc[0])
-            what = escape(part["kind"].iloc[0] if "kind" in part.columns else "baseline") + " (baseline)" if role \
-                else escape(mixture) if mixture is not None else ""
-            name = f"{where} · {what}" if what else where
-            fig.add_scatter(
-                x=(part["k"] + 1).tolist(), y=part["sigma"].tolist(), mode="lines+markers", name=name,
-                legendgroup=_key(site),
-                line=dict(color=colors.get(_key(site), NEUTRAL), width=1.5, dash="dash" if role else
-                          _dash(mixtures.index(mixture)) if mixture in mixtures else "solid"),
-                marker=dict(size=5, symbol=_SYMBOLS[module_list.index(module) % len(_SYMBOLS)]),
-                hovertext=[f"site: {escape(site)}<br>{where}<br>{what}<br>k = {k + 1}: σ = {fmt(s, 4)}"
-                           for k, s in zip(part["k"], part["sigma"])], hoverinfo="text")
-    fig.update_xaxes(title_text="k (1 = largest singular value)", tick0=1, dtick=1 if main["k"].max() < 20 else None)
-    fig.update_yaxes(title_text="σ_k of ΔW" + (" (log scale)" if log else ""), type="log" if log else "linear")
-    return fig
+            yield role, site, mixture, part[part["sigma"] > 0] if log else part  # log scale: σ = 0 has no place
 
 
 def _spectra_facets(main: pd.DataFrame, base: pd.DataFrame, facet: str, columns: int, log: bool,
@@ -149,29 +154,20 @@ def _spectra_facets(main: pd.DataFrame, base: pd.DataFrame, facet: str, columns:
     head = f"Singular values of ΔW: one panel per {'bank' if facet == 'group' else 'module'}, a line per layer"
     head += " (dashed: baseline)" if has_baseline else ""
     traces = []
-    for role, frame in (("", main), ("baseline", base)):
-        if frame.empty:
-            continue
-        frame = frame.assign(layer=layers(frame))
-        keys = [c for c in ("site", "mixture") if c in frame.columns]
-        for key, part in frame.groupby(keys, sort=False):
-            site, mixture = (key if isinstance(key, tuple) else (key,)) + ((None,) if len(keys) == 1 else ())
-            part = part.sort_values("k")
-            if log:
-                part = part[part["sigma"] > 0]
-            i = panels.index(part["_panel"].iloc[0])
-            layer = part["layer"].iloc[0]
-            where = site_label(modules(part).iloc[0], layer)
-            what = (escape(part["kind"].iloc[0] if "kind" in part.columns else "baseline") + " (baseline)" if role
-                    else escape(mixture) if mixture is not None else "")
-            traces.append(dict(
-                type="scatter", x=(part["k"] + 1).tolist(), y=part["sigma"].tolist(), mode="lines+markers",
-                name=f"{where} · {what}" if what else where, legendgroup=f"layer {layer}", showlegend=False,
-                line=dict(color=colors.get(_key(site), NEUTRAL), width=1.5, dash="dash" if role else
-                          _dash(mixtures.index(mixture)) if mixture in mixtures else "solid"),
-                marker=dict(size=4), xaxis=f"x{i + 1 if i else ''}", yaxis=f"y{i + 1 if i else ''}",
-                hovertext=[f"site: {escape(site)}<br>{where}<br>{what}<br>k = {k + 1}: σ = {fmt(s, 4)}"
-                           for k, s in zip(part["k"], part["sigma"])], hoverinfo="text"))
+    for role, site, mixture, part in _lines(main, base, log):
+        i = panels.index(part["_panel"].iloc[0])
+        layer = part["layer"].iloc[0]
+        where = site_label(modules(part).iloc[0], layer)
+        what = (escape(part["kind"].iloc[0] if "kind" in part.columns else "baseline") + " (baseline)" if role
+                else escape(mixture) if mixture is not None else "")
+        traces.append(dict(
+            type="scatter", x=(part["k"] + 1).tolist(), y=part["sigma"].tolist(), mode="lines+markers",
+            name=f"{where} · {what}" if what else where, legendgroup=f"layer {layer}", showlegend=False,
+            line=dict(color=colors.get(_key(site), NEUTRAL), width=1.5, dash="dash" if role else
+                      _dash(mixtures.index(mixture)) if mixture in mixtures else "solid"),
+            marker=dict(size=4), xaxis=f"x{i + 1 if i else ''}", yaxis=f"y{i + 1 if i else ''}",
+            hovertext=[f"site: {escape(site)}<br>{where}<br>{what}<br>k = {k + 1}: σ = {fmt(s, 4)}"
+                       for k, s in zip(part["k"], part["sigma"])], hoverinfo="text"))
     # The legend: a line per layer in its colour (toggles the layer everywhere), a key per line style.
     for layer, color in zip(layer_values, palette):
         traces.append(dict(type="scatter", x=[None], y=[None], mode="lines", name=f"layer {escape(layer)}",
