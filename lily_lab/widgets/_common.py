@@ -1,10 +1,9 @@
 """Pieces every widget uses: a FigureWidget pane that takes a new figure by sending only what
 changed, a grid of panes that stacks on narrow screens, captions, controls whose labels fit, a
-message box for empty data, and escaping of data text rendered as HTML."""
+message box for empty data."""
 
 from __future__ import annotations
 
-import html
 import re
 from typing import Any, Callable, Iterable
 
@@ -14,12 +13,7 @@ import numpy as np
 import traitlets
 import plotly.graph_objects as go
 
-from ..plots import TEMPLATE
-
-
-def escape(text) -> str:
-    """Data text (tokens, labels, site names) made safe to put in HTML."""
-    return html.escape(str(text), quote=True)
+from ..plots import TEMPLATE, escape  # noqa: F401 — escape: the one escaping of data text, for widgets too
 
 
 class _All:
