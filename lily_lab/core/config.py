@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import LilyConfigError
 
-ROUTING_MODES = ("batch", "sequence", "token")
+ROUTING_MODES = ("batch", "sequence", "token", "causal")
 
 #: Version of the JSON layout written by :meth:`LilyConfig.to_json`. Readers accept this version
 #: and older ones; a newer file is rejected with a message asking to upgrade lily_lab.
@@ -48,7 +48,10 @@ class LilyConfig:
             samples included — as the paper and PEFT do, so one sample's output depends on the
             rest of its batch; ``"sequence"`` averages per sequence, skipping padding when the
             model is called with an ``attention_mask``, so outputs do not depend on batching;
-            ``"token"`` uses each token's own distribution, ``π_t = p_t``.
+            ``"token"`` uses each token's own distribution, ``π_t = p_t``; ``"causal"`` (for
+            causal LMs) mixes position ``t`` with the mean of ``p`` over the real positions
+            ``≤ t`` of its sequence, so no output depends on a later token and generation with
+            a KV cache computes what one forward pass over the same text computes.
         router_temperature: Divides the router logits before the softmax. Above 1 the router's
             distributions are flatter, below 1 sharper.
         router_top_k: Keep only the ``k`` largest router probabilities of each token,

@@ -251,10 +251,24 @@ class _MaskCapture:
         mask = kwargs.get("attention_mask")
         if mask is None and self.position is not None and len(args) > self.position:
             mask = args[self.position]
-        self.context.push(mask if isinstance(mask, torch.Tensor) else None)
+        self.context.push(mask if isinstance(mask, torch.Tensor) else None, _past_length(kwargs))
 
     def post(self, module, args, kwargs, output):
         self.context.pop()
+
+
+def _past_length(kwargs: dict) -> int:
+    """Positions already in the KV cache of a transformers call (``past_key_values``, or
+    ``cache`` as ``generate`` passes it), before this call adds its own; 0 without one."""
+    for key in ("past_key_values", "cache"):
+        cache = kwargs.get(key)
+        length = getattr(cache, "get_seq_length", None)
+        if callable(length):
+            try:
+                return int(length())
+            except (TypeError, ValueError, RuntimeError, IndexError):
+                return 0
+    return 0
 
 
 def _install_mask_hooks(model: nn.Module, context: CallContext) -> list[Any]:

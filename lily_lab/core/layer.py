@@ -50,14 +50,22 @@ class CallContext:
 
     def __init__(self) -> None:
         self._masks: list[torch.Tensor | None] = []
+        self._past: list[int] = []
         self._last: torch.Tensor | None = None
 
-    def push(self, mask: torch.Tensor | None) -> None:
+    def push(self, mask: torch.Tensor | None, past: int = 0) -> None:
         self._masks.append(mask)
+        self._past.append(past)
 
     def pop(self) -> None:
         if self._masks:
             self._last = self._masks.pop()
+            self._past.pop()
+
+    @property
+    def past_length(self) -> int:
+        """Positions already in the KV cache the call was given (0: no cache, or an empty one)."""
+        return self._past[-1] if self._past else 0
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
@@ -126,6 +134,9 @@ class LilyLayer(nn.Module):
         self.target, self.group, self.index, self.a_index = target, group, index, a_index
         self._context = context
         self._observers: OrderedDict[int, Callable[[RoutingEvent], None]] = OrderedDict()
+        # Causal routing: (Σ p, count, positions) of each sequence after the last call, carried
+        # into the next call of a cached generation (see _causal_mask).
+        self._causal_state: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.d_in, self.d_out = base_dims(base_layer)
 
     def options(self) -> dict:
@@ -168,9 +179,13 @@ class LilyLayer(nn.Module):
             probs = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
         probs = probs.to(h.dtype)
         aux = self.training and any(self.aux_weights) and torch.is_grad_enabled()
-        # Padding matters to the per-sequence mean, the aux losses and observers only.
-        token_mask = self._token_mask(x) if (self.routing == "sequence" or aux or self._observers) else None
-        lhs, rhs, mixture = _MIXERS[self.routing](h, probs, B, token_mask)
+        if self.routing == "causal":
+            token_mask, past = self._causal_mask(x)
+            lhs, rhs, mixture = self._mix_causal(h, probs, B, token_mask, past)
+        else:
+            # Padding matters to the per-sequence mean, the aux losses and observers only.
+            token_mask = self._token_mask(x) if (self.routing == "sequence" or aux or self._observers) else None
+            lhs, rhs, mixture = _MIXERS[self.routing](h, probs, B, token_mask)
         if aux:
             loss = _router_aux_loss(logits, probs, token_mask, self.aux_weights)
             self.aux_loss = loss if self.aux_loss is None else self.aux_loss + loss
@@ -191,6 +206,39 @@ class LilyLayer(nn.Module):
         if mask is None or mask.dim() != 2 or x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
             return None
         return mask.to(device=x.device) != 0
+
+    def _causal_mask(self, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """``(token_mask, continues)`` for causal routing. A call given a KV cache that already
+        holds exactly the positions this site has summed is the next step of a cached
+        generation: the running sums go on (its mask, when given, covers cache and input: the
+        last positions are the input's). Any other call starts the sums afresh."""
+        context = self._context
+        mask = context.attention_mask if context is not None else None
+        past = context.past_length if context is not None else 0
+        state = self._causal_state
+        continues = (past > 0 and x.dim() == 3 and state is not None and state[2] == past
+                     and state[0].shape[0] == x.shape[0])
+        if mask is None or mask.dim() != 2 or x.dim() != 3 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            return None, continues
+        return mask[:, -x.shape[1]:].to(device=x.device) != 0, continues
+
+    def _mix_causal(self, h, probs, B, token_mask, continues):
+        """π_{b,t} = the mean of p over the real positions ≤ t of sequence b (DESIGN: "causal"),
+        then applied per token like token routing. The sums at the last position are kept
+        (detached) for the next step of a cached generation."""
+        if h.dim() < 3:  # rows without positions: each is its own sequence of one token
+            return _mix_token(h, probs, B, token_mask)
+        p = probs.float()  # (batch, tokens, E), sums in float32
+        m = torch.ones_like(p[..., :1]) if token_mask is None else token_mask.unsqueeze(-1).to(p.dtype)
+        S, C = torch.cumsum(p * m, dim=1), torch.cumsum(m, dim=1)  # (batch, tokens, E), (batch, tokens, 1)
+        if continues:
+            S0, C0, _ = self._causal_state
+            S, C = S + S0.unsqueeze(1), C + C0.unsqueeze(1)
+        # A position with no real token yet (left padding) uses its own p.
+        mixture = torch.where(C > 0, S / C.clamp_min(1), p).to(probs.dtype)
+        seen = (self._causal_state[2] if continues else 0) + h.shape[1]
+        self._causal_state = (S[:, -1].detach(), C[:, -1].detach(), seen)
+        return _mix_token(h, mixture, B, token_mask)
 
     def extra_repr(self) -> str:
         return (

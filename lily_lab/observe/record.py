@@ -258,9 +258,13 @@ class Recorder:
             # The mixture applied to each kept token, and sampled mixture rows. A per-token mixture
             # is p itself, already on the host: only per-sequence or per-call mixtures are copied.
             dims = mixture.dim()
-            if rec.routing == "token" or dims > 2 or (dims == 2 and mixture.shape[0] != b):
+            if rec.routing == "token":
                 mix_tok = p
                 rows = {"mixture": p.astype(np.float32), "call": call_col, "sequence": seq_col}
+            elif dims > 2 or (dims == 2 and mixture.shape[0] != b):  # per token, not p: causal routing
+                mix_tok = mixture.reshape(-1, E).float().cpu().numpy().astype(np.float64)
+                mix_tok = mix_tok if keep is None else mix_tok[keep]
+                rows = {"mixture": mix_tok.astype(np.float32), "call": call_col, "sequence": seq_col}
             else:
                 mix = mixture.float().cpu().numpy().astype(np.float64)
                 if dims == 2:  # sequence routing: one row per sequence
