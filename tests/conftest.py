@@ -6,6 +6,18 @@ from __future__ import annotations
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere
+_OWN_CACHE = None
+if "LILY_LAB_CACHE" not in os.environ:  # SmolLM2's de-quantized copy: once per test run, not in ~/.cache
+    import tempfile
+
+    _OWN_CACHE = os.environ["LILY_LAB_CACHE"] = tempfile.mkdtemp(prefix="lily_lab_test_cache_")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:  # ~540 MB: not left behind
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 import pytest
 import torch
