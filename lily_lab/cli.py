@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="lily_lab_report.html", help="the HTML report (default lily_lab_report.html)")
     report.add_argument("--texts", type=_positive_int, default=512, help="how many texts to record (default 512)")
     report.add_argument("--seed", type=int, default=0, help="seed for picking the texts (default 0)")
+    report.add_argument("--causal-lm", action="store_true", help="load --model as a causal LM (default: when its "
+                        "config names a …ForCausalLM or …LMHeadModel architecture)")
     _data_options(report, label_default=None)
     report.set_defaults(handler=_report)
     return parser
@@ -78,7 +80,8 @@ def _report(args: argparse.Namespace) -> int:
     from lily_lab.commands import run_report
 
     return run_report(args.adapter_dir, model_dir=args.model_dir, data=args.data, text_column=args.text_column,
-                      label_column=args.label_column, out=args.out, n_texts=args.texts, seed=args.seed)
+                      label_column=args.label_column, out=args.out, n_texts=args.texts, seed=args.seed,
+                      causal_lm=args.causal_lm)
 
 
 def _running_now() -> float:

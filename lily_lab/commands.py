@@ -139,8 +139,13 @@ def run_demo(*, steps=30, routing="batch", r=8, stride_A=2, num_B=4, seed=0, out
 
 
 def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", label_column=None, out="lily_lab_report.html",
-               n_texts=512, seed=0, threads=2) -> int:
-    """Analyse a saved adapter (lily_lab, PEFT Lily or PEFT LoRA) on data; write the HTML report."""
+               n_texts=512, seed=0, threads=2, causal_lm=False) -> int:
+    """Analyse a saved adapter (lily_lab, PEFT Lily or PEFT LoRA) on data; write the HTML report.
+
+    The base is MiniLM with the demo's classification head unless ``model_dir`` is given; a base
+    whose config names a causal LM (``…ForCausalLM``, ``…LMHeadModel``), or ``causal_lm=True``, is
+    loaded as one — its own LM head, no classifier — with EOS as the padding token when it has none
+    (Llama-3.2 has none)."""
     import json
 
     from . import CheckpointError, load_adapter, report
@@ -159,12 +164,16 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
             raise CheckpointError(f"{peft_cfg} is not valid JSON") from None
     head = adapter_dir / D.HEAD_FILE
     num_labels = 2
-    if head.is_file():
-        from safetensors import safe_open
+    causal = model_dir is not None and (causal_lm or _is_causal_lm(model_dir))
+    if causal:
+        tokenizer, model = _load_causal_lm(model_dir)
+    else:
+        if head.is_file():
+            from safetensors import safe_open
 
-        with safe_open(str(head), "pt") as f:
-            num_labels = next(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("bias"))
-    tokenizer, model, _ = D.load_minilm(num_labels=num_labels, path=model_dir)
+            with safe_open(str(head), "pt") as f:
+                num_labels = next(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("bias"))
+        tokenizer, model, _ = D.load_minilm(num_labels=num_labels, path=model_dir)
     if kind == "LORA":
         if not (adapter_dir / "adapter_model.safetensors").is_file():
             raise CheckpointError(f"{adapter_dir} has no adapter_model.safetensors (lily-lab reads safetensors only)")
@@ -175,7 +184,7 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
         model = _load_lora(peft, model, adapter_dir)
     else:
         model = _load_lily(model, adapter_dir, load_adapter)
-    if head.is_file() and kind != "LORA":
+    if head.is_file() and kind != "LORA" and not causal:
         D.load_head(model, adapter_dir)
     frame = D.load_tweets() if data is None else D.load_csv(data, text_column, label_column)
     frame = frame.sample(n=min(n_texts, len(frame)), random_state=seed)
@@ -186,12 +195,47 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
     if kind != "LORA":
         routing, order = _record(model, enc, labels, names)
         _summary(model, routing)
-        if head.is_file() and len(names) == num_labels:  # a trained head: its predictions mean something
+        if head.is_file() and not causal and len(names) == num_labels:  # a trained head: predictions mean something
             predicted = [names[i] for i in D.predict_logits(model, enc).argmax(dim=-1)[order].tolist()]
     path = report(model, routing, out, title=f"lily_lab report — {adapter_dir.name}", tokenizer=tokenizer,
                   predictions=predicted)
     print(f"report: {path}")
     return 0
+
+
+def _is_causal_lm(model_dir) -> bool:
+    """Whether the transformers config in ``model_dir`` names a causal-LM architecture."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    try:
+        archs = json.loads(path.read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def _load_causal_lm(model_dir):
+    """``(tokenizer, model)`` of a local causal LM: no remote code, padding by EOS when the
+    tokenizer has no pad token, right padding (the recording runs full forwards, no generation)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import LilyLabError
+
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"no model directory at {str(model_dir)!r}")
+    with D._quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LilyLabError(f"the tokenizer in {model_dir} has neither a pad nor an EOS token, so texts of different "
+                               "lengths cannot be batched; add one (tokenizer.pad_token = …) and save it again")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model.eval()
 
 
 def _load_lily(model, adapter_dir, load_adapter):
