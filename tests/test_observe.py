@@ -515,3 +515,17 @@ def test_every_site_samples_the_same_tokens():
     first = next(iter(kept.values()))
     assert len(kept) == 6 and len(first) == 50
     assert all(k == first for k in kept.values())
+
+
+def test_specialization_gives_each_label_its_own_load_entropy():
+    """Hand-computed: H(u_v) / ln E of the label's usage vector, as router_metrics does for a site."""
+    model = holder(E=3, r=3, routing="token")
+    with ll.record_routing(model) as rec:
+        for i in range(3):
+            model(torch.randn(2, 5, 3), torch.ones(2, 5))
+            rec.annotate(labels=["a", "b"])
+    spec = ll.specialization(rec.routing, by="label")
+    for _, part in spec.groupby("value"):
+        u = part.sort_values("expert").usage.to_numpy()
+        assert part.load_entropy.nunique() == 1
+        assert part.load_entropy.iloc[0] == pytest.approx(-(u * np.log(u)).sum() / np.log(3), rel=1e-9)

@@ -86,7 +86,8 @@ def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> p
     token id (``by="token"``).
 
     One row per site × value × expert: ``usage`` = mean router probability of the expert over
-    that value's tokens, ``n_tokens`` of the value, and per site (repeated on its rows)
+    that value's tokens, ``n_tokens`` of the value, ``load_entropy`` of the value's usage vector
+    (``H(u_v) / ln E``, as ``router_metrics`` for the whole site), and per site (repeated on its rows)
     ``mutual_information`` I(value; expert) in nats, ``normalized_mi`` (÷ ln E) and
     ``js_divergence``, the mean pairwise Jensen–Shannon divergence (bits) between the values'
     usage vectors. Values seen fewer than ``min_count`` times are left out of the rows, not the MI.
@@ -113,9 +114,10 @@ def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> p
         for v, c, uv, keep in zip(values, counts, usage, frequent):
             if not keep:
                 continue
+            H_v = float(_entropy(uv) / np.log(rec.num_B))  # the value's own load entropy (§5)
             for e in range(rec.num_B):
                 rows.append({**_site_columns(rec), "value": v, "expert": e, "usage": float(uv[e]),
-                             "n_tokens": int(c), "mutual_information": mi,
+                             "n_tokens": int(c), "load_entropy": H_v, "mutual_information": mi,
                              "normalized_mi": mi / np.log(rec.num_B), "js_divergence": js})
     if not rows:
         what = "labels: call recorder.annotate(labels=…) after each call" if by == "label" else \

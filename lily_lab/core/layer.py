@@ -180,8 +180,8 @@ class LilyLayer(nn.Module):
         probs = probs.to(h.dtype)
         aux = self.training and any(self.aux_weights) and torch.is_grad_enabled()
         if self.routing == "causal":
-            token_mask, past = self._causal_mask(x)
-            lhs, rhs, mixture = self._mix_causal(h, probs, B, token_mask, past)
+            token_mask, continues = self._causal_mask(x)
+            lhs, rhs, mixture = self._mix_causal(h, probs, B, token_mask, continues)
         else:
             # Padding matters to the per-sequence mean, the aux losses and observers only.
             token_mask = self._token_mask(x) if (self.routing == "sequence" or aux or self._observers) else None
@@ -223,7 +223,7 @@ class LilyLayer(nn.Module):
         return mask[:, -x.shape[1]:].to(device=x.device) != 0, continues
 
     def _mix_causal(self, h, probs, B, token_mask, continues):
-        """π_{b,t} = the mean of p over the real positions ≤ t of sequence b (DESIGN: "causal"),
+        """π_{b,t} = the mean of p over the real positions ≤ t of sequence b (``routing="causal"``),
         then applied per token like token routing. The sums at the last position are kept
         (detached) for the next step of a cached generation."""
         if h.dim() < 3:  # rows without positions: each is its own sequence of one token

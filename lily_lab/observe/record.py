@@ -255,8 +255,9 @@ class Recorder:
             if n:
                 rec.sum_z += float(z_sum[i])
             rec.n_calls += 1
-            # The mixture applied to each kept token, and sampled mixture rows. A per-token mixture
-            # is p itself, already on the host: only per-sequence or per-call mixtures are copied.
+            # The mixture applied to each kept token, and sampled mixture rows. Token routing's
+            # mixture is p itself, already on the host; causal routing's (per token, running means)
+            # and the per-sequence and per-call mixtures are copied.
             dims = mixture.dim()
             if rec.routing == "token":
                 mix_tok = p

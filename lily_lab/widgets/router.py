@@ -3,10 +3,7 @@ routing modes compared, the bank across layers, and whole sentences routed acros
 
 from __future__ import annotations
 
-import math
-
 import ipywidgets as W
-import numpy as np
 
 from .. import plots
 from ..analysis import expert_layer_profile, mixture_modes, router_metrics, specialization
@@ -189,14 +186,11 @@ class RouterExplorer(W.VBox):
                    f"{int((self.metrics.group == m.group).sum())} sites"
         if label is not ALL and self.by_label is not None:
             part = self.by_label[(self.by_label.site == site) & (self.by_label.value == label)]
-            u = part.sort_values("expert").usage.to_numpy(dtype=float)
             n = int(part.n_tokens.iloc[0]) if len(part) else 0
             if n == 0:
                 return f"{where} — no tokens with label {escape(label)}"
-            E = len(u)
-            H = -float(np.sum(u[u > 0] * np.log(u[u > 0]))) / math.log(E) if E > 1 else float("nan")
-            return (f"{where} · label <b>{escape(label)}</b> — {n:,} tokens · load entropy {H:.3f} · "
-                    f"max usage {u.max():.3f} · routing {escape(m.routing)}")
+            return (f"{where} · label <b>{escape(label)}</b> — {n:,} tokens · load entropy "
+                    f"{part.load_entropy.iloc[0]:.3f} · max usage {part.usage.max():.3f} · routing {escape(m.routing)}")
         return (f"{where} — {int(m.n_tokens):,} tokens · load entropy {m.load_entropy:.3f} · "
                 f"routing MI {m.routing_mi:.3f} · max usage {m.max_usage:.3f} · routing {escape(m.routing)}")
 
