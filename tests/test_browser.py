@@ -253,7 +253,7 @@ def check_figures(figs: list[dict], kernel: list[dict] | None, report: Report, t
                 add(f"visible {a['name']} ({a['type']}) draws no tick labels")
             if has_data and a["type"] == "category" and a["categories"] == 0:
                 add(f"{a['name']} is categorical but has no categories (an empty axis)")
-            if ka.get("type") and ka["type"] != a["type"]:
+            if ka.get("type") not in (None, "", "-") and ka["type"] != a["type"]:  # "-": plotly.js chooses
                 add(f"{a['name']} is {a['type']!r} in the page but {ka['type']!r} in the kernel's figure")
         for t in f["traces"]:
             if not t["cartesian"]:

@@ -226,9 +226,9 @@ class FrontEnd:
         assert _plain(self.data) == [_plain(t._props) for t in self.fig.data], f"{what}: traces differ"
         if self.source is not None:  # and the kernel's figure is the one the plot function built
             own = {"template", "height", "width", "autosize"}
-            # [] = no shapes; autorange=True is plotly's default, which the pane states for every axis
-            # the figure does not range (plotly.js would keep the previous figure's range)
-            shown = {k: ({a: b for a, b in v.items() if (a, b) != ("autorange", True)} or None)
+            # [] = no shapes; autorange=True and type "-" are plotly's defaults, which the pane states
+            # for every axis the figure does not range or type (plotly.js would keep the previous ones)
+            shown = {k: ({a: b for a, b in v.items() if (a, b) not in (("autorange", True), ("type", "-"))} or None)
                      if re.fullmatch(r"[xy]axis\d*", k) and isinstance(v, dict) else v
                      for k, v in want_layout.items() if k not in own and v != []}
             shown = {k: v for k, v in shown.items() if v is not None}

@@ -63,7 +63,7 @@ def plot_token_probs(tokens: pd.DataFrame, site: str, *, kind: str = "box", titl
         e = int(c[1:])
         hover = [f"token {t} · position {p}{x}<br>{where}<br>expert {e}: p = {fmt(v)}"
                  for t, p, x, v in zip(text, pos, extra, part[c])]
-        common = dict(y=part[c].tolist(), name=f"expert {e}", marker=dict(color=expert_color(e)), hovertext=hover,
+        common = dict(y=part[c].tolist(), x0=e, name=f"expert {e}", marker=dict(color=expert_color(e)), hovertext=hover,
                       hoverinfo="y+text")
         if kind == "box":
             traces.append(dict(type="box", boxpoints="outliers", boxmean=True, **common))
@@ -72,7 +72,8 @@ def plot_token_probs(tokens: pd.DataFrame, site: str, *, kind: str = "box", titl
                                meanline=dict(visible=True), **common))
     # Traces and axes at construction: one validation pass instead of one per add and update.
     fig = figure(escape(title) if title else f"Router probability per token at {where} ({len(part):,} sampled tokens)",
-                 showlegend=False, xaxis=dict(title=dict(text="expert")),
+                 showlegend=False,  # one box per expert at x = its index: ticks at the experts only (no "0.5")
+                 xaxis=dict(title=dict(text="expert"), tickmode="array", tickvals=[int(c[1:]) for c in cols]),
                  yaxis=dict(title=dict(text="router probability p(expert | token)"), range=[0, 1.02]))
     fig.add_traces(traces)
     return fig

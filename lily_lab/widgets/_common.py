@@ -161,13 +161,17 @@ class FigurePane:
         """Draw ``fig`` (its own ``height`` when it sets one and ``height`` is not given)."""
         data = [t.to_plotly_json() for t in fig.data]
         layout = {k: v for k, v in fig.layout._props.items() if k not in _KEEP}
-        # plotly.js writes the range it drew back into the page's layout and stops autoranging an
-        # axis once a range was given: an axis the new figure does not range is told to autorange,
-        # or it would keep the previous figure's range (bars of 0.3 on a -1…4 axis).
+        # plotly.js writes the range and the type it chose back into the page's layout: an axis
+        # the new figure does not range is told to autorange, and one it does not type to choose
+        # its type afresh ("-"), or it would keep the previous figure's (bars of 0.3 on a -1…4
+        # axis; boxes named "expert 0" on the previous figure's linear axis).
         for name in [k for k in set(layout) | set(self.figure.layout._props) if _AXIS.fullmatch(k)]:
             axis = layout.get(name) or {}
-            if isinstance(axis, dict) and "range" not in axis and "autorange" not in axis:
-                layout[name] = {**axis, "autorange": True}
+            if isinstance(axis, dict):
+                fresh = {} if "range" in axis or "autorange" in axis else {"autorange": True}
+                fresh.update({} if "type" in axis else {"type": "-"})
+                if fresh:
+                    layout[name] = {**axis, **fresh}
         height = height or fig.layout.height or self.height
         same = len(data) == len(self.figure.data) and all(
             d.get("type") == t.type for d, t in zip(data, self.figure.data))
