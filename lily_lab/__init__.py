@@ -6,6 +6,7 @@ The public API (DESIGN §4) is importable from here; see ``__all__``.
 from .analysis import (
     Diagnosis,
     bank_summary,
+    causal_consistency,
     delta_spectra,
     diagnose,
     expert_layer_profile,
@@ -58,7 +59,7 @@ __all__ = [
     "router_metrics", "specialization", "expert_layer_profile", "top_tokens", "expert_similarity",
     "timeline_metrics", "timeline_expert_similarity", "bank_summary",
     "delta_spectra", "rank_summary", "lora_equivalent_rank", "intruder_dimensions", "merge_at", "merge_error",
-    "diagnose", "Diagnosis",
+    "diagnose", "Diagnosis", "causal_consistency",
     "sharing_layout", "sharing_layout_from_config", "parameter_budget",
     # report
     "report",

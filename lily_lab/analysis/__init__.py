@@ -1,5 +1,6 @@
 """Pure functions from recordings and adapters to tidy DataFrames (imports ``core`` and ``observe``)."""
 
+from .causal import CausalConsistencyError, causal_consistency
 from .diagnose import KINDS, Diagnosis, Finding, Thresholds, diagnose
 from .experts import bank_cosines, bank_summary, distinct_experts, expert_similarity
 from .intruders import intruder_dimensions
@@ -15,7 +16,7 @@ __all__ = [
     "expert_similarity", "bank_summary", "bank_cosines", "distinct_experts",
     "delta_spectra", "rank_summary", "spectrum_ranks", "lora_equivalent_rank", "factor_singular_values",
     "intruder_dimensions", "merge_at", "merge_error", "mixture_modes",
-    "diagnose", "Diagnosis", "Finding", "Thresholds", "KINDS",
+    "diagnose", "Diagnosis", "Finding", "Thresholds", "KINDS", "causal_consistency", "CausalConsistencyError",
     "timeline_metrics", "timeline_expert_similarity",
     "sharing_layout", "sharing_layout_from_config", "parameter_budget", "lily_group_parameters",
 ]

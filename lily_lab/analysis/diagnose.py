@@ -15,13 +15,17 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from ..core import adapter_sites
+from ..core import LilyLayer, adapter_sites
+from ..core.errors import LilyLabError
 from ..core.inject import get_state
 from ..observe.routing import Routing
+from .causal import CausalConsistencyError, batch_of, causal_consistency, is_causal_lm, pad_token_id, \
+    recorded_sequences, vocab_size
 from .experts import bank_summary
 from .routing import router_metrics
 
-KINDS = ("dominant_expert", "dead_expert", "input_blind_router", "redundant_experts", "inactive_adapter")
+KINDS = ("dominant_expert", "dead_expert", "input_blind_router", "redundant_experts", "inactive_adapter",
+         "future_leak")
 
 
 @dataclass
@@ -35,12 +39,16 @@ class Thresholds:
     redundant_cosine: float = 0.9  # mean pairwise B cosine ≥ this → redundant_experts
     redundant_critical: float = 0.99
     inactive_norm: float = 1e-6  # every ‖B_e‖ below this → inactive_adapter
+    future_leak: float = 1e-4  # future_leak or generation_drift (|Δ logit|) above this → future_leak
 
 
 def _plural(n: int, what: str) -> str:
     """``1 site``, ``2 sites``."""
     return f"{n} {what}{'s' * (n != 1)}"
 
+
+#: future_leak replays at most this many recorded sequences, each cut to its first LEAK_LENGTH tokens.
+LEAK_SEQUENCES, LEAK_LENGTH = 4, 64
 
 #: Findings about a whole bank: their ``sites`` are group keys (``query:384x384``), not site names.
 BANK_KINDS = frozenset({"redundant_experts", "inactive_adapter"})
@@ -143,7 +151,12 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
 
     Bank-level checks (``redundant_experts``, ``inactive_adapter``) need only the model; router
     checks (``dominant_expert``, ``dead_expert``, ``input_blind_router``) need a recording from
-    :func:`record_routing` on representative data. ``thresholds``: a :class:`Thresholds` or a
+    :func:`record_routing` on representative data. On a causal LM whose Lily sites route under
+    ``batch`` or ``sequence`` (or PEFT's Lily, which mixes over the call), ``future_leak`` replays
+    up to 4 recorded sequences (64 tokens each, rebuilt from the recording's sampled token ids)
+    through :func:`causal_consistency` in the model's own mode, and fires when later tokens change
+    earlier logits, or cached generation drifts from one forward pass, by more than
+    ``Thresholds.future_leak``. ``thresholds``: a :class:`Thresholds` or a
     dict of its fields.
     """
     if thresholds is None:
@@ -181,8 +194,11 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
             _remedy_redundant(mode),
             f"{_plural(len(redundant), 'bank')} whose B experts are near copies (mean pairwise cosine ≥ "
             f"{t.redundant_critical if critical else t.redundant_cosine})"))
+    leaky = _leaky_sites(model)
     if routing is None:
         d.notes.append("router checks skipped: pass routing= a recording from record_routing on your data")
+        if leaky:
+            d.notes.append("future_leak not checked: it replays sequences of a recording (pass routing=)")
         return d
     d.checked += ["dominant_expert", "dead_expert", "input_blind_router"]
     m = router_metrics(routing).dropna(subset=["max_usage"])
@@ -230,4 +246,65 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
              "the routers, or init_weights=False), then train; router_entropy_weight > 0 with "
              "balance_loss_weight makes tokens choose experts decisively."),
             f"{_plural(len(blind), 'site')} whose routing barely depends on the input (routing_mi < {t.blind_mi})"))
+    if leaky:
+        _check_future_leak(model, routing, leaky, t, d)
     return d
+
+
+def _leaky_sites(model: nn.Module) -> list[str]:
+    """Names of the Lily sites of a causal LM whose mixture spans later tokens: lily_lab sites under
+    batch or sequence routing, and every PEFT Lily site (PEFT mixes over the whole call). Empty
+    for any other model (encoders such as BERT, causal or token routing)."""
+    if not is_causal_lm(model):
+        return []
+    return [s.name for s in adapter_sites(model)
+            if s.kind == "peft-lily" or (s.kind == "lily" and s.layer.routing in ("batch", "sequence"))]
+
+
+def _check_future_leak(model: nn.Module, routing: Routing, sites: list[str], t: Thresholds, d: Diagnosis) -> None:
+    """Replay up to ``LEAK_SEQUENCES`` recorded sequences through :func:`causal_consistency` in
+    the model's own routing mode; a finding when the leak or the drift exceeds ``t.future_leak``."""
+    sequences = recorded_sequences(routing, LEAK_SEQUENCES, LEAK_LENGTH)
+    if not sequences:
+        d.notes.append(
+            "future_leak not checked: no recorded sequence could be rebuilt from the recording's sampled tokens "
+            "(each needs every position and its token id). Record with record_routing(model, max_tokens=...) "
+            "at least the number of tokens of the calls inside the block, and call the model with input_ids.")
+        return
+    layer = model.get_submodule(sites[0])
+    peft = not isinstance(layer, LilyLayer)
+    mode = "batch" if peft else layer.routing
+    try:
+        vocab = vocab_size(model)
+        sequences = [q for q in sequences if q.max() < vocab]  # a recording of another model's tokens
+        if not sequences:
+            raise CausalConsistencyError(f"the recorded token ids are not below this model's vocabulary ({vocab})")
+        ids, mask = batch_of(sequences, pad_token_id(model))
+        row = causal_consistency(model, ids, mask, modes=None if peft else [mode]).iloc[0]
+    except LilyLabError as e:
+        d.notes.append(f"future_leak not checked: {e}")
+        return
+    d.checked.append("future_leak")
+    leak, drift = float(row.future_leak), float(row.generation_drift)
+    if max(leak, drift) <= t.future_leak:
+        return
+    if peft:
+        remedy = ("PEFT's Lily mixes the experts over every token of a call and cannot route causally. Load the "
+                  "adapter into lily_lab — model = lily_lab.load_adapter(base_model, folder), base_model without "
+                  "the adapter — then set_lily_options(model, routing='causal') (or 'token'): position t then "
+                  "mixes positions ≤ t only, so nothing leaks and generate equals one forward pass (≤ 1e-5, "
+                  "tests/test_causal.py). The adapter was trained with the batch mixture it saw: fine-tune it "
+                  "after switching, and compare the two before relying on the switch.")
+    else:
+        remedy = ("Route causally: set_lily_options(model, routing='causal') (or routing='token'). Position t "
+                  "then mixes the router's choices at positions ≤ t only, so nothing leaks and cached "
+                  "generation equals one forward pass (≤ 1e-5, tests/test_causal.py). The adapter was trained "
+                  f"with the {mode} mixture it saw, so fine-tune (or retrain) it under the new mode; compare "
+                  "the two before relying on the switch.")
+    d.findings.append(Finding(
+        "future_leak", "warning", list(sites),
+        {"routing": mode, "future_leak": leak, "generation_drift": drift, "sequences": int(row.sequences)},
+        remedy,
+        f"later tokens change earlier outputs by up to {leak:.3g} in the logits, and cached generation drifts "
+        f"{drift:.3g} from one forward pass: {mode} routing mixes the experts over "
+        f"{'the whole call' if mode == 'batch' else 'the whole sequence'}, future tokens included"))

@@ -22,6 +22,7 @@ KIND_TITLES = {
     "input_blind_router": "A router that ignores its input",
     "redundant_experts": "Experts that are near copies of each other",
     "inactive_adapter": "An adapter that has learned nothing yet",
+    "future_leak": "Later tokens change earlier outputs (routing is not causal)",
 }
 
 #: Evidence keys whose words are not just the key with spaces.
