@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from ._common import Row, Settings, load_now, table  # noqa: E402
 
-SECTIONS = ["training", "record", "spectra", "adapter_file", "widgets", "browser", "demo"]
+SECTIONS = ["training", "record", "llm", "spectra", "adapter_file", "widgets", "browser", "demo"]
 # Not in a plain `--smoke` run (which `make test` runs): starting JupyterLab and Chromium takes
 # ~30 s on 2 busy cores, and tests/test_browser.py drives the same page. `--smoke --only browser`
 # runs it.

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level folder, not an installed package
 
-from benchmarks import bench_adapter_file, bench_record, bench_spectra, bench_training  # noqa: E402
+from benchmarks import bench_adapter_file, bench_llm, bench_record, bench_spectra, bench_training  # noqa: E402
 from benchmarks._common import Settings  # noqa: E402
 
 ROWS = [  # the start of each row's first cell, in order
@@ -28,6 +28,11 @@ ROWS = [  # the start of each row's first cell, in order
     "peak memory of a training step, token routing",
     "the adapter alone: 6 stacked",
     "eval forward under `record_routing`",
+    "training step (forward, backward, AdamW), tiny random Llama, Lily on q_proj,v_proj",
+    "same tiny random Llama step, causal routing",
+    "same tiny random Llama step, token routing",
+    "greedy `generate` under `record_routing` (tiny random Llama",
+    "memory held by `record_routing` over",
     "`delta_spectra`, one",
     "adapter file, 12 layers, stride 4, num_B 4",
     "widget control update",
@@ -51,7 +56,7 @@ def test_smoke_suite_prints_a_table_with_every_row():
         cells = [c.strip() for c in row.strip("|").split(" | ")]
         assert cells[0].startswith(want), (want, row)
         assert len(cells) == len(header.strip("|").split(" | "))
-    measured = rows[:9]  # the widget placeholder and the demo are not run by --smoke
+    measured = rows[:14]  # the widget placeholder and the demo are not run by --smoke
     for row in measured:
         assert "×" in row, row  # every measured row has a ratio
 
@@ -114,6 +119,25 @@ def test_record_side_check_catches_missing_tokens():
             rec.annotate(labels=labels)
     with pytest.raises(AssertionError, match="recorded"):
         bench_record.check(model, batch, labels, rec.routing)
+
+
+def test_llm_side_check_catches_different_weights(monkeypatch):
+    """Without copying PEFT's weights over, lily_lab's LM loss differs and nothing is timed."""
+    monkeypatch.setattr(bench_llm, "copy_adapter", lambda source, dest: None)
+    with pytest.raises(AssertionError, match="differs from PEFT"):
+        bench_llm.run(SMOKE)
+
+
+def test_llm_record_check_catches_missing_tokens(monkeypatch):
+    """A recording that holds other tokens than the generation should (here: fewer) is refused."""
+    import lily_lab as ll
+
+    model = ll.add_lily(bench_llm.tiny_llama(), ll.LilyConfig(bench_llm.TARGETS, routing="causal",
+                                                               **bench_llm.ADAPTER)).eval()
+    real = bench_llm.generate
+    monkeypatch.setattr(bench_llm, "generate", lambda m, p, n: real(m, p, 1))  # one new token, not SMOKE's 4
+    with pytest.raises(AssertionError, match="recorded"):
+        bench_llm.record_row(model, "tiny", SMOKE)
 
 
 def test_browser_benchmark_smoke_times_every_control():
