@@ -257,18 +257,26 @@ class _MaskCapture:
         self.context.pop()
 
 
-def _past_length(kwargs: dict) -> int:
-    """Positions already in the KV cache of a transformers call (``past_key_values``, or
-    ``cache`` as ``generate`` passes it), before this call adds its own; 0 without one."""
+def _kv_cache(kwargs: dict):
+    """The KV cache object a transformers call was given (``past_key_values``, or ``cache`` as
+    ``generate`` passes it): one with a ``get_seq_length`` method; ``None`` without one."""
     for key in ("past_key_values", "cache"):
         cache = kwargs.get(key)
-        length = getattr(cache, "get_seq_length", None)
-        if callable(length):
-            try:
-                return int(length())
-            except (TypeError, ValueError, RuntimeError, IndexError):
-                return 0
-    return 0
+        if callable(getattr(cache, "get_seq_length", None)):
+            return cache
+    return None
+
+
+def _past_length(kwargs: dict) -> int:
+    """Positions already in the KV cache of a transformers call (see :func:`_kv_cache`), before
+    this call adds its own; 0 without one."""
+    cache = _kv_cache(kwargs)
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return 0
 
 
 def _install_mask_hooks(model: nn.Module, context: CallContext) -> list[Any]:

@@ -1,11 +1,11 @@
 """Watching routers during forward passes, and over training (imports only ``core``)."""
 
 from .record import DEFAULT_MAX_TOKENS, Recorder, record_dataset, record_routing
-from .routing import Routing, RoutingError, SiteRecord
+from .routing import PHASES, Routing, RoutingError, SiteRecord
 from .timeline import Timeline
 
 __all__ = ["record_routing", "record_dataset", "Recorder", "Routing", "RoutingError", "SiteRecord",
-           "Timeline", "RoutingCallback", "DEFAULT_MAX_TOKENS"]
+           "Timeline", "RoutingCallback", "DEFAULT_MAX_TOKENS", "PHASES"]
 
 
 def __getattr__(name: str):

@@ -18,16 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import adapter_sites
+from ..core.inject import _kv_cache, _past_length
 from ..core.layer import LilyLayer, RoutingEvent, in_backward
 from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord
 
 DEFAULT_MAX_TOKENS = 100_000
 _COMPACT_ROWS = 1 << 16  # per site: token-id rows waiting to be summed before they are compacted
-_SUM_BYTES = 64 << 20  # float64 routing summed at once when a call is flushed (several sites per slice)
+_SUM_BYTES = 64 << 20  # float64 routing summed at once when calls are summed (several sites per slice)
+_QUEUE_TOKENS = 4096  # tokens per site of consecutive steps of a generation summed together
 
 
 class Recorder:
-    """Created by :func:`record_routing`. ``routing`` is the recording so far."""
+    """Created by :func:`record_routing`. ``routing`` is the recording so far.
+
+    **Cached generation.** A top-level call given a KV cache that already holds positions
+    (``generate``'s decode steps) with the batch size of the open generation continues its
+    sequences: the same sequence numbers, positions going on from the cache's length, no new
+    sequences counted. Any other call starts a generation of its own (a plain forward is a
+    generation of one call). Each token has a phase (``lily_lab.observe.PHASES``): ``"prefill"`` for a call
+    given an empty KV cache (the prompt), ``"decode"`` for a call continuing one, ``None`` for a
+    call given no cache. ``position`` is the token's column in its sequence's padded text: the
+    prompt's padded columns, left padding included, then one per decode step.
+    """
 
     def __init__(self, model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0):
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
@@ -55,27 +67,47 @@ class Recorder:
             rec.tokens = Reservoir(max_tokens, {
                 "probs": ((E,), np.float32), "logits": ((E,), np.float32), "call": ((), np.int64),
                 "sequence": ((), np.int64), "position": ((), np.int64), "token_id": ((), np.int64),
-                "label": ((), np.int64)}, seed=seed)
+                "label": ((), np.int64), "phase": ((), np.int8)}, seed=seed)
             rec.mixtures = Reservoir(max_tokens, {
-                "mixture": ((E,), np.float32), "call": ((), np.int64), "sequence": ((), np.int64)},
-                seed=seed + 2 * k + 1)
+                "mixture": ((E,), np.float32), "call": ((), np.int64), "sequence": ((), np.int64),
+                "phase": ((), np.int8)}, seed=seed + 2 * k + 1)
             records[s.name] = rec
         self._routing = Routing(records, max_tokens=max_tokens)
         self._handles: list[Any] = []
         self._depth = 0
-        self._call: dict | None = None  # the current or last top-level call, until flushed
-        # Per site, token ids waiting to be summed into token_sums, which happens when the routing
-        # is read (one pass over the distinct ids, not one per call): a list of (ids, p rows) per
-        # call, or (distinct ids, Σp, counts) once compacted; and how many rows wait.
-        self._token_rows: dict[str, list[tuple[np.ndarray, ...]]] = {}
-        self._token_row_count: dict[str, int] = {}
-        self._mask_pos = self._ids_pos = None
-        try:
-            params = list(inspect.signature(model.forward).parameters)
-            self._mask_pos = params.index("attention_mask") if "attention_mask" in params else None
-            self._ids_pos = params.index("input_ids") if "input_ids" in params else None
-        except (TypeError, ValueError):
-            pass
+        self._call: dict | None = None  # the last top-level call
+        # Finished calls not summed yet: consecutive steps of one generation of one phase and
+        # shape, summed together (a decode step is a tiny call; its sums cost as much as a big one's).
+        self._queue: list[dict] = []
+        self._queue_tokens = 0
+        self._gen: dict | None = None  # the open generation: its sequences and per-sequence sums
+        # Per (site, phase code), token ids waiting to be summed into token_sums, which happens
+        # when the routing is read (one pass over the distinct ids, not one per call): a list of
+        # (ids, p rows) per call, or (distinct ids, Σp, counts) once compacted; and how many rows wait.
+        self._token_rows: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
+        self._token_row_count: dict[tuple[str, int], int] = {}
+        self._touched: dict[str, set] = {}  # per site, token ids whose totals are to be re-added
+        # The watched top-level modules: the model and, for a PEFT model, the model it wraps
+        # (PEFT's generate calls that one directly). Nested calls are one call (see _depth).
+        self._hooked = [model]
+        get_base = getattr(model, "get_base_model", None)
+        if callable(get_base):
+            try:
+                base = get_base()
+            except Exception:  # noqa: BLE001 - a wrapper that cannot give its base: watch the model only
+                base = None
+            if isinstance(base, nn.Module) and base is not model:
+                self._hooked.append(base)
+        self._arg_pos: dict[int, tuple[int | None, int | None]] = {}
+        for m in self._hooked:
+            mask_pos = ids_pos = None
+            try:
+                params = list(inspect.signature(m.forward).parameters)
+                mask_pos = params.index("attention_mask") if "attention_mask" in params else None
+                ids_pos = params.index("input_ids") if "input_ids" in params else None
+            except (TypeError, ValueError):
+                pass
+            self._arg_pos[id(m)] = (mask_pos, ids_pos)
 
     # ------------------------------------------------------------------ public
     @property
@@ -86,30 +118,63 @@ class Recorder:
 
     def annotate(self, labels=None, input_ids=None) -> None:
         """Tag the sequences of the last forward call with ``labels`` (one per sequence) and/or
-        their ``input_ids`` (``batch × positions``, when the model was not called with them)."""
-        call = self._call
-        if call is None or call["flushed"]:
-            raise RoutingError("annotate tags the last forward call, but no call was recorded since the last annotate/flush")
-        n = call["n_sequences"]
-        if labels is not None:
-            labels = _as_list(labels)
-            if len(labels) != n:
-                raise RoutingError(f"annotate got {len(labels)} labels, but the last call had {n} sequences")
-            call["labels"] = labels
+        their ``input_ids`` (``batch × positions``, when the model was not called with them).
+
+        After ``generate`` (a cached generation: see :class:`Recorder`), ``labels`` tag every token
+        of the generation, prompt and generated alike, also when the recording was read in between;
+        a generation is labelled once. ``input_ids`` tag one plain forward call only, before the
+        recording is read: ``generate`` passes its ``input_ids`` itself, so a generation of several
+        calls refuses them."""
+        gen, call = self._gen, self._call
+        if gen is None or call is None:
+            raise RoutingError("annotate tags the last forward call, but no call was recorded")
+        n = gen["b"]
+        if n is None:
+            raise RoutingError("annotate tags the last forward call, but no routed layer ran in it")
+        ids = None
         if input_ids is not None:
-            ids = torch.as_tensor(input_ids).detach().cpu()
+            if gen["calls"] > 1:
+                raise RoutingError(
+                    f"annotate(input_ids=…) tags one forward call, but the last call continued a cached "
+                    f"generation of {gen['calls']} calls: call the model with input_ids (generate does)")
+            if call["queued"]:
+                raise RoutingError("annotate(input_ids=…) must come before the recording is read: the last "
+                                   "call's tokens were already summed")
+            ids = torch.as_tensor(input_ids).detach()
             shape = call["shape"]
             if ids.dim() != 2 or (shape is not None and tuple(ids.shape) != shape) or ids.shape[0] != n:
                 raise RoutingError(
                     f"annotate got input_ids of shape {tuple(ids.shape)}, but the last call had "
                     f"{n} sequences{f' of shape {shape}' if shape else ''}"
                 )
-            call["input_ids"] = ids.numpy().astype(np.int64)
+        if labels is not None:
+            labels = _as_list(labels)
+            if len(labels) != n:
+                raise RoutingError(f"annotate got {len(labels)} labels, but the last call had {n} sequences")
+            if gen["codes"] is not None:
+                raise RoutingError("the sequences of the last call (or generation) are already labelled")
+        if ids is not None:
+            call["input_ids"] = ids
+        if labels is not None:
+            r = self._routing
+            for v in labels:
+                if v not in r.labels:
+                    r.labels.append(v)
+            codes = gen["codes"] = np.array([r.labels.index(v) for v in labels], dtype=np.int64)
+            if gen["summed"]:  # tokens already sampled: relabel them by their sequence
+                lo = gen["seq_offset"]
+                for name in r.sites:
+                    cols = r.record(name).tokens.columns
+                    seq = cols["sequence"]
+                    hit = np.flatnonzero((seq >= lo) & (seq < lo + n))
+                    cols["label"][hit] = codes[seq[hit] - lo]
+            self._fold_labels()
 
     # ------------------------------------------------------------------ hooks
     def _attach(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._pre, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        for m in self._hooked:
+            self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
         for s in self._sites:
             if isinstance(s.layer, LilyLayer):
                 self._handles.append(s.layer.register_routing_observer(self._lily_observer(s.name)))
@@ -125,32 +190,67 @@ class Recorder:
         self._depth += 1
         if self._depth > 1:
             return
-        self._flush(fold=False)
+        mask_pos, ids_pos = self._arg_pos.get(id(module), (None, None))
         mask = kwargs.get("attention_mask")
-        if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
-            mask = args[self._mask_pos]
+        if mask is None and mask_pos is not None and len(args) > mask_pos:
+            mask = args[mask_pos]
         ids = kwargs.get("input_ids")
-        if ids is None and self._ids_pos is not None and len(args) > self._ids_pos:
-            ids = args[self._ids_pos]
-        mask = mask.detach().cpu() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        ids = ids.detach().cpu() if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
-        shape = tuple(mask.shape) if mask is not None else tuple(ids.shape) if ids is not None else None
+        if ids is None and ids_pos is not None and len(args) > ids_pos:
+            ids = args[ids_pos]
+        embeds = kwargs.get("inputs_embeds")
+        cache = _kv_cache(kwargs)
+        past = _past_length({"cache": cache}) if cache is not None else 0
+        phase = -1 if cache is None else 1 if past > 0 else 0
+        mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        ids = ids.detach() if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        if ids is not None:
+            shape = tuple(ids.shape)
+        elif isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+            shape = tuple(embeds.shape[:2])
+        elif mask is not None:  # a decode step's mask covers the cache and the input
+            shape = (mask.shape[0], mask.shape[1] - past) if 0 < past < mask.shape[1] else tuple(mask.shape)
+        else:
+            shape = None
+        b = shape[0] if shape else None
+        gen = self._gen
+        continues = past > 0 and gen is not None and b is not None and gen["b"] == b and past <= gen["length"]
+        self._enqueue()
+        last = self._queue[-1] if self._queue else None
+        if not (continues and last is not None and last["gen"] is gen and last["phase"] == phase
+                and last["shape"] == shape and self._queue_tokens < _QUEUE_TOKENS):
+            self._sum_queue()
         r = self._routing
+        if not continues:
+            self._close_generation()
+            gen = self._gen = {"seq_offset": r.n_sequences, "b": None, "length": 0, "codes": None, "acc": {},
+                               "calls": 0, "summed": False}
+            if b is not None:
+                self._start_sequences(gen, b)
+        gen["calls"] += 1
+        if shape is not None and len(shape) == 2:
+            gen["length"] = past + shape[1]
         self._call = {
-            "id": r.n_calls, "seq_offset": r.n_sequences, "mask": mask, "shape": shape,
-            "input_ids": ids.numpy().astype(np.int64) if ids is not None else None,
-            "n_sequences": shape[0] if shape else None, "labels": None, "flushed": False, "pending": {},
+            "id": r.n_calls, "gen": gen, "phase": phase, "past": past, "mask": mask, "shape": shape,
+            "input_ids": ids, "n_sequences": b, "queued": False,
             "index": {},  # token index arrays per input shape, shared by the call's sites
-            "raw": [],  # (site, logits, probs, mixture) as each layer reported them, until flushed
+            "raw": [],  # (site, logits, probs, mixture) as each layer reported them, until summed
         }
         r.n_calls += 1
+
+    def _start_sequences(self, gen: dict, b: int) -> None:
+        gen["b"] = b
+        self._routing.n_sequences += b
 
     def _post(self, module, args, kwargs, output):
         self._depth = max(self._depth - 1, 0)
 
     def _lily_observer(self, name: str):
         def observe(event: RoutingEvent) -> None:
-            self._record(name, event.logits, event.probs, event.mixture)
+            call = self._call
+            if call is None or self._depth == 0 or call["n_sequences"] is None:
+                self._record(name, event.logits, event.probs, event.mixture)
+            else:  # the common case, as cheap as can be: a decode step reports 60 sites or so
+                call["raw"].append((name, event.logits, event.probs, event.mixture))  # detached already
         return observe
 
     def _peft_hook(self, site):
@@ -175,209 +275,297 @@ class Recorder:
             self._pre(self.model, (), {})
             self._depth -= 1
             call = self._call
-        lead = tuple(probs.shape[:-1])
         if call["n_sequences"] is None:
+            lead = tuple(probs.shape[:-1])
             call["n_sequences"] = lead[0] if lead else 1
             call["shape"] = lead if len(lead) == 2 else None
-        # Kept as they are until the call is flushed; then the sites are summed together.
+            gen = call["gen"]
+            if gen["b"] is None:
+                self._start_sequences(gen, call["n_sequences"])
+            if len(lead) == 2:
+                gen["length"] = call["past"] + lead[1]
+        # Kept as they are until the call is summed; then the sites are summed together.
         call["raw"].append((name, logits.detach(), probs.detach(), mixture.detach()))
 
-    def _sum_call(self, call: dict) -> None:
-        """Sum and sample what every site routed in ``call``: the sites of one input shape together,
-        in a few array operations, rather than the same dozens of small ones per site."""
-        groups: dict[tuple, list] = {}
-        for entry in call["raw"]:
-            groups.setdefault((tuple(entry[2].shape), entry[2].dtype, entry[2].device), []).append(entry)
-        call["raw"] = []
-        for (shape, _, _), same_shape in groups.items():
+    def _enqueue(self) -> None:
+        """Put the last call, finished, in the queue of calls to sum."""
+        call = self._call
+        if call is None or call["queued"]:
+            return
+        call["queued"] = True
+        self._queue.append(call)
+        if call["raw"]:
+            p = call["raw"][0][2]
+            self._queue_tokens += p.numel() // max(p.shape[-1], 1) if p.dim() else 1
+
+    def _sum_queue(self) -> None:
+        """Sum the queued calls: each run of calls whose sites reported alike, together."""
+        calls, self._queue, self._queue_tokens = self._queue, [], 0
+        run, run_sig = [], None
+        for call in calls:
+            sig = tuple((e[0], e[2].shape, e[2].dtype, e[3].shape) for e in call["raw"])
+            if run and sig != run_sig:
+                self._sum_calls(run)
+                run = []
+            run.append(call)
+            run_sig = sig
+        if run:
+            self._sum_calls(run)
+
+    def _sum_calls(self, calls: list[dict]) -> None:
+        """Sum and sample what every site routed in ``calls`` (consecutive calls of one generation
+        and phase whose sites reported the same shapes): the sites of one input shape together, in a
+        few array operations, rather than the same dozens of small ones per site and call."""
+        raws = [c["raw"] for c in calls]
+        for c in calls:
+            c["raw"] = []
+            c["gen"]["summed"] = True
+        groups: dict[tuple, list[int]] = {}
+        for i, e in enumerate(raws[0]):
+            groups.setdefault((tuple(e[2].shape), e[2].dtype, e[2].device, tuple(e[3].shape)), []).append(i)
+        for (shape, _, _, _), idx in groups.items():
             # As many sites at once as fit in _SUM_BYTES of float64: a huge call is summed in
             # slices rather than holding a copy of every site's routing at once.
-            per_site = 2 * shape[-1] * max(math.prod(shape[:-1]), 1) * 8
+            per_site = 2 * shape[-1] * max(math.prod(shape[:-1]), 1) * 8 * len(calls)
             step = max(1, _SUM_BYTES // per_site)
-            for start in range(0, len(same_shape), step):
-                self._sum_entries(call, shape, same_shape[start : start + step])
+            for start in range(0, len(idx), step):
+                self._sum_entries(calls, raws, shape, idx[start : start + step])
 
-    def _sum_entries(self, call: dict, shape: tuple, entries: list) -> None:
-        """Sum the routing of ``entries`` (sites of one input shape) into their records."""
+    def _sum_entries(self, calls: list[dict], raws: list[list], shape: tuple, idx: list[int]) -> None:
+        """Sum the routing of sites ``idx`` (of one input shape) in ``calls`` into their records."""
         E, lead = shape[-1], shape[:-1]
-        # One copy to the host: (sites, tokens, 2E), columns [p | logits], float64 as every sum is.
-        X = torch.cat([torch.stack([e[2].reshape(-1, E) for e in entries]),
-                       torch.stack([e[1].reshape(-1, E) for e in entries])], dim=2)
-        X = X.float().cpu().numpy().astype(np.float64)
-        # Which sequence and position each token is: (batch, positions) inputs, else one per row.
+        K, S = len(calls), len(idx)
         if len(lead) >= 2:
             b, t = lead[0], math.prod(lead[1:])
         elif len(lead) == 1:
             b, t = lead[0], 1
         else:
             b, t = 1, 1
-        seq_local, position, rows = self._token_index(call, lead, b, t)  # rows: real tokens, None = all
-        if np.isfinite(X).all():
-            self._sum_sites(call, entries, X, rows, seq_local, position, b, t)
-            return
-        real = np.zeros(b * t, dtype=bool)
-        real[slice(None) if rows is None else rows] = True
-        for i, entry in enumerate(entries):  # rare: each site drops its own non-finite tokens
-            finite = np.isfinite(X[i]).all(axis=1)
-            self._routing.record(entry[0]).nonfinite += int((real & ~finite).sum())
-            keep = np.flatnonzero(real & finite)
-            self._sum_sites(call, [entry], X[i : i + 1], keep, seq_local, position, b, t)
+        n = b * t
 
-    def _sum_sites(self, call, entries, X, keep, seq_local, position, b: int, t: int) -> None:
-        """Fold ``X`` (sites × tokens × 2E: p | logits) of ``entries`` into their records,
-        keeping the tokens ``keep`` (None: all)."""
+        def stacked(j: int) -> torch.Tensor:  # (sites, calls × tokens, E), call-major within a site
+            T = torch.stack([raw[i][j] for raw in raws for i in idx])
+            return T.reshape(K, S, n, E).transpose(0, 1).reshape(S, K * n, E)
+
+        # One copy to the host: (sites, tokens, 2E), columns [p | logits], float64 as every sum is.
+        X = torch.cat([stacked(2), stacked(1)], dim=2).float().cpu().numpy().astype(np.float64)
+        # Which call, sequence, position and token id each row is; which rows are real tokens.
+        parts, all_real = [], True
+        for k, call in enumerate(calls):
+            seq, pos, rows = self._token_index(call, lead, b, t)
+            ids = call["input_ids"]
+            if ids is not None and not isinstance(ids, np.ndarray):
+                ids = call["input_ids"] = ids.cpu().numpy().astype(np.int64)
+            tok = ids[seq, pos] if ids is not None and ids.shape == (b, t) else None
+            all_real &= rows is None
+            parts.append((k, seq, pos + call["past"], rows, tok))
+        kcol = np.repeat(np.arange(K), n)
+        seq_all = np.tile(parts[0][1], K)
+        pos_all = np.concatenate([p[2] for p in parts])
+        tok_all = np.concatenate([p[4] if p[4] is not None else np.full(n, -1) for p in parts])
+        has_id = None if all(p[4] is not None for p in parts) else np.repeat([p[4] is not None for p in parts], n)
+        rows = None if all_real else np.concatenate(
+            [k * n + (np.arange(n) if r is None else r) for k, _, _, r, _ in parts])
+        index = (kcol, seq_all, pos_all, tok_all, has_id)
+        if np.isfinite(X).all():
+            self._sum_sites(calls, raws, idx, X, rows, index, b, n)
+            return
+        real = np.zeros(K * n, dtype=bool)
+        real[slice(None) if rows is None else rows] = True
+        for j, i in enumerate(idx):  # rare: each site drops its own non-finite tokens
+            finite = np.isfinite(X[j]).all(axis=1)
+            rec = self._routing.record(raws[0][i][0])
+            rec.phase_record(calls[0]["phase"]).nonfinite += int((real & ~finite).sum())
+            keep = np.flatnonzero(real & finite)
+            self._sum_sites(calls, raws, [i], X[j : j + 1], keep, index, b, n)
+
+    def _sum_sites(self, calls, raws, idx, X, keep, index, b: int, n: int) -> None:
+        """Fold ``X`` (sites × rows × 2E: p | logits) of sites ``idx`` in ``calls`` into their
+        records, keeping the rows ``keep`` (None: all)."""
         E = X.shape[-1] // 2
+        kcol, seq_c, pos_c, tok_c, has_id = index
         if keep is not None:
-            X, seq_k, pos_k = X[:, keep], seq_local[keep], position[keep]
-        else:
-            seq_k, pos_k = seq_local, position
+            X, kcol, seq_c, pos_c, tok_c = X[:, keep], kcol[keep], seq_c[keep], pos_c[keep], tok_c[keep]
+            has_id = has_id[keep] if has_id is not None else None
+        K = len(calls)
         P, LG = X[..., :E], X[..., E:]  # (sites, tokens, E)
-        S, n = P.shape[:2]
+        S, m = P.shape[:2]
         # Entropy and logsumexp through torch's vectorised float64 log/exp (views of the same
         # arrays): 3-5× numpy's time at these sizes, equal to it within an ulp.
         H = torch.special.entr(torch.from_numpy(P)).sum(dim=-1).numpy()  # (sites, tokens), nats
-        top = P.argmax(axis=2) if n else np.zeros((S, 0), dtype=np.int64)
+        top = P.argmax(axis=2) if m else np.zeros((S, 0), dtype=np.int64)
         p_sum, H_sum = P.sum(axis=1), H.sum(axis=1)
         argmax_counts = np.bincount((top + E * np.arange(S)[:, None]).reshape(-1), minlength=S * E).reshape(S, E)
-        if n:
+        if m:
             lse = torch.logsumexp(torch.from_numpy(LG), dim=-1).numpy()  # (sites, tokens)
             z_sum = (lse ** 2).sum(axis=1)
-        ids = call["input_ids"]
-        token_id = ids[seq_k, pos_k] if ids is not None and ids.shape == (b, t) else np.full(n, -1)
-        call_col, seq_col = np.full(n, call["id"]), call["seq_offset"] + seq_k
-        for i, (name, _, _, mixture) in enumerate(entries):
+        gen, phase = calls[0]["gen"], calls[0]["phase"]
+        B, lo = gen["b"], gen["seq_offset"]
+        call_ids = np.array([c["id"] for c in calls])
+        call_col, seq_col = call_ids[kcol], lo + seq_c
+        phase_col = np.full(m, phase, dtype=np.int8)
+        labelled = B == b  # rows of another batch size than the generation's (rare) take no label
+        label_col = gen["codes"][seq_c] if gen["codes"] is not None and labelled else np.full(m, _NO_LABEL)
+        # Per sequence of the generation, every site at once (for its labels, given now or later):
+        # token count, Σp, argmax counts, ΣH.
+        B = B if labelled else 1
+        onehot = np.zeros((B, m))
+        seq_l = seq_c if labelled else np.zeros(m, dtype=np.int64)
+        onehot[seq_l, np.arange(m)] = 1.0
+        seq_count = np.bincount(seq_l, minlength=B)
+        seq_p = np.matmul(onehot, P)  # (sites, B, E)
+        seq_top = np.matmul(onehot, np.eye(E)[top]).round().astype(np.int64)
+        seq_H = np.matmul(H, onehot.T)  # (sites, B)
+        mix_all = None  # every site's applied mixtures, copied once when a site needs them
+        for j, i in enumerate(idx):
+            name, _, _, mixture = raws[0][i]
             rec = self._routing.record(name)
-            p = P[i]
-            rec.n_tokens += n
-            rec.sum_probs += p_sum[i]
-            rec.sum_token_entropy += float(H_sum[i])
-            rec.argmax_counts += argmax_counts[i]
-            if n:
-                rec.sum_z += float(z_sum[i])
-            rec.n_calls += 1
+            ph = rec.phases.get(phase) or rec.phase_record(phase)
+            p = P[j]
+            ph.n_tokens += m
+            ph.sum_probs += p_sum[j]
+            ph.sum_token_entropy += float(H_sum[j])
+            ph.argmax_counts += argmax_counts[j]
+            if m:
+                ph.sum_z += float(z_sum[j])
+            ph.n_calls += K
             # The mixture applied to each kept token, and sampled mixture rows. Token routing's
             # mixture is p itself, already on the host; causal routing's (per token, running means)
             # and the per-sequence and per-call mixtures are copied.
             dims = mixture.dim()
             if rec.routing == "token":
                 mix_tok = p
-                rows = {"mixture": p.astype(np.float32), "call": call_col, "sequence": seq_col}
-            elif dims > 2 or (dims == 2 and mixture.shape[0] != b):  # per token, not p: causal routing
-                mix_tok = mixture.reshape(-1, E).float().cpu().numpy().astype(np.float64)
-                mix_tok = mix_tok if keep is None else mix_tok[keep]
-                rows = {"mixture": mix_tok.astype(np.float32), "call": call_col, "sequence": seq_col}
+                rows = {"mixture": p.astype(np.float32), "call": call_col, "sequence": seq_col, "phase": phase_col}
             else:
-                mix = mixture.float().cpu().numpy().astype(np.float64)
-                if dims == 2:  # sequence routing: one row per sequence
-                    mix_tok = mix[seq_k]
-                    rows = {"mixture": mix.astype(np.float32), "call": np.full(b, call["id"]),
-                            "sequence": call["seq_offset"] + np.arange(b)}
-                else:  # batch routing: one mixture for the whole call
-                    mix_tok = np.broadcast_to(mix, (n, E))
-                    rows = {"mixture": mix[None].astype(np.float32), "call": np.array([call["id"]]),
-                            "sequence": np.array([-1])}
+                if mix_all is None:
+                    mix_all = torch.stack([raw[i2][3] for raw in raws for i2 in idx]).float().cpu().numpy()
+                    mix_all = mix_all.reshape(K, len(idx), -1, E).transpose(1, 0, 2, 3).astype(np.float64)
+                mix = mix_all[j]  # (calls, rows per call, E)
+                if dims > 2 or (dims == 2 and mixture.shape[0] != b):  # per token, not p: causal routing
+                    mix_tok = mix.reshape(-1, E)
+                    mix_tok = mix_tok if keep is None else mix_tok[keep]
+                    rows = {"mixture": mix_tok.astype(np.float32), "call": call_col, "sequence": seq_col,
+                            "phase": phase_col}
+                elif dims == 2:  # sequence routing: one row per sequence and call
+                    mix_tok = mix[kcol, seq_c]
+                    rows = {"mixture": mix.reshape(-1, E).astype(np.float32), "call": np.repeat(call_ids, b),
+                            "sequence": lo + np.tile(np.arange(b), K), "phase": np.full(K * b, phase, dtype=np.int8)}
+                else:  # batch routing: one mixture per call
+                    mix_tok = mix[kcol, 0]
+                    rows = {"mixture": mix[:, 0].astype(np.float32), "call": call_ids,
+                            "sequence": np.full(K, -1), "phase": np.full(K, phase, dtype=np.int8)}
             if np.isfinite(mix_tok).all():
-                rec.sum_mixture += mix_tok.sum(axis=0)
+                ph.sum_mixture += mix_tok.sum(axis=0)
             rec.mixtures.add(rows)
-            slots = rec.tokens.add({
-                "probs": p.astype(np.float32), "logits": LG[i].astype(np.float32), "call": call_col,
-                "sequence": seq_col, "position": pos_k, "token_id": token_id, "label": np.full(n, _NO_LABEL)})
-            call["pending"].setdefault(name, []).append(
-                {"p": p, "H": H[i], "top": top[i], "seq": seq_k, "pos": pos_k, "slots": slots, "b": b, "t": t})
+            ph.mixtures.seen += len(rows["call"])
+            rec.tokens.add({
+                "probs": p.astype(np.float32), "logits": LG[j].astype(np.float32), "call": call_col,
+                "sequence": seq_col, "position": pos_c, "token_id": tok_c, "label": label_col, "phase": phase_col})
+            ph.tokens.seen += m
+            acc = gen["acc"].get((name, phase)) if labelled else None
+            if acc is None and labelled:
+                acc = gen["acc"][(name, phase)] = [np.zeros(B, dtype=np.int64), np.zeros((B, E)),
+                                                   np.zeros((B, E), dtype=np.int64), np.zeros(B)]
+            if labelled:
+                acc[0] += seq_count
+                acc[1] += seq_p[j]
+                acc[2] += seq_top[j]
+                acc[3] += seq_H[j]
+            with_id = slice(None) if has_id is None else has_id
+            tok = tok_c[with_id]
+            if len(tok):
+                key = (name, phase)
+                self._token_rows.setdefault(key, []).append((tok, p[with_id]))
+                self._token_row_count[key] = self._token_row_count.get(key, 0) + len(tok)
+                if self._token_row_count[key] > _COMPACT_ROWS:
+                    self._compact_token_rows(key)
 
     @staticmethod
     def _token_index(call: dict, lead: tuple, b: int, t: int):
-        """``(sequence, position, real rows or None for all)`` of each token of an input shaped
-        ``lead``; computed once per call and shape, shared by the call's sites."""
+        """``(sequence, position in the call's input, real rows or None for all)`` of each token of
+        an input shaped ``lead``; computed once per call and shape, shared by the call's sites."""
         cached = call["index"].get(lead)
         if cached is None:
             rows = None
-            mask = call["mask"]
-            if mask is not None and len(lead) == 2 and tuple(mask.shape) == lead:
-                real = mask.numpy().reshape(-1) != 0
-                rows = None if real.all() else np.flatnonzero(real)
+            mask, past = call["mask"], call["past"]
+            if mask is not None and len(lead) == 2 and mask.shape[0] == b:
+                if mask.shape[1] == t:
+                    cols = mask
+                elif past and mask.shape[1] == past + t:  # a decode step's mask: cache and input
+                    cols = mask[:, past:]
+                else:
+                    cols = None
+                if cols is not None:
+                    real = cols.cpu().numpy().reshape(-1) != 0
+                    rows = None if real.all() else np.flatnonzero(real)
             cached = call["index"][lead] = (np.repeat(np.arange(b), t), np.tile(np.arange(t), b), rows)
         return cached
 
-    def _flush(self, fold: bool = True) -> None:
-        """Fold the last call's labels and token ids into the sums; then it can't be annotated.
-        Token ids are summed per id only when ``fold`` (the routing is being read)."""
-        call = self._call
-        if call is None or call["flushed"]:
-            if fold:
-                self._fold_token_sums()
+    def _fold_labels(self) -> None:
+        """Add the open generation's per-sequence sums to the label sums, once it is labelled."""
+        gen = self._gen
+        if gen is None or gen["codes"] is None or not gen["acc"]:
             return
-        call["flushed"] = True
-        self._sum_call(call)
         r = self._routing
-        r.n_sequences += call["n_sequences"] or 0
-        codes = None
-        if call["labels"] is not None:
-            codes = []
-            for v in call["labels"]:
-                if v not in r.labels:
-                    r.labels.append(v)
-                codes.append(r.labels.index(v))
-            codes = np.array(codes, dtype=np.int64)
-        ids = call["input_ids"]
-        for name, pend in ((n, pd) for n, pds in call["pending"].items() for pd in pds):
-            rec = r.record(name)
+        codes, L = gen["codes"], len(r.labels)
+        for (name, phase), (count, p_sum, top, H_sum) in gen["acc"].items():
+            rec = r.record(name).phase_record(phase)
             E = rec.num_B
-            kept = pend["slots"] >= 0
-            if codes is not None:
-                tok_codes = codes[pend["seq"]]
-                rec.tokens.columns["label"][pend["slots"][kept]] = tok_codes[kept]
-                # Per label code: token count, Σp, argmax counts, ΣH (bincounts, in token order).
-                L = len(r.labels)
-                count = np.bincount(tok_codes, minlength=L)
-                p_sum = np.stack([np.bincount(tok_codes, weights=pend["p"][:, e], minlength=L) for e in range(E)], 1)
-                top = np.bincount(tok_codes * E + pend["top"], minlength=L * E).reshape(L, E)
-                H_sum = np.bincount(tok_codes, weights=pend["H"], minlength=L)
-                for c in np.flatnonzero(count).tolist():
-                    acc = rec.label_sums.setdefault(c, [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
-                    acc[0] += int(count[c])
-                    acc[1] = acc[1] + p_sum[c]
-                    acc[2] = acc[2] + top[c]
-                    acc[3] += float(H_sum[c])
-            if ids is not None and ids.shape == (pend["b"], pend["t"]):
-                tok = ids[pend["seq"], pend["pos"]]
-                rec.tokens.columns["token_id"][pend["slots"][kept]] = tok[kept]
-                self._token_rows.setdefault(name, []).append((tok, pend["p"]))
-                self._token_row_count[name] = self._token_row_count.get(name, 0) + len(tok)
-                if self._token_row_count[name] > _COMPACT_ROWS:
-                    self._compact_token_rows(name)
-        call["pending"] = {}
-        if fold:
-            self._fold_token_sums()
+            c_sum = np.bincount(codes, weights=count, minlength=L)
+            lp, lt, lh = np.zeros((L, E)), np.zeros((L, E), dtype=np.int64), np.bincount(codes, weights=H_sum, minlength=L)
+            np.add.at(lp, codes, p_sum)
+            np.add.at(lt, codes, top)
+            for c in np.flatnonzero(c_sum).tolist():
+                acc = rec.label_sums.setdefault(c, [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
+                acc[0] += int(round(c_sum[c]))
+                acc[1] = acc[1] + lp[c]
+                acc[2] = acc[2] + lt[c]
+                acc[3] += float(lh[c])
+        gen["acc"] = {}
 
-    def _compact_token_rows(self, name: str) -> None:
+    def _close_generation(self) -> None:
+        """The open generation is over: its labels (if any) folded in, its per-sequence sums dropped."""
+        self._fold_labels()
+        self._gen = None
+
+    def _flush(self) -> None:
+        """Sum every call so far into the recording: per-phase sums, labels of a labelled
+        generation, token ids, and the totals (the phases added up)."""
+        self._enqueue()
+        self._sum_queue()
+        self._fold_labels()
+        self._fold_token_sums()
+        r = self._routing
+        for name in r.sites:
+            r.record(name).sum_phases(token_ids=self._touched.pop(name, ()))
+
+    def _compact_token_rows(self, key: tuple[str, int]) -> None:
         """Sum a site's waiting rows per id, in stream order, into one ``(distinct ids, Σp, counts)``."""
-        parts = self._token_rows.pop(name, [])
-        self._token_row_count.pop(name, None)
+        parts = self._token_rows.pop(key, [])
+        self._token_row_count.pop(key, None)
         if not parts:
             return
-        E = self._routing.record(name).num_B
+        E = self._routing.record(key[0]).num_B
         tok = np.concatenate([pt[0] for pt in parts])
         p = np.concatenate([pt[1] for pt in parts]).reshape(-1, E)
         weight = np.concatenate([np.ones(len(pt[0]), dtype=np.int64) if len(pt) == 2 else pt[2] for pt in parts])
         uniq, inv = np.unique(tok, return_inverse=True)
         sums = np.stack([np.bincount(inv, weights=p[:, e], minlength=len(uniq)) for e in range(E)], axis=1)
         counts = np.bincount(inv, weights=weight, minlength=len(uniq)).astype(np.int64)
-        self._token_rows[name] = [(uniq, sums, counts)]
-        self._token_row_count[name] = len(uniq)
+        self._token_rows[key] = [(uniq, sums, counts)]
+        self._token_row_count[key] = len(uniq)
 
     def _fold_token_sums(self) -> None:
-        """Add the waiting token rows into each site's ``token_sums`` (token id → [count, Σp])."""
-        for name in list(self._token_rows):
-            self._compact_token_rows(name)
-            (uniq, sums, counts), = self._token_rows.pop(name)
-            self._token_row_count.pop(name, None)
-            rec = self._routing.record(name)
-            token_sums = rec.token_sums
-            if not token_sums:
-                rec.token_sums.update(zip(uniq.tolist(), ([c, row] for c, row in zip(counts.tolist(), sums))))
-                continue
-            for u, c, row in zip(uniq.tolist(), counts.tolist(), sums):
+        """Add the waiting token rows into each site's per-phase ``token_sums`` (token id → [count, Σp])."""
+        for key in list(self._token_rows):
+            self._compact_token_rows(key)
+            (uniq, sums, counts), = self._token_rows.pop(key)
+            self._token_row_count.pop(key, None)
+            name, phase = key
+            token_sums = self._routing.record(name).phase_record(phase).token_sums
+            ids = uniq.tolist()
+            self._touched.setdefault(name, set()).update(ids)
+            for u, c, row in zip(ids, counts.tolist(), sums):
                 acc = token_sums.get(u)
                 if acc is None:
                     token_sums[u] = [c, row]
@@ -398,6 +586,10 @@ def record_routing(model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed:
             model(**batch)
             rec.annotate(labels=batch_labels)
         routing = rec.routing
+
+    Around ``model.generate`` the prompt and the generated tokens are kept apart (see
+    :class:`Recorder`): ``rec.routing.phase("prefill")`` and ``.phase("decode")`` are recordings of
+    each, with exact sums; ``rec.annotate(labels=…)`` after ``generate`` labels the whole generation.
 
     Under ``torch.distributed`` each rank records its own calls; when the block exits without
     error, ``gather`` (``None``: whenever a process group of several processes is initialised)

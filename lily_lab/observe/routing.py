@@ -16,8 +16,15 @@ import numpy as np
 from ..core.errors import LilyLabError
 
 FORMAT = "lily_lab-routing"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-phase sums and a phase column in the samples (1 still reads)
 _NO_LABEL = -1  # label code of an unlabelled token
+
+#: The phases of a token, by code: ``None`` (-1) a forward call given no KV cache (an encoder, a
+#: training step, a plain forward), ``"prefill"`` (0) a call given an empty KV cache (``generate``'s
+#: first call: the prompt), ``"decode"`` (1) a call continuing a KV cache (a generated token).
+PHASES = (None, "prefill", "decode")
+_PHASE_CODES = {None: -1, "prefill": 0, "decode": 1}
+_PHASE_NAMES = {-1: None, 0: "prefill", 1: "decode"}
 
 
 class RoutingError(LilyLabError, ValueError):
@@ -116,8 +123,12 @@ class SiteRecord:
     n_calls: int = 0
     label_sums: dict = field(default_factory=dict)  # label → [count, Σp (E,), argmax counts (E,), ΣH]
     token_sums: dict = field(default_factory=dict)  # token id → [count, Σp (E,)]
-    tokens: Reservoir = None  # sampled tokens: probs, logits, call, sequence, position, token_id, label
-    mixtures: Reservoir = None  # sampled applied mixtures: mixture, call, sequence
+    tokens: Reservoir = None  # sampled tokens: probs, logits, call, sequence, position, token_id, label, phase
+    mixtures: Reservoir = None  # sampled applied mixtures: mixture, call, sequence, phase
+    # Phase code (see PHASES) → a SiteRecord of that phase's sums alone (its tokens and mixtures are
+    # empty samples whose ``seen`` counts the phase's offered rows). When not empty, the sums above
+    # are exactly the phases' sums added in code order.
+    phases: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         E = self.num_B
@@ -126,6 +137,79 @@ class SiteRecord:
                 setattr(self, name, np.zeros(E))
         if self.argmax_counts is None:
             self.argmax_counts = np.zeros(E, dtype=np.int64)
+
+    def phase_record(self, code: int) -> "SiteRecord":
+        """The record of phase ``code``'s sums, created empty on first use."""
+        rec = self.phases.get(code)
+        if rec is None:
+            rec = self.phases[code] = SiteRecord(self.name, self.module, self.group, self.index, self.kind,
+                                                 self.routing, self.num_B)
+            rec.tokens, rec.mixtures = _counter(self.tokens), _counter(self.mixtures)
+        return rec
+
+    def phase_records(self) -> dict:
+        """Phase code → record of that phase's sums; a record kept without phases (an old file)
+        is all of phase ``None``."""
+        return self.phases if self.phases else {-1: self}
+
+    def sum_phases(self, token_ids=None) -> None:
+        """Set the sums to those of the phases added in code order (so they add up exactly);
+        ``token_ids``: only these entries of ``token_sums`` (None: all)."""
+        if not self.phases:
+            return
+        parts = [self.phases[c] for c in sorted(self.phases)]
+        E = self.num_B
+        self.n_tokens = sum(p.n_tokens for p in parts)
+        self.nonfinite = sum(p.nonfinite for p in parts)
+        self.n_calls = sum(p.n_calls for p in parts)
+        self.sum_probs, self.sum_mixture = np.zeros(E), np.zeros(E)
+        self.argmax_counts = np.zeros(E, dtype=np.int64)
+        self.sum_token_entropy = self.sum_z = 0.0
+        for p in parts:
+            self.sum_probs = self.sum_probs + p.sum_probs
+            self.sum_mixture = self.sum_mixture + p.sum_mixture
+            self.argmax_counts = self.argmax_counts + p.argmax_counts
+            self.sum_token_entropy += p.sum_token_entropy
+            self.sum_z += p.sum_z
+        self.label_sums = {}
+        for p in parts:
+            for code, (cnt, sp, am, sh) in p.label_sums.items():
+                acc = self.label_sums.setdefault(code, [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
+                acc[0] += cnt; acc[1] = acc[1] + sp; acc[2] = acc[2] + am; acc[3] += sh  # noqa: E702
+        if token_ids is None:
+            self.token_sums = {}
+            token_ids = {t for p in parts for t in p.token_sums}
+        for t in token_ids:
+            count, row = 0, np.zeros(E)
+            for p in parts:
+                acc = p.token_sums.get(t)
+                if acc is not None:
+                    count += acc[0]
+                    row = row + acc[1]
+            self.token_sums[t] = [count, row]
+
+    def copy_sums(self) -> "SiteRecord":
+        """A new record holding copies of this one's sums (not its samples or phases)."""
+        rec = SiteRecord(self.name, self.module, self.group, self.index, self.kind, self.routing, self.num_B,
+                         self.n_tokens, self.sum_probs.copy(), self.sum_token_entropy, self.argmax_counts.copy(),
+                         self.sum_z, self.nonfinite, self.sum_mixture.copy(), self.n_calls)
+        rec.label_sums = {c: [v[0], v[1].copy(), v[2].copy(), v[3]] for c, v in self.label_sums.items()}
+        rec.token_sums = {t: [v[0], v[1].copy()] for t, v in self.token_sums.items()}
+        return rec
+
+
+def _counter(template: Reservoir | None) -> Reservoir:
+    """An empty sample (size 0) with ``template``'s columns: it only counts the rows it is offered."""
+    spec = {} if template is None else {k: (v.shape[1:], v.dtype) for k, v in template.columns.items()}
+    return Reservoir(0, spec)
+
+
+def _phase_column(res: Reservoir) -> np.ndarray:
+    """The sample's ``phase`` codes (all -1 for a sample kept without them)."""
+    col = res.columns.get("phase")
+    if col is None:
+        return np.full(len(next(iter(res.columns.values()))) if res.columns else 0, -1, dtype=np.int8)
+    return col
 
 
 class Routing:
@@ -169,6 +253,47 @@ class Routing:
         (sequence routing) or per token (token routing)."""
         return self.record(site).mixtures.columns["mixture"].copy()
 
+    @property
+    def phases(self) -> list:
+        """The phases this recording holds tokens or calls of, in the order of :data:`PHASES`:
+        ``None`` (calls without a KV cache), ``"prefill"`` (the prompt of a cached generation),
+        ``"decode"`` (its generated tokens)."""
+        codes = {c for rec in self._records.values() for c, p in rec.phase_records().items()
+                 if p.n_tokens or p.n_calls or p.nonfinite}
+        return [_PHASE_NAMES[c] for c in sorted(codes)]
+
+    def phase(self, name) -> "Routing":
+        """A recording of phase ``name``'s tokens alone (``"prefill"``, ``"decode"`` or ``None``, see
+        :data:`PHASES`): its sums are that phase's exact sums, its samples the sampled tokens and
+        mixtures of that phase (a uniform sample of them), so every analysis works on it unchanged.
+        The phases' sums add up exactly to this recording's. ``n_calls`` and ``n_sequences`` stay
+        this recording's (call and sequence numbers keep their meaning)."""
+        present = self.phases
+        if name not in _PHASE_CODES or name not in present:
+            shown = ", ".join(repr(p) for p in present) or "none (nothing was recorded)"
+            raise RoutingError(f"no phase {name!r} in this recording; its phases: {shown}")
+        code = _PHASE_CODES[name]
+        records = {}
+        for key, rec in self._records.items():
+            src = rec.phase_records().get(code)
+            out = src.copy_sums() if src is not None else SiteRecord(
+                rec.name, rec.module, rec.group, rec.index, rec.kind, rec.routing, rec.num_B)
+            for attr in ("tokens", "mixtures"):
+                res = getattr(rec, attr)
+                keep = _phase_column(res) == code
+                view = Reservoir(res.size, {k: (v.shape[1:], v.dtype) for k, v in res.columns.items()})
+                view.columns = {k: v[keep] for k, v in res.columns.items()}
+                view.seen = 0 if src is None else res.seen if src is rec else getattr(src, attr).seen
+                setattr(out, attr, view)
+            ph = out.copy_sums()
+            ph.tokens, ph.mixtures = _counter(out.tokens), _counter(out.mixtures)
+            ph.tokens.seen, ph.mixtures.seen = out.tokens.seen, out.mixtures.seen
+            out.phases = {code: ph}
+            records[key] = out
+        view = Routing(records, self.labels, self.max_tokens)
+        view.n_calls, view.n_sequences = self.n_calls, self.n_sequences
+        return view
+
     def mean_mixture(self, site: str) -> np.ndarray:
         """The applied mixture averaged over the real tokens it was applied to (exact)."""
         rec = self.record(site)
@@ -187,8 +312,12 @@ class Routing:
         return pd.DataFrame(rows)
 
     def token_table(self, tokenizer=None):
-        """DataFrame of the sampled tokens: ``site, call, sequence, position, token_id, token,
-        label, p0 … p{E-1}, top_expert``. ``token`` is filled when a tokenizer is given."""
+        """DataFrame of the sampled tokens: ``site, call, sequence, position, phase, token_id, token,
+        label, p0 … p{E-1}, top_expert``. ``token`` is filled when a tokenizer is given; ``phase`` is
+        ``"prefill"``, ``"decode"`` or ``None`` (see :data:`PHASES`). ``position`` is the token's
+        column in its sequence's padded text: in a cached generation the prompt's padded columns
+        (left padding included, so a left-padded prompt's first real token is not at 0), then one
+        per generated token, continuing across the decode calls."""
         import pandas as pd
 
         frames = []
@@ -198,6 +327,7 @@ class Routing:
             frame = pd.DataFrame({
                 "site": [rec.name] * n, "module": rec.module, "group": rec.group, "index": rec.index,
                 "call": cols["call"], "sequence": cols["sequence"], "position": cols["position"],
+                "phase": [_PHASE_NAMES[int(c)] for c in _phase_column(rec.tokens)] if n else [],
                 "token_id": cols["token_id"],
                 "label": [self.labels[c] if c >= 0 else None for c in cols["label"]],
             })
@@ -238,9 +368,12 @@ class Routing:
             remaps = [np.array([labels.index(v) for v in r.labels] + [_NO_LABEL], dtype=np.int64) for r in recordings]
             first = recs[0]
             rec = SiteRecord(first.name, first.module, first.group, first.index, first.kind, first.routing, first.num_B)
+            rec.tokens, rec.mixtures = first.tokens, first.mixtures  # the column layout, for the phases' counters
             call_offset = seq_offset = 0
             token_parts, mixture_parts = [], []
             for src, r, remap in zip(recs, recordings, remaps):
+                for code, ph in src.phase_records().items():
+                    _add_sums(rec.phase_record(code), ph, remap)
                 rec.n_tokens += src.n_tokens
                 rec.sum_probs += src.sum_probs
                 rec.sum_token_entropy += src.sum_token_entropy
@@ -257,18 +390,21 @@ class Routing:
                     acc = rec.token_sums.setdefault(tok, [0, np.zeros(rec.num_B)])
                     acc[0] += cnt; acc[1] = acc[1] + sp  # noqa: E702
                 cols = {k: v.copy() for k, v in src.tokens.columns.items()}
+                cols["phase"] = _phase_column(src.tokens).copy()
                 cols["call"] += call_offset
                 cols["sequence"] += seq_offset
                 cols["label"] = remap[cols["label"]]
                 token_parts.append((src.tokens.seen, cols))
                 mcols = {k: v.copy() for k, v in src.mixtures.columns.items()}
+                mcols["phase"] = _phase_column(src.mixtures).copy()
                 mcols["call"] += call_offset
                 mcols["sequence"] += seq_offset
                 mixture_parts.append((src.mixtures.seen, mcols))
                 call_offset += r.n_calls
                 seq_offset += r.n_sequences
-            rec.tokens = _merge_reservoirs(token_parts, max_tokens, rng, recs[0].tokens)
-            rec.mixtures = _merge_reservoirs(mixture_parts, max_tokens, rng, recs[0].mixtures)
+            rec.tokens = _merge_reservoirs(token_parts, max_tokens, rng, token_parts[0][1])
+            rec.mixtures = _merge_reservoirs(mixture_parts, max_tokens, rng, mixture_parts[0][1])
+            rec.sum_phases()  # the phases were summed like the totals; the totals now add them up exactly
             out[name] = rec
         merged = cls(out, labels, max_tokens)
         merged.n_calls = sum(r.n_calls for r in recordings)
@@ -319,6 +455,7 @@ class Routing:
             arrays[p + "token_ids"] = np.array(toks, dtype=np.int64)
             arrays[p + "token_counts"] = np.array([rec.token_sums[t][0] for t in toks], dtype=np.int64)
             arrays[p + "token_probs"] = np.array([rec.token_sums[t][1] for t in toks]).reshape(len(toks), rec.num_B)
+            _phase_arrays(arrays, p, rec)
             sites.append({
                 "name": rec.name, "module": rec.module, "group": rec.group, "index": rec.index, "kind": rec.kind,
                 "routing": rec.routing, "num_B": rec.num_B, "n_tokens": rec.n_tokens,
@@ -348,9 +485,9 @@ class Routing:
         return f"Routing({len(self._records)} sites, {n:,} tokens, {self.n_calls} calls)"
 
 
-def _merge_reservoirs(parts, size, rng, template: Reservoir) -> Reservoir:
-    """A uniform sample of the union of several reservoirs' streams."""
-    res = Reservoir(size, {k: (v.shape[1:], v.dtype) for k, v in template.columns.items()})
+def _merge_reservoirs(parts, size, rng, template: dict) -> Reservoir:
+    """A uniform sample of the union of several reservoirs' streams (``template``: a part's columns)."""
+    res = Reservoir(size, {k: (v.shape[1:], v.dtype) for k, v in template.items()})
     res.seen = sum(seen for seen, _ in parts)
     if res.seen == 0 or size == 0:
         return res
@@ -364,3 +501,55 @@ def _merge_reservoirs(parts, size, rng, template: Reservoir) -> Reservoir:
         chosen.append({c: v[idx] for c, v in cols.items()})
     res.columns = {c: np.concatenate([part[c] for part in chosen]) for c in res.columns}
     return res
+
+
+def _phase_arrays(arrays: dict, p: str, rec: SiteRecord) -> None:
+    """``rec``'s per-phase sums as arrays named ``p + "phase_…"`` (empty for a record without phases)."""
+    E = rec.num_B
+    codes = sorted(rec.phases)
+    phs = [rec.phases[c] for c in codes]
+    ints = lambda vals: np.array(vals, dtype=np.int64)  # noqa: E731
+    rows = lambda vals, dtype=np.float64: np.array(vals, dtype=dtype).reshape(len(vals), E)  # noqa: E731
+    arrays[p + "phase_codes"] = ints(codes)
+    for key in ("n_tokens", "nonfinite", "n_calls"):
+        arrays[p + "phase_" + key] = ints([getattr(ph, key) for ph in phs])
+    arrays[p + "phase_tokens_seen"] = ints([ph.tokens.seen for ph in phs])
+    arrays[p + "phase_mixtures_seen"] = ints([ph.mixtures.seen for ph in phs])
+    arrays[p + "phase_sum_probs"] = rows([ph.sum_probs for ph in phs])
+    arrays[p + "phase_sum_mixture"] = rows([ph.sum_mixture for ph in phs])
+    arrays[p + "phase_argmax"] = rows([ph.argmax_counts for ph in phs], np.int64)
+    arrays[p + "phase_sum_entropy"] = np.array([ph.sum_token_entropy for ph in phs], dtype=np.float64)
+    arrays[p + "phase_sum_z"] = np.array([ph.sum_z for ph in phs], dtype=np.float64)
+    labels = [(c, code, v) for c, ph in zip(codes, phs) for code, v in sorted(ph.label_sums.items())]
+    arrays[p + "phase_label_phase"] = ints([c for c, _, _ in labels])
+    arrays[p + "phase_label_codes"] = ints([code for _, code, _ in labels])
+    arrays[p + "phase_label_counts"] = ints([v[0] for _, _, v in labels])
+    arrays[p + "phase_label_probs"] = rows([v[1] for _, _, v in labels])
+    arrays[p + "phase_label_argmax"] = rows([v[2] for _, _, v in labels], np.int64)
+    arrays[p + "phase_label_entropy"] = np.array([v[3] for _, _, v in labels], dtype=np.float64)
+    toks = [(c, t, v) for c, ph in zip(codes, phs) for t, v in sorted(ph.token_sums.items())]
+    arrays[p + "phase_token_phase"] = ints([c for c, _, _ in toks])
+    arrays[p + "phase_token_ids"] = ints([t for _, t, _ in toks])
+    arrays[p + "phase_token_counts"] = ints([v[0] for _, _, v in toks])
+    arrays[p + "phase_token_probs"] = rows([v[1] for _, _, v in toks])
+
+
+def _add_sums(acc: SiteRecord, src: SiteRecord, remap: np.ndarray) -> None:
+    """Add ``src``'s sums (label codes through ``remap``) and sample counts into ``acc``."""
+    E = acc.num_B
+    acc.n_tokens += src.n_tokens
+    acc.sum_probs = acc.sum_probs + src.sum_probs
+    acc.sum_token_entropy += src.sum_token_entropy
+    acc.argmax_counts = acc.argmax_counts + src.argmax_counts
+    acc.sum_z += src.sum_z
+    acc.nonfinite += src.nonfinite
+    acc.sum_mixture = acc.sum_mixture + src.sum_mixture
+    acc.n_calls += src.n_calls
+    for code, (cnt, sp, am, sh) in src.label_sums.items():
+        a = acc.label_sums.setdefault(int(remap[code]), [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
+        a[0] += cnt; a[1] = a[1] + sp; a[2] = a[2] + am; a[3] += sh  # noqa: E702
+    for tok, (cnt, sp) in src.token_sums.items():
+        a = acc.token_sums.setdefault(tok, [0, np.zeros(E)])
+        a[0] += cnt; a[1] = a[1] + sp  # noqa: E702
+    acc.tokens.seen += src.tokens.seen if src.tokens is not None else 0
+    acc.mixtures.seen += src.mixtures.seen if src.mixtures is not None else 0

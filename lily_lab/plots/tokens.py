@@ -226,7 +226,9 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
     title beside its label; ``wrap``: tokens per row block — a longer sequence continues in a block
     below, so the tick labels stay horizontal and apart (default: as many as fit
     ``ROUTE_PLOT_WIDTH_PX`` at the sequence's longest tick label, 8 to 40). One heatmap per expert
-    (legend group) and a legend entry per expert."""
+    (legend group) and a legend entry per expert. A sequence recorded around ``generate`` (a
+    ``phase`` column holding both ``"prefill"`` and ``"decode"``) gets a dotted rule and a
+    "prompt | generated" note where its generated tokens begin; the hover names each token's phase."""
     fn = "plot_token_routes"
     require(tokens, ["site", "sequence", "position", "top_expert"], fn, TOKEN_TABLE)
     _require_probs(tokens, fn)
@@ -261,6 +263,11 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
     top[rows, cells] = part["top_expert"].to_numpy(dtype=int)
     raw = dict(zip(part["position"], _token_text(part)))  # one token per position (the same at every site)
     text = [raw[p] for p in positions]
+    # A cached generation's phase per position ("prefill": the prompt, "decode": generated).
+    phase_of = dict(zip(part["position"], part["phase"])) if "phase" in part.columns else {}
+    phases = [phase_of.get(p) if isinstance(phase_of.get(p), str) else None for p in positions]
+    first_generated = next((j for j, ph in enumerate(phases) if ph == "decode"), None)
+    split = first_generated if first_generated and "prefill" in phases[:first_generated] else None
     n_exp = np.isfinite(P).sum(axis=2)  # each site's E (banks of different sizes pad with NaN)
     with np.errstate(invalid="ignore", divide="ignore"):
         p_top = np.take_along_axis(P, np.clip(top, 0, None)[..., None], axis=2)[..., 0]
@@ -272,7 +279,8 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
     for i, j in zip(rows, cells):
         dist = "<br>".join(f"{'▶' if k == top[i, j] else '&nbsp;&nbsp;'} expert {k}: {fmt(P[i, j, k])}"
                            for k in range(E) if np.isfinite(P[i, j, k]))
-        hover[i][j] = (f"token <b>{escape(text[j])}</b> · position {positions[j]}<br>{labels[i]}"
+        where_in = {"prefill": " · prompt", "decode": " · generated"}.get(phases[j], "")
+        hover[i][j] = (f"token <b>{escape(text[j])}</b> · position {positions[j]}{where_in}<br>{labels[i]}"
                        f"<br>site: {y[i]}<br>top expert {top[i, j]} · decisiveness {fmt(decisive[i, j], 2)}"
                        f"<br>{dist}")
     label = next((l for l in seq.get("label", pd.Series(dtype=object)) if l is not None and l == l), None)
@@ -325,6 +333,12 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
                                colorscale=[[0, _tint(color, 0.3)], [1, color]], xgap=1, ygap=1,
                                hoverongaps=False, hovertext=[r[j0:j1] for r in hover], hoverinfo="text",
                                name=f"expert {e}", legendgroup=f"expert {e}", xaxis=f"x{suffix}", yaxis=f"y{suffix}"))
+        if split is not None and j0 < split < j1:  # where the prompt ends and generation begins
+            shapes.append(dict(type="line", xref=f"x{suffix}", x0=split - j0 - 0.5, x1=split - j0 - 0.5,
+                               yref=f"y{suffix} domain", y0=0, y1=1.04, line=dict(color="#d62728", width=2, dash="dot")))
+            fig.add_annotation(x=split - j0 - 0.5, xref=f"x{suffix}", y=1.04, yref=f"y{suffix} domain",
+                               yanchor="bottom", text="prompt | generated", showarrow=False,
+                               font=dict(size=11, color="#d62728"))
         for i in boundaries:  # a rule between modules: categories sit at 0, 1, …
             shapes.append(dict(type="line", xref=f"x{suffix} domain", x0=0, x1=1, yref=f"y{suffix}", y0=i - 0.5,
                                y1=i - 0.5, line=dict(color="#222", width=2)))
