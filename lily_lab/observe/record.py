@@ -23,7 +23,10 @@ from ..core.layer import LilyLayer, RoutingEvent, in_backward
 from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord
 
 DEFAULT_MAX_TOKENS = 100_000
-_COMPACT_ROWS = 1 << 16  # per site: token-id rows waiting to be summed before they are compacted
+# Per site and phase: token-id rows waiting to be summed are compacted (summed per distinct id) once
+# they exceed this, or twice the distinct ids of the last compaction: memory stays bounded by the
+# ids seen, not the tokens, over a long generation.
+_COMPACT_ROWS = 1 << 10
 _SUM_BYTES = 64 << 20  # float64 routing summed at once when calls are summed (several sites per slice)
 _QUEUE_TOKENS = 4096  # tokens per site of consecutive steps of a generation summed together
 
@@ -86,6 +89,7 @@ class Recorder:
         # (ids, p rows) per call, or (distinct ids, Σp, counts) once compacted; and how many rows wait.
         self._token_rows: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
         self._token_row_count: dict[tuple[str, int], int] = {}
+        self._compacted: dict[tuple[str, int], int] = {}  # distinct ids at the last compaction
         self._touched: dict[str, set] = {}  # per site, token ids whose totals are to be re-added
         # The watched top-level modules: the model and, for a PEFT model, the model it wraps
         # (PEFT's generate calls that one directly). Nested calls are one call (see _depth).
@@ -475,9 +479,10 @@ class Recorder:
             tok = tok_c[with_id]
             if len(tok):
                 key = (name, phase)
-                self._token_rows.setdefault(key, []).append((tok, p[with_id]))
+                rows = p[with_id]  # a copy: a view would keep the call's whole [p | logits] block alive
+                self._token_rows.setdefault(key, []).append((tok, rows.copy() if rows.base is not None else rows))
                 self._token_row_count[key] = self._token_row_count.get(key, 0) + len(tok)
-                if self._token_row_count[key] > _COMPACT_ROWS:
+                if self._token_row_count[key] > max(_COMPACT_ROWS, 2 * self._compacted.get(key, 0)):
                     self._compact_token_rows(key)
 
     @staticmethod
@@ -553,7 +558,7 @@ class Recorder:
         sums = np.stack([np.bincount(inv, weights=p[:, e], minlength=len(uniq)) for e in range(E)], axis=1)
         counts = np.bincount(inv, weights=weight, minlength=len(uniq)).astype(np.int64)
         self._token_rows[key] = [(uniq, sums, counts)]
-        self._token_row_count[key] = len(uniq)
+        self._token_row_count[key] = self._compacted[key] = len(uniq)
 
     def _fold_token_sums(self) -> None:
         """Add the waiting token rows into each site's per-phase ``token_sums`` (token id → [count, Σp])."""
@@ -561,6 +566,7 @@ class Recorder:
             self._compact_token_rows(key)
             (uniq, sums, counts), = self._token_rows.pop(key)
             self._token_row_count.pop(key, None)
+            self._compacted.pop(key, None)
             name, phase = key
             token_sums = self._routing.record(name).phase_record(phase).token_sums
             ids = uniq.tolist()
