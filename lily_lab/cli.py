@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-ROUTING_MODES = ("batch", "sequence", "token")
+from lily_lab.core import ROUTING_MODES
 
 
 def _positive_int(text: str) -> int:
@@ -22,25 +22,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="train a Lily adapter on MiniLM (tweet sentiment), save it, reload it, compare",
-        description="Train a small Lily adapter on all-MiniLM-L6-v2's query/value projections for "
-        "tweet sentiment (CPU, a few minutes at most), then save it, reload it into a fresh model "
-        "and check the reloaded logits match.",
+        help="train a Lily adapter (MiniLM on tweet sentiment, or a causal LM answering in chat), save, reload, compare",
+        description="Train a small Lily adapter for tweet sentiment (CPU, a few minutes at most), then save it, "
+        "reload it into a fresh model and check the reloaded logits match. An encoder (default: the packaged "
+        "all-MiniLM-L6-v2) gets a new classification head. A causal LM (--model smollm2, the packaged "
+        "SmolLM2-135M-Instruct, or a folder whose config names a …ForCausalLM / …LMHeadModel, or --causal-lm) "
+        "learns to answer a chat prompt with the label word: zero-shot and trained held-out accuracy from the "
+        "answers' log-probabilities, routers recorded while it generates its answers.",
     )
     demo.add_argument("--steps", type=_positive_int, default=30, help="training steps (default 30)")
-    demo.add_argument("--routing", choices=ROUTING_MODES, default="batch", help="router mixing mode (default batch)")
+    demo.add_argument("--routing", choices=ROUTING_MODES, default=None,
+                      help="router mixing mode (default batch; causal for causal LMs)")
     demo.add_argument("--r", type=_positive_int, default=8, help="rank of the shared A projectors (default 8)")
     demo.add_argument("--stride-A", dest="stride_A", type=_positive_int, default=2,
                       help="consecutive layers sharing one A (default 2)")
     demo.add_argument("--num-B", dest="num_B", type=_positive_int, default=4, help="B experts in each bank (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data split, init and batch order (default 0)")
-    demo.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3)")
+    demo.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-3; 2e-3 for causal LMs)")
+    demo.add_argument("--batch-size", type=_positive_int, default=None,
+                      help="training batch size (default 16; 8 for causal LMs)")
+    demo.add_argument("--n-train", type=_positive_int, default=None,
+                      help="training texts (default 2048; 512 for causal LMs, to fit 2 CPU cores)")
+    demo.add_argument("--n-heldout", type=_positive_int, default=None,
+                      help="held-out texts (default 512; 128 for causal LMs)")
     demo.add_argument("--out-dir", default="lily_lab_demo_adapter",
-                      help="where the adapter and classifier head are saved (default lily_lab_demo_adapter)")
+                      help="where the adapter (and an encoder's classifier head) is saved (default lily_lab_demo_adapter)")
     demo.add_argument("--out", default="lily_lab_report.html", help="the HTML report (default lily_lab_report.html)")
-    demo.add_argument("--targets", default="query,value",
-                      help="comma-separated target module names (default query,value)")
-    _data_options(demo, label_default="label")
+    demo.add_argument("--targets", default=None,
+                      help="comma-separated target module names (default query,value; q_proj,v_proj for causal LMs "
+                      "— a GPT-2 base needs c_attn)")
+    kind = demo.add_mutually_exclusive_group()
+    kind.add_argument("--causal-lm", dest="causal_lm", action="store_const", const=True, default=None,
+                      help="load --model as a causal LM (default: when its config names a …ForCausalLM or "
+                      "…LMHeadModel architecture, or --model smollm2)")
+    kind.add_argument("--encoder", dest="causal_lm", action="store_const", const=False,
+                      help="load --model as an encoder with a new classification head (an error for a causal LM)")
+    _data_options(demo, label_default="label",
+                  model_help="a local transformers model directory, or smollm2 for the packaged SmolLM2-135M-Instruct "
+                  "(default: the packaged all-MiniLM-L6-v2)")
     demo.set_defaults(handler=_demo)
 
     report = commands.add_parser(
@@ -58,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_options(parser: argparse.ArgumentParser, label_default: str | None) -> None:
+def _data_options(parser: argparse.ArgumentParser, label_default: str | None, model_help: str | None = None) -> None:
     parser.add_argument("--model", dest="model_dir", default=None,
-                        help="a local transformers encoder directory (default: the packaged all-MiniLM-L6-v2)")
+                        help=model_help or "a local transformers model directory (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--data", default=None, help="a CSV of texts (default: the packaged tweets)")
     parser.add_argument("--text-column", default="text", help="the CSV's text column (default text)")
     parser.add_argument("--label-column", default=label_default,
@@ -71,9 +90,11 @@ def _demo(args: argparse.Namespace) -> int:
     from lily_lab.commands import run_demo
 
     return run_demo(steps=args.steps, routing=args.routing, r=args.r, stride_A=args.stride_A,
-                    num_B=args.num_B, seed=args.seed, lr=args.lr, out_dir=args.out_dir, out=args.out,
+                    num_B=args.num_B, seed=args.seed, out_dir=args.out_dir, out=args.out,
                     model_dir=args.model_dir, data=args.data, text_column=args.text_column,
-                    label_column=args.label_column, targets=[t for t in args.targets.split(",") if t])
+                    label_column=args.label_column, lr=args.lr, batch_size=args.batch_size, n_train=args.n_train,
+                    n_heldout=args.n_heldout, causal_lm=args.causal_lm,
+                    targets=[t for t in args.targets.split(",") if t] if args.targets else None)
 
 
 def _report(args: argparse.Namespace) -> int:

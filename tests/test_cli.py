@@ -9,8 +9,23 @@ from lily_lab.cli import build_parser
 
 def test_demo_defaults():
     args = build_parser().parse_args(["demo"])
-    assert (args.steps, args.routing, args.r, args.stride_A, args.num_B, args.seed) == (30, "batch", 8, 2, 4, 0)
+    assert (args.steps, args.r, args.stride_A, args.num_B, args.seed) == (30, 8, 2, 4, 0)
     assert args.out_dir == "lily_lab_demo_adapter"
+    # None: the model kind's default (lily_lab.commands.ENCODER_DEFAULTS / CAUSAL_DEFAULTS)
+    assert (args.routing, args.targets, args.lr, args.batch_size, args.n_train, args.n_heldout, args.causal_lm) == \
+        (None,) * 7
+
+
+def test_demo_routing_choices_are_the_cores_and_the_kind_flags_exclude_each_other(capsys):
+    from lily_lab.core import ROUTING_MODES
+
+    assert "causal" in ROUTING_MODES
+    assert build_parser().parse_args(["demo", "--routing", "causal"]).routing == "causal"
+    assert build_parser().parse_args(["demo", "--causal-lm"]).causal_lm is True
+    assert build_parser().parse_args(["demo", "--encoder"]).causal_lm is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--causal-lm", "--encoder"])
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_demo_options_reach_their_fields():
