@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=0, help="seed for picking the texts (default 0)")
     report.add_argument("--causal-lm", action="store_true", help="load --model as a causal LM (default: when its "
                         "config names a …ForCausalLM or …LMHeadModel architecture)")
-    _data_options(report, label_default=None)
+    _data_options(report, label_default=None,
+                  model_help="the adapter's base: a local transformers model directory, or smollm2 for the packaged "
+                  "SmolLM2-135M-Instruct (default: the packaged all-MiniLM-L6-v2)")
     report.set_defaults(handler=_report)
     return parser
 

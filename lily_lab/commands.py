@@ -325,8 +325,8 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
                n_texts=512, seed=0, threads=2, causal_lm=False) -> int:
     """Analyse a saved adapter (lily_lab, PEFT Lily or PEFT LoRA) on data; write the HTML report.
 
-    The base is MiniLM with the demo's classification head unless ``model_dir`` is given; a base
-    whose config names a causal LM (``…ForCausalLM``, ``…LMHeadModel``), or ``causal_lm=True``, is
+    The base is MiniLM with the demo's classification head unless ``model_dir`` is given
+    (``"smollm2"``: the packaged SmolLM2-135M-Instruct); a base whose config names a causal LM (``…ForCausalLM``, ``…LMHeadModel``), or ``causal_lm=True``, is
     loaded as one — its own LM head, no classifier — with EOS as the padding token when it has none
     (Llama-3.2 has none)."""
     import json
@@ -347,9 +347,10 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
             raise CheckpointError(f"{peft_cfg} is not valid JSON") from None
     head = adapter_dir / D.HEAD_FILE
     num_labels = 2
-    causal = model_dir is not None and (causal_lm or _is_causal_lm(model_dir))
+    causal = model_dir is not None and (causal_lm or model_dir == SMOLLM2 or _is_causal_lm(model_dir))
     if causal:
-        tokenizer, model = _load_causal_lm(model_dir)
+        tokenizer, model = _load_demo_causal_lm(model_dir)
+        tokenizer.padding_side = "right"  # the recording runs full forwards, no generation
     else:
         if head.is_file():
             from safetensors import safe_open

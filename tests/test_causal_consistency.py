@@ -4,6 +4,8 @@ with random experts (``init_weights=False``), so the experts differ and a mixtur
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -56,8 +58,12 @@ def test_batch_and_sequence_leak_and_drift_causal_and_token_do_neither(build, le
     ids, mask = ids_and_mask(left=left)
     frame = ll.causal_consistency(model, ids, mask if left else None)
     assert list(frame.routing) == list(MODES)
-    assert list(frame.columns) == ["routing", "future_leak", "generation_drift", "sequences", "tokens", "new_tokens"]
+    assert list(frame.columns) == ["routing", "future_leak", "generation_drift", "future_leak_base",
+                                   "generation_drift_base", "sequences", "tokens", "new_tokens"]
     by = frame.set_index("routing")
+    # The base model alone (adapter off) neither leaks nor drifts beyond float rounding, the same for every row.
+    assert frame.future_leak_base.nunique() == 1 and frame.generation_drift_base.nunique() == 1
+    assert by.future_leak_base.iloc[0] == 0 and by.generation_drift_base.iloc[0] <= 1e-5
     for mode in ("batch", "sequence"):
         assert by.loc[mode, "future_leak"] > 1e-4 and by.loc[mode, "generation_drift"] > 1e-4, frame
     for mode in ("causal", "token"):
@@ -214,7 +220,8 @@ def test_diagnose_finds_the_future_leak_with_causal_consistency_s_numbers(routin
     # Four of the five recorded sequences are replayed, the padded one with its 9 real tokens.
     want = ll.causal_consistency(model, ids[:4], mask[:4], modes=[routing]).iloc[0]
     assert f.evidence == {"routing": routing, "future_leak": want.future_leak,
-                          "generation_drift": want.generation_drift, "sequences": 4}
+                          "generation_drift": want.generation_drift,
+                          "generation_drift_base": want.generation_drift_base, "sequences": 4}
     assert "set_lily_options(model, routing='causal')" in f.remedy and "fine-tune" in f.remedy
     html = ll.plots.finding_html(f)
     assert ll.plots.KIND_TITLES["future_leak"] in html and "future leak" in html
@@ -275,3 +282,25 @@ def test_diagnose_notes_a_recording_it_cannot_replay_instead_of_failing():
     d = ll.diagnose(model, routing)
     assert "future_leak" not in d.checked
     assert any("future_leak not checked" in n and "vocabulary" in n for n in d.notes)
+
+
+def test_the_base_floor_is_the_model_with_its_adapter_switched_off():
+    """future_leak_base / generation_drift_base equal the measures on the same model with no adapter,
+    and the adapter is back on afterwards (lily_lab: scaling restored; PEFT: adapters enabled)."""
+    model = adapted(llama, "batch")
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    frame = ll.causal_consistency(model, ids, mask, modes=["batch"])
+    bare = ll.remove_lily(copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)  # the adapter is on again
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    wrapped = peft.get_peft_model(copy.deepcopy(bare), peft.LilyConfig(target_modules=["q_proj", "v_proj"], r=4,
+                                                                       num_B=3, init_weights=False))
+    peft_frame = ll.causal_consistency(wrapped, ids, mask)
+    # The same base weights: the floor does not depend on which adapter was switched off.
+    assert peft_frame.generation_drift_base.iloc[0] == pytest.approx(frame.generation_drift_base.iloc[0], abs=1e-6)
+    assert peft_frame.future_leak_base.iloc[0] == frame.future_leak_base.iloc[0] == 0
+    assert all(not m.disable_adapters for m in wrapped.modules() if isinstance(getattr(m, "disable_adapters", None), bool))

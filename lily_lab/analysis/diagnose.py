@@ -286,24 +286,28 @@ def _check_future_leak(model: nn.Module, routing: Routing, sites: list[str], t: 
         return
     d.checked.append("future_leak")
     leak, drift = float(row.future_leak), float(row.generation_drift)
-    if max(leak, drift) <= t.future_leak:
+    # Above the threshold and clearly above the base model's own rounding (the adapter switched off).
+    if (leak <= max(t.future_leak, 10 * row.future_leak_base)
+            and drift <= max(t.future_leak, 10 * row.generation_drift_base)):
         return
     if peft:
         remedy = ("PEFT's Lily mixes the experts over every token of a call and cannot route causally. Load the "
                   "adapter into lily_lab — model = lily_lab.load_adapter(base_model, folder), base_model without "
                   "the adapter — then set_lily_options(model, routing='causal') (or 'token'): position t then "
-                  "mixes positions ≤ t only, so nothing leaks and generate equals one forward pass (≤ 1e-5, "
-                  "tests/test_causal.py). The adapter was trained with the batch mixture it saw: fine-tune it "
+                  "mixes positions ≤ t only, so nothing leaks and generate equals one forward pass up to the "
+                  "base model's own rounding (notebook 05; ≤ 1e-5 on tests/test_causal.py's tiny models). The adapter was trained with the batch mixture it saw: fine-tune it "
                   "after switching, and compare the two before relying on the switch.")
     else:
         remedy = ("Route causally: set_lily_options(model, routing='causal') (or routing='token'). Position t "
                   "then mixes the router's choices at positions ≤ t only, so nothing leaks and cached "
-                  "generation equals one forward pass (≤ 1e-5, tests/test_causal.py). The adapter was trained "
+                  "generation equals one forward pass up to the base model's own rounding (measured on SmolLM2 in "
+                  "notebook 05; ≤ 1e-5 on the tiny models of tests/test_causal.py). The adapter was trained "
                   f"with the {mode} mixture it saw, so fine-tune (or retrain) it under the new mode; compare "
                   "the two before relying on the switch.")
     d.findings.append(Finding(
         "future_leak", "warning", list(sites),
-        {"routing": mode, "future_leak": leak, "generation_drift": drift, "sequences": int(row.sequences)},
+        {"routing": mode, "future_leak": leak, "generation_drift": drift,
+         "generation_drift_base": float(row.generation_drift_base), "sequences": int(row.sequences)},
         remedy,
         f"later tokens change earlier outputs by up to {leak:.3g} in the logits, and cached generation drifts "
         f"{drift:.3g} from one forward pass: {mode} routing mixes the experts over "
