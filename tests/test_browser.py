@@ -424,7 +424,9 @@ def sweep_tab(page, report: Report, tab: str, *, full: bool, shots: str | None) 
         elif c["kind"] == "play":
             steps = [("play", loc.locator("button").first.click)]
         elif c["kind"] == "text":
-            steps = [("'a lovely day'", lambda: loc.fill("a lovely day"))]
+            # Not the sentence the hostile-text test routed: routing that one again draws the same
+            # figure, so the button after this box would have nothing to change.
+            steps = [("'what a lovely evening'", lambda: loc.fill("what a lovely evening"))]
         elif c["kind"] == "button":
             steps = [("click", loc.click)]
         log_state = {"label": c["label"], "checked": c.get("checked")} if (

@@ -45,6 +45,18 @@ def test_the_gguf_file_becomes_a_plain_llama_that_answers(smollm2):
     assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def test_its_byte_level_tokens_read_as_text(smollm2):
+    from lily_lab.observe.tokens import is_byte_level, token_texts
+
+    _, tokenizer, _ = smollm2
+    ids = tokenizer("Hello world!\n\tThe movie was  great 😀")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[:4] == ["Hello", "Ġworld", "!", "Ċ"]
+    shown = token_texts(tokenizer, ids)
+    assert is_byte_level(tokenizer) and not any("Ġ" in t or "Ċ" in t for t in shown)
+    assert shown == ["Hello", " world", "!", "⏎", "⇥", "The", " movie", " was", "␣", " great",
+                     " \\xf0\\x9f\\x98", "\\x80"]  # the emoji spans two tokens: bytes where no character
+
+
 def test_later_loads_read_the_cached_copy_with_the_same_weights(smollm2, monkeypatch):
     cache, _, model = smollm2
     folder = cache / "SmolLM2-135M-Instruct"

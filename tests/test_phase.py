@@ -262,8 +262,10 @@ def test_token_routes_mark_where_generation_begins():
     table = rec.routing.token_table()
     fig = plot_token_routes(table, 0)
     assert any(a.text == "prompt | generated" for a in fig.layout.annotations)
-    hover = [h for tr in fig.data if tr.type == "heatmap" for row in tr.hovertext for h in row if h]
-    assert any("· generated" in h for h in hover) and any("· prompt" in h for h in hover)
+    # the hover names each token's phase: its column's category, which the hover template shows
+    columns = [c for k in fig.layout if k.startswith("xaxis") for c in fig.layout[k].categoryarray]
+    assert all("%{x}" in tr.hovertemplate for tr in fig.data if tr.type == "heatmap")
+    assert any(c.endswith("· generated") for c in columns) and any(c.endswith("· prompt") for c in columns)
     plain = table[table.phase == "prefill"]
     assert not any(a.text == "prompt | generated" for a in plot_token_routes(plain, 0).layout.annotations)
 

@@ -311,45 +311,80 @@ def route_table() -> pd.DataFrame:
 SITE_ORDER = ["enc.layer.0.attn.query", "enc.layer.1.attn.query", "enc.layer.0.attn.value", "enc.layer.1.attn.value"]
 
 
+def route_cells(trace: go.Heatmap) -> tuple[int, np.ndarray]:
+    """A token-routes heatmap's first row (its y0: rows sit at category indices) and its z."""
+    assert trace.x is None and trace.y is None and trace.x0 == 0 and trace.dx == 1 and trace.dy == 1
+    return int(trace.y0), np.array(trace.z, dtype=float)
+
+
+def route_hover(fig: go.Figure, trace: go.Heatmap, a: int, b: int) -> str:
+    """What plotly.js shows on hovering cell (row ``a``, column ``b``) of ``trace``: its template
+    with %{x} / %{y} the axis categories at the cell, %{z} and %{customdata[k]} its numbers."""
+    suffix = trace.xaxis[1:]
+    xs, ys = fig.layout[f"xaxis{suffix}"].categoryarray, fig.layout[f"yaxis{suffix}"].categoryarray
+    r0, z = route_cells(trace)
+    custom = trace.customdata[a][b]
+    text = trace.hovertemplate.replace("%{x}", xs[b]).replace("%{y}", ys[r0 + a])
+    text = text.replace("%{z:.2f}", f"{z[a, b]:.2f}")
+    for k, v in enumerate(custom):
+        text = text.replace(f"%{{customdata[{k}]:.3f}}", f"{v:.3f}")
+    assert "%{" not in text and text.endswith("<extra></extra>")
+    return text[: -len("<extra></extra>")]
+
+
 def test_token_routes_rows_are_sites_columns_are_tokens_cells_the_top_expert():
     table = route_table()
     fig = plots.plot_token_routes(table, 5, prediction="<u>neg</u>")
     heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
     legend = [t for t in fig.data if isinstance(t, go.Scatter)]
-    assert len(heat) == 3 and len(legend) == 3  # one heatmap and one legend entry per expert (max E = 3)
+    # one legend entry per expert (max E = 3); a heatmap per expert and bank size: query's 3, value's 2
+    assert len(legend) == 3 and [t.name for t in heat] == [f"expert {e}" for e in (0, 1, 2, 0, 1)]
     # rows: the sites, by module then layer, labelled "module · layer"; a rule between the modules
-    assert list(fig.layout.yaxis.tickvals) == SITE_ORDER and fig.layout.yaxis.type == "category"
+    assert fig.layout.yaxis.type == "category" and list(fig.layout.yaxis.tickvals) == [0, 1, 2, 3]
+    assert list(fig.layout.yaxis.categoryarray) == [f"{m} · layer {i % 2}<br>site: {s}" for i, (m, s) in
+                                                    enumerate(zip(["query"] * 2 + ["value"] * 2, SITE_ORDER))]
     assert list(fig.layout.yaxis.ticktext) == ["query · layer 0", "query · layer 1", "value · layer 0", "value · layer 1"]
     assert [(s.y0, s.y1) for s in fig.layout.shapes] == [(1.5, 1.5)]
     # columns: the tokens in position order, as horizontal tick labels (escaped)
     assert fig.layout.xaxis.type == "category" and fig.layout.xaxis.tickangle == 0
     assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
     assert list(fig.layout.xaxis.ticktext) == ["the", "&lt;b&gt;x&lt;/b&gt;", "cat", "sat"]
+    assert fig.layout.xaxis.categoryarray[1] == "<b>&lt;b&gt;x&lt;/b&gt;</b> · position 1"
     seq = table[table.sequence == 5].set_index(["site", "position"])
-    for e, trace in enumerate(heat):
-        assert trace.name == f"expert {e}" and trace.showscale is False and trace.hoverongaps is False
+    words = ["the", "&lt;b&gt;x&lt;/b&gt;", "cat", "sat"]
+    hovered = 0
+    for trace in heat:
+        e = int(trace.name.split()[-1])
+        assert trace.showscale is False and trace.hoverongaps is False
         assert trace.colorscale[-1][1] == plots.expert_color(e)  # full colour: a decisive router
-        assert legend[e].name == f"expert {e}" and legend[e].marker.color == plots.expert_color(e)
+        assert legend[e].name == trace.name and legend[e].marker.color == plots.expert_color(e)
         assert legend[e].legendgroup == trace.legendgroup
-        assert list(trace.y) == SITE_ORDER and list(trace.x) == [0, 1, 2, 3]
-        z = np.array(trace.z, dtype=float)
-        for i, site in enumerate(SITE_ORDER):
+        r0, z = route_cells(trace)
+        n_experts = trace.hovertemplate.count(": %{customdata[")
+        assert (r0, z.shape) == ((0, (2, 4)) if n_experts == 3 else (2, (2, 4)))  # query's rows, value's rows
+        for a in range(z.shape[0]):
+            site = SITE_ORDER[r0 + a]
             E = 3 if "query" in site else 2
             for j in range(4):
                 if (site, j) not in seq.index:
-                    assert np.isnan(z[i, j])  # not sampled: blank in every trace
+                    assert np.isnan(z[a, j])  # not sampled: blank in every trace
                     continue
                 row = seq.loc[(site, j)]
                 if row.top_expert != e:
-                    assert np.isnan(z[i, j])  # another expert's colour
+                    assert np.isnan(z[a, j]) and trace.customdata[a][j] == 0  # another expert's colour
                     continue
                 p_max = row[f"p{e}"]
-                assert z[i, j] == pytest.approx((p_max - 1 / E) / (1 - 1 / E))  # tint: decisiveness
-                hover = trace.hovertext[i][j]
-                for k in range(E):  # the whole distribution, the top expert marked
-                    assert f"expert {k}: {row[f'p{k}']:.3f}" in hover
-                assert f"▶ expert {e}: " in hover and ("expert 2" in hover) == (E == 3)
-                assert f"site: {site}" in hover and f"position {j}" in hover
+                decisive = (p_max - 1 / E) / (1 - 1 / E)
+                assert z[a, j] == pytest.approx(decisive)  # tint: decisiveness
+                assert list(trace.customdata[a][j]) == [round(row[f"p{k}"], 3) for k in range(E)]
+                # the hover: token, position, site label and path, the whole distribution, the top expert marked
+                dist = "<br>".join(f"{'▶' if k == e else '&nbsp;&nbsp;'} expert {k}: {row[f'p{k}']:.3f}" for k in range(E))
+                label = f"{'query' if E == 3 else 'value'} · layer {site.split('.')[2]}"
+                assert route_hover(fig, trace, a, j) == (
+                    f"token <b>{words[j]}</b> · position {j}<br>{label}<br>site: {site}"
+                    f"<br>top expert {e} · decisiveness {decisive:.2f}<br>{dist}")
+                hovered += 1
+    assert hovered == 15  # every sampled cell is one expert's
     title = fig.layout.title.text
     assert title.startswith("Sequence 5 — label &lt;i&gt;pos&lt;/i&gt; · predicted &lt;u&gt;neg&lt;/u&gt;")
     assert "all 4 sites" in fig.layout.title.subtitle.text and "blank" in fig.layout.legend.title.text
@@ -370,7 +405,7 @@ def test_token_routes_height_grows_with_the_sites_and_long_sequences_wrap():
     blocks = plots.plot_token_routes(table, 6, wrap=2)  # two row blocks of two tokens
     assert list(blocks.layout.xaxis.ticktext) == ["the", "&lt;b&gt;x&lt;/b&gt;"]
     assert list(blocks.layout.xaxis2.ticktext) == ["cat", "sat"] and blocks.layout.yaxis2.anchor == "x2"
-    assert len(blocks.data) == 2 * 3 + 3 and blocks.layout.height > four.layout.height
+    assert len(blocks.data) == 2 * (3 + 2) + 3 and blocks.layout.height > four.layout.height
     assert blocks.layout.yaxis.domain[0] > blocks.layout.yaxis2.domain[1]  # the second block below the first
     # 120 tokens: wrapped into blocks of at most 40, every tick label horizontal
     long = pd.concat([table[(table.sequence == 6) & (table.position == 0)].assign(position=p, token=f"w{p}")
@@ -380,6 +415,61 @@ def test_token_routes_height_grows_with_the_sites_and_long_sequences_wrap():
     axes = [fig.layout[k] for k in names]
     assert len(axes) >= 3 and all(len(ax.ticktext) <= 40 and ax.tickangle == 0 for ax in axes)
     assert [t for ax in axes for t in ax.ticktext] == [f"w{p}" for p in range(120)]
+
+
+def llm_route_table(n_layers: int = 30, n_tokens: int = 94, E: int = 4) -> pd.DataFrame:
+    """One sequence of a SmolLM2-sized recording: q_proj and v_proj in every layer (60 sites), every
+    token sampled everywhere, byte-level BPE tokens as ``token_table`` shows them."""
+    rng = np.random.default_rng(0)
+    words = [" the", " movie", " was", "⏎", " really", " good", "!", " I", "⇥", " loved", " it", "."]
+    S = 2 * n_layers
+    probs = rng.dirichlet(np.ones(E) * 0.7, size=(S, n_tokens))
+    frame = pd.DataFrame({
+        "site": [f"model.layers.{i % n_layers}.self_attn.{'qv'[i // n_layers]}_proj" for i in range(S) for _ in range(n_tokens)],
+        "module": [f"{'qv'[i // n_layers]}_proj" for i in range(S) for _ in range(n_tokens)],
+        "group": [f"{'qv'[i // n_layers]}_proj:32x32" for i in range(S) for _ in range(n_tokens)],
+        "index": np.repeat(np.arange(S), n_tokens), "call": 0, "sequence": 0,
+        "position": np.tile(np.arange(n_tokens), S), "token_id": np.tile(np.arange(n_tokens) % len(words), S),
+        "token": [words[j % len(words)] for _ in range(S) for j in range(n_tokens)], "label": "pos"})
+    for k in range(E):
+        frame[f"p{k}"] = probs[..., k].ravel()
+    frame["top_expert"] = probs.argmax(axis=-1).ravel()
+    return frame
+
+
+def test_token_routes_of_a_60_site_llm_sequence_stay_small():
+    """The hover is one template per trace over numbers per cell (customdata) and the axes'
+    categories, not a string per cell: a 60-site × 94-token sequence was 8.5 MB of JSON, now 0.4 MB."""
+    table = llm_route_table()
+    fig = plots.plot_token_routes(table, 0)
+    heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    size = len(pio.to_json(fig))
+    assert size < 500_000, f"{size:,} bytes"
+    assert all(t.hovertext is None and t.text is None for t in heat)
+    assert all(isinstance(t.z, np.ndarray) and t.z.dtype == np.float32 for t in heat)  # base64 in the JSON
+    assert '"bdata"' in pio.to_json(fig) and len(fig.layout.yaxis.categoryarray) == 60
+    # every sampled cell hovers the same values as the table: 60 × 94, each in one expert's trace
+    site_of = {i: s for i, s in enumerate(_sites_in_order(table))}
+    seen = 0
+    rows = table.set_index(["site", "position"])
+    for trace in heat:
+        e, suffix = int(trace.name.split()[-1]), trace.xaxis[1:]
+        xs = fig.layout[f"xaxis{suffix}"].categoryarray
+        r0, z = route_cells(trace)
+        for a, b in zip(*np.nonzero(np.isfinite(z))):
+            position = int(xs[b].rsplit("position ", 1)[1])
+            row = rows.loc[(site_of[r0 + a], position)]
+            assert row.top_expert == e
+            text = route_hover(fig, trace, a, b)
+            assert f"<b>{row.token}</b> · position {position}<br>" in text and f"site: {site_of[r0 + a]}" in text
+            assert all(f"expert {k}: {row[f'p{k}']:.3f}" in text for k in range(4)) and f"▶ expert {e}:" in text
+            seen += 1
+    assert seen == 60 * 94
+
+
+def _sites_in_order(table: pd.DataFrame) -> list[str]:
+    order = table.drop_duplicates("site")
+    return sorted(order["site"], key=lambda s: (s.rsplit(".", 1)[1], int(s.split(".")[2])))
 
 
 def test_token_routes_name_what_is_wrong(lab):

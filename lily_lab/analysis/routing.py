@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..observe.routing import Routing, RoutingError, SiteRecord, _entropy
+from ..observe.tokens import token_texts
 
 METRIC_COLUMNS = ["load_entropy", "token_entropy", "routing_mi", "effective_experts", "max_usage", "cv2",
                   "switch_balance", "z_loss"]
@@ -156,7 +157,7 @@ def expert_layer_profile(routing: Routing) -> pd.DataFrame:
 def top_tokens(routing: Routing, k: int = 10, min_count: int = 3, tokenizer=None) -> pd.DataFrame:
     """Per site and expert, the ``k`` token ids whose tokens give the expert the highest mean
     probability (among tokens seen at least ``min_count`` times): site, expert, rank, token_id,
-    token (with a tokenizer), usage, n_tokens."""
+    token (with a tokenizer: readable text, as in ``Routing.token_table``), usage, n_tokens."""
     spec = specialization(routing, by="token", min_count=min_count)
     spec = spec.sort_values(["site", "expert", "usage"], ascending=[True, True, False], kind="stable")
     top = spec.groupby(["site", "expert"], sort=False).head(k).copy()
@@ -164,7 +165,7 @@ def top_tokens(routing: Routing, k: int = 10, min_count: int = 3, tokenizer=None
     top = top.rename(columns={"value": "token_id"})
     if tokenizer is not None:
         ids = sorted(set(top["token_id"].tolist()))
-        text = dict(zip(ids, tokenizer.convert_ids_to_tokens(ids)))
+        text = dict(zip(ids, token_texts(tokenizer, ids)))
         top["token"] = top["token_id"].map(text)
     cols = ["site", "module", "group", "index", "layer", "expert", "rank", "token_id"] + \
         (["token"] if tokenizer is not None else []) + ["usage", "n_tokens"]

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..core.errors import LilyLabError
+from .tokens import token_texts
 
 FORMAT = "lily_lab-routing"
 FORMAT_VERSION = 2  # 2: per-phase sums and a phase column in the samples (1 still reads)
@@ -313,7 +314,9 @@ class Routing:
 
     def token_table(self, tokenizer=None):
         """DataFrame of the sampled tokens: ``site, call, sequence, position, phase, token_id, token,
-        label, p0 … p{E-1}, top_expert``. ``token`` is filled when a tokenizer is given; ``phase`` is
+        label, p0 … p{E-1}, top_expert``. ``token`` is filled when a tokenizer is given, as readable
+        text (``lily_lab.observe.tokens.token_texts``: a byte-level BPE's ``Ġthe`` reads `` the``, its
+        newline ``⏎``; WordPiece ``##ing`` stays as it is); ``phase`` is
         ``"prefill"``, ``"decode"`` or ``None`` (see :data:`PHASES`). ``position`` is the token's
         column in its sequence's padded text: in a cached generation the prompt's padded columns
         (left padding included, so a left-padded prompt's first real token is not at 0), then one
@@ -338,8 +341,8 @@ class Routing:
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if tokenizer is not None and len(table):
             ids = table["token_id"].to_numpy()
-            uniq = np.unique(ids[ids >= 0])
-            text = dict(zip(uniq.tolist(), tokenizer.convert_ids_to_tokens(uniq.tolist())))
+            uniq = np.unique(ids[ids >= 0]).tolist()
+            text = dict(zip(uniq, token_texts(tokenizer, uniq)))
             table["token"] = [text.get(int(i)) for i in ids]
         elif len(table):
             table["token"] = None

@@ -203,6 +203,29 @@ def _ordered_sites(tokens: pd.DataFrame) -> pd.DataFrame:
     return sites.loc[key.sort_values(["_module", "_group", "_layer", "index"], kind="stable").index].reset_index(drop=True)
 
 
+def _bank_runs(n_exp: np.ndarray, E: int) -> list[tuple[int, int, int]]:
+    """The site rows as runs ``(first, stop, E)`` of consecutive rows whose banks have the same
+    number of experts (``n_exp``: experts per cell); a row with no sampled token joins the run
+    before it."""
+    runs: list[list[int]] = []
+    for i, row in enumerate(n_exp):
+        k = int(row.max(initial=0)) or (runs[-1][2] if runs else E)
+        if runs and runs[-1][2] == k:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, k])
+    return [tuple(r) for r in runs]
+
+
+def _route_hover(expert: int, n_experts: int) -> str:
+    """The hover of an ``expert``'s cells in ``plot_token_routes``: the token (its column), the site
+    (its row), the decisiveness (the cell's ``z``) and the distribution (its ``customdata``) with
+    this expert marked."""
+    dist = "<br>".join(f"{'▶' if k == expert else '&nbsp;&nbsp;'} expert {k}: %{{customdata[{k}]:.3f}}"
+                       for k in range(n_experts))
+    return f"token %{{x}}<br>%{{y}}<br>top expert {expert} · decisiveness %{{z:.2f}}<br>{dist}<extra></extra>"
+
+
 def prediction_for(predictions: Any, sequence: int) -> Any:
     """The prediction of recorded ``sequence`` in ``predictions``: a list (or array) indexed by the
     recording's sequence number, or a mapping ``{sequence: prediction}``; ``None`` when absent."""
@@ -226,9 +249,17 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
     title beside its label; ``wrap``: tokens per row block — a longer sequence continues in a block
     below, so the tick labels stay horizontal and apart (default: as many as fit
     ``ROUTE_PLOT_WIDTH_PX`` at the sequence's longest tick label, 8 to 40). One heatmap per expert
-    (legend group) and a legend entry per expert. A sequence recorded around ``generate`` (a
-    ``phase`` column holding both ``"prefill"`` and ``"decode"``) gets a dotted rule and a
-    "prompt | generated" note where its generated tokens begin; the hover names each token's phase."""
+    (legend group; per expert and run of sites with the same bank size when banks differ) and a
+    legend entry per expert. A sequence recorded around ``generate`` (a ``phase`` column holding
+    both ``"prefill"`` and ``"decode"``) gets a dotted rule and a "prompt | generated" note where
+    its generated tokens begin; the hover names each token's phase.
+
+    The figure stays small at LLM scale (a 60-site × 94-token sequence is ~0.4 MB of JSON): a
+    heatmap places its cells by category index (``x0``/``y0``, no per-cell coordinates), its
+    ``z`` is a float32 array (base64 in the JSON), and its hover is one ``hovertemplate``: the
+    token, position and phase come from the column's x category, the site's name and path from
+    the row's y category, the decisiveness from ``z`` and the distribution from ``customdata``
+    (each cell's probabilities rounded to 3 decimals; ``0`` in the cells of other experts)."""
     fn = "plot_token_routes"
     require(tokens, ["site", "sequence", "position", "top_expert"], fn, TOKEN_TABLE)
     _require_probs(tokens, fn)
@@ -274,15 +305,14 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
         decisive = np.where(n_exp > 1, (p_top - 1 / n_exp) / (1 - 1 / np.maximum(n_exp, 2)), 1.0)
     decisive = np.clip(np.where(top >= 0, decisive, np.nan), 0, 1)
     labels = [site_label(m, l) for m, l in zip(order["module"], order["layer"])]
-    y = [escape(s) for s in order["site"]]
-    hover = [[""] * n for _ in range(S)]
-    for i, j in zip(rows, cells):
-        dist = "<br>".join(f"{'▶' if k == top[i, j] else '&nbsp;&nbsp;'} expert {k}: {fmt(P[i, j, k])}"
-                           for k in range(E) if np.isfinite(P[i, j, k]))
-        where_in = {"prefill": " · prompt", "decode": " · generated"}.get(phases[j], "")
-        hover[i][j] = (f"token <b>{escape(text[j])}</b> · position {positions[j]}{where_in}<br>{labels[i]}"
-                       f"<br>site: {y[i]}<br>top expert {top[i, j]} · decisiveness {fmt(decisive[i, j], 2)}"
-                       f"<br>{dist}")
+    # The hover is one template per trace: what differs by site or by token lives in the axis
+    # categories (a site's row is "label<br>site: path", a token's column "token · position ·
+    # phase"; the traces place their cells by category index, x0/y0), the numbers per cell in
+    # customdata and z, so each string is embedded once per row block, not once per cell.
+    y = [f"{lab}<br>site: {escape(s)}" for lab, s in zip(labels, order["site"])]
+    where_in = [{"prefill": " · prompt", "decode": " · generated"}.get(ph, "") for ph in phases]
+    x_keys = [f"<b>{escape(t)}</b> · position {p}{w}" for t, p, w in zip(text, positions, where_in)]
+    runs = _bank_runs(n_exp, E)
     label = next((l for l in seq.get("label", pd.Series(dtype=object)) if l is not None and l == l), None)
     every = len(order) == tokens["site"].nunique()
     # Label and prediction cut to a few words (a title does not wrap; the hover has the rest).
@@ -314,25 +344,34 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
         suffix = "" if b == 0 else str(b + 1)
         y1 = 1 - b * (S * ROUTE_ROW_PX + ROUTE_GAP_PX) / plot_px
         y0 = y1 - S * ROUTE_ROW_PX / plot_px
-        xs = positions[j0:j1]
+        xs = x_keys[j0:j1]  # the block's columns
         fig.layout[f"xaxis{suffix}"] = dict(type="category", anchor=f"y{suffix}", domain=[0, 1], tickangle=0,
-                                            categoryorder="array", categoryarray=xs, tickmode="array", tickvals=xs,
+                                            categoryorder="array", categoryarray=xs, tickmode="array",
+                                            tickvals=list(range(j1 - j0)),
                                             ticktext=[_tick(t) for t in text[j0:j1]], showgrid=False,
                                             tickfont=dict(size=12),
                                             range=[-0.5, per - 0.5], fixedrange=True, side="bottom",
                                             title=dict(text="tokens, in order" if n_blocks == 1 else
                                                        f"tokens {j0 + 1}–{j1} of {n}, in order"))
         fig.layout[f"yaxis{suffix}"] = dict(type="category", anchor=f"x{suffix}", domain=[max(y0, 0), min(y1, 1)],
-                                            categoryorder="array", categoryarray=y, tickmode="array", tickvals=y,
+                                            categoryorder="array", categoryarray=y, tickmode="array",
+                                            tickvals=list(range(S)),
                                             ticktext=labels, autorange="reversed", showgrid=False, fixedrange=True,
                                             title=dict(text="site (module · layer)"))
-        for e in range(E):
-            z = np.where(top[:, j0:j1] == e, decisive[:, j0:j1], np.nan)
-            color = expert_color(e)
-            traces.append(dict(type="heatmap", x=xs, y=y, z=z.tolist(), zmin=0, zmax=1, showscale=False,
-                               colorscale=[[0, _tint(color, 0.3)], [1, color]], xgap=1, ygap=1,
-                               hoverongaps=False, hovertext=[r[j0:j1] for r in hover], hoverinfo="text",
-                               name=f"expert {e}", legendgroup=f"expert {e}", xaxis=f"x{suffix}", yaxis=f"y{suffix}"))
+        for r0, r1, E_run in runs:  # rows of one bank size: a template with that many experts
+            for e in range(E_run):
+                own = top[r0:r1, j0:j1] == e
+                z = np.where(own, decisive[r0:r1, j0:j1], np.nan).astype(np.float32)  # typed array, not decimals
+                probs = np.round(P[r0:r1, j0:j1, :E_run], 3)
+                # The whole distribution for this expert's cells only, 0 in the others (never hovered).
+                custom = [[probs[i, j].tolist() if own[i, j] else 0 for j in range(j1 - j0)] for i in range(r1 - r0)]
+                color = expert_color(e)
+                # x0/y0: the cells sit at category indices (the columns of the block, the run's rows).
+                traces.append(dict(type="heatmap", x0=0, dx=1, y0=r0, dy=1, z=z, zmin=0, zmax=1, showscale=False,
+                                   colorscale=[[0, _tint(color, 0.3)], [1, color]], xgap=1, ygap=1,
+                                   hoverongaps=False, customdata=custom, hovertemplate=_route_hover(e, E_run),
+                                   name=f"expert {e}", legendgroup=f"expert {e}", xaxis=f"x{suffix}",
+                                   yaxis=f"y{suffix}"))
         if split is not None and j0 < split < j1:  # where the prompt ends and generation begins
             shapes.append(dict(type="line", xref=f"x{suffix}", x0=split - j0 - 0.5, x1=split - j0 - 0.5,
                                yref=f"y{suffix} domain", y0=0, y1=1.04, line=dict(color="#d62728", width=2, dash="dot")))
