@@ -1,145 +1,480 @@
-"""Reading a ``Routing`` saved by ``Routing.save`` — every field checked, no pickle."""
+"""Reading a ``Routing`` saved by ``Routing.save`` — every field checked, no pickle.
+
+The file is a zip of ``.npy`` members. Nothing but the JSON header is decompressed before the zip
+directory has been checked: the members must be exactly those the file's format version defines
+for the sites its header lists (an unknown member, however large, is never inflated), and each
+member's ``.npy`` header (read alone, from the start of the member) must give the dtype and shape
+the header implies (number of sites, experts per site, max_tokens, counts) and its uncompressed
+size exactly that ``.npy`` header plus that data. Only then are the arrays read, each into a buffer
+of that size (reading stops there, and the member's CRC is checked), and their values checked: codes in
+range, counts that add up, finite sums. No pickle, no object arrays.
+"""
 
 from __future__ import annotations
 
 import json
+import lzma
+from collections import Counter
+import math
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from .routing import _PHASE_NAMES, FORMAT, FORMAT_VERSION, Reservoir, RoutingError, SiteRecord
 
 _TOKEN_COLS = ("probs", "logits", "call", "sequence", "position", "token_id", "label")
 _MIX_COLS = ("mixture", "call", "sequence")
 _PHASE_COL = "phase"  # format 2 on: both samples carry each row's phase code
+_FLOAT_TOKEN_COLS = {"probs", "logits", "mixture"}
+_SITE_SUMS = ("sum_probs", "argmax_counts", "sum_mixture")
+_LABEL_SUMS = ("label_codes", "label_counts", "label_probs", "label_argmax", "label_entropy")
+_TOKEN_SUMS = ("token_ids", "token_counts", "token_probs")
+_PHASE_INTS = ("n_tokens", "nonfinite", "n_calls", "tokens_seen", "mixtures_seen")
+_PHASE_ROWS = ("sum_probs", "sum_mixture", "argmax")
+_PHASE_FLOATS = ("sum_entropy", "sum_z")
+_PHASE_LABELS = ("label_phase", "label_codes", "label_counts", "label_probs", "label_argmax", "label_entropy")
+_PHASE_TOKENS = ("token_phase", "token_ids", "token_counts", "token_probs")
+
+_HEADER = "__header__"
+# The JSON header (site metadata and labels) is read whole: at most 64 MiB, and at most 200 times
+# its compressed size (JSON text of sites and labels compresses far less).
+_MAX_HEADER_BYTES, _HEADER_RATIO = 64 << 20, 200
+_DEFLATE_RATIO = 1032  # deflate's most: a member claiming more than this per compressed byte lies
+_CHUNK = 1 << 20
+_PROB_TOL = 0.02  # Σ of a probability sum over its tokens may differ from the token count by this share
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile, zlib.error,
+                NotImplementedError, RuntimeError, struct.error, lzma.LZMAError, OverflowError, MemoryError)
 
 
-def load_routing(cls, path: Path):
+class _Bad(Exception):
+    """What is wrong with the file (turned into a RoutingError naming it)."""
+
+
+def load_routing(cls, path):
+    """Read the routing file ``path`` (a ``Path``, or in-memory bytes with a ``name`` and
+    ``is_file``, as ``distributed`` passes); every problem is a RoutingError naming it."""
     if not path.is_file():
         raise RoutingError(f"no routing file at {str(path)!r}")
+    where = str(path) if isinstance(path, Path) else str(getattr(path, "name", "routing data"))
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as err:
-        raise RoutingError(f"{path.name} is not a lily_lab routing file (.npz): {err}") from None
+        size = path.stat().st_size if isinstance(path, Path) else len(path.getbuffer())
+        zf = zipfile.ZipFile(path)
+    except _READ_ERRORS as err:
+        raise RoutingError(f"{where} is not a lily_lab routing file (.npz): {err}") from None
     try:
-        header = json.loads(bytes(arrays.pop("__header__")).decode())
-    except (KeyError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
-        raise RoutingError(f"{path.name} has no readable lily_lab routing header: {err}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise RoutingError(f"{path.name} is not a lily_lab routing file (format {FORMAT!r} expected)")
-    version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise RoutingError(f"{path.name} has routing format_version {version!r}; this lily_lab reads 1..{FORMAT_VERSION}")
-    try:
+        with zf:
+            return _Reader(zf, size).load(cls)
+    except _Bad as err:
+        raise RoutingError(f"{where} is a damaged lily_lab routing file: {err}") from None
+    except RoutingError as err:
+        raise RoutingError(f"{where} {err}") from None
+    except _READ_ERRORS as err:
+        raise RoutingError(f"{where} is a damaged lily_lab routing file: {type(err).__name__}: {err}") from None
+
+
+def _int(meta: dict, key: str, what: str, low: int | None = 0) -> int:
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or (low is not None and v < low):
+        raise _Bad(f"{what} {key} is {str(v)[:40]!r}, not an integer{'' if low is None else f' ≥ {low}'}")
+    return v
+
+
+def _float(meta: dict, key: str, what: str) -> float:
+    v = meta.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+        raise _Bad(f"{what} {key} is {str(v)[:40]!r}, not a finite number ≥ 0")
+    return float(v)
+
+
+def _str(meta: dict, key: str, what: str) -> str:
+    v = meta.get(key)
+    if not isinstance(v, str):
+        raise _Bad(f"{what} {key} is {str(v)[:40]!r}, not a string")
+    return v
+
+
+class _Reader:
+    def __init__(self, zf: zipfile.ZipFile, file_size: int):
+        self.zf = zf
+        self.file_size = file_size
+        self.infos: dict[str, zipfile.ZipInfo] = {}
+        for info in zf.infolist():
+            if info.filename in self.infos:
+                raise _Bad(f"it holds member {info.filename!r} twice")
+            self.infos[info.filename] = info
+            if info.flag_bits & 0x1:
+                raise _Bad(f"member {info.filename!r} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise _Bad(f"member {info.filename!r} uses compression method {info.compress_type}, "
+                           "not stored or deflated")
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+                raise _Bad(f"member {info.filename!r} is stored, but claims {info.file_size:,} bytes "
+                           f"in {info.compress_size:,}")
+            if info.file_size > _DEFLATE_RATIO * info.compress_size + 1024:
+                raise _Bad(f"member {info.filename!r} claims {info.file_size:,} bytes, more than deflate can "
+                           f"hold in its {info.compress_size:,}")
+        if sum(i.compress_size for i in self.infos.values()) > file_size:
+            raise _Bad(f"its members claim more compressed bytes than the file's {file_size:,}")
+        self.heads: dict[str, tuple] = {}  # member → (shape, fortran_order, dtype, header bytes)
+
+    # ------------------------------------------------------------------ members
+    def head(self, key: str) -> tuple:
+        """The ``.npy`` header of member ``key`` (read alone), checked against its stored size."""
+        if key in self.heads:
+            return self.heads[key]
+        info = self.infos[key + ".npy"]
+        with self.zf.open(info) as fp:
+            try:
+                version = npy_format.read_magic(fp)
+                if version == (1, 0):
+                    shape, fortran, dtype = npy_format.read_array_header_1_0(fp)
+                elif version == (2, 0):
+                    shape, fortran, dtype = npy_format.read_array_header_2_0(fp)
+                else:
+                    raise _Bad(f"member {key!r} is a .npy of version {version}, not 1.0 or 2.0")
+            except (_Bad, zipfile.BadZipFile, zlib.error, OSError, EOFError):
+                raise
+            except Exception as err:  # noqa: BLE001 - numpy parsing a damaged header can raise about anything
+                raise _Bad(f"member {key!r} has no readable .npy header: {type(err).__name__}: {err}") from None
+            start = fp.tell()
+        if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+            raise _Bad(f"member {key!r} has dtype {dtype}, not a number type")
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise _Bad(f"member {key!r} has shape {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if info.file_size != start + nbytes:
+            raise _Bad(f"member {key!r} holds {info.file_size:,} bytes, but its .npy header "
+                       f"(shape {shape}, {dtype}) means {start + nbytes:,}")
+        self.heads[key] = (shape, fortran, dtype, start)
+        return self.heads[key]
+
+    def expect(self, key: str, shape: tuple, kind: str) -> tuple:
+        """Check member ``key``'s header: ``shape`` (None: any length ≥ 0 on that axis) and ``kind``
+        (``"f"`` floats, ``"i"`` integers, ``"b"`` bytes); its actual shape."""
+        got, _, dtype, _ = self.head(key)
+        if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+            raise _Bad(f"routing array {key!r} has shape {got}, expected {shape}")
+        ok = {"f": dtype.kind == "f",
+              "i": dtype.kind in "bi" or (dtype.kind == "u" and dtype.itemsize <= 4),
+              "b": dtype.kind == "u" and dtype.itemsize == 1}[kind]
+        if not ok:
+            raise _Bad(f"routing array {key!r} has dtype {dtype}, expected {'float' if kind == 'f' else 'integer'}")
+        return got
+
+    def data(self, key: str) -> np.ndarray:
+        """Member ``key``'s array (its header already checked), writable, in native byte order."""
+        shape, fortran, dtype, start = self.heads[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        with self.zf.open(self.infos[key + ".npy"]) as fp:
+            if len(fp.read(start)) != start:
+                raise _Bad(f"member {key!r} is truncated")
+            pos = 0
+            while pos < nbytes:
+                chunk = fp.read(min(_CHUNK, nbytes - pos))
+                if not chunk:
+                    raise _Bad(f"member {key!r} is truncated")
+                view[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+            if fp.read(1):
+                raise _Bad(f"member {key!r} is longer than its header says")
+        a = np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+        return a.astype(dtype.newbyteorder("="), copy=False)
+
+    # ------------------------------------------------------------------ the file
+    def load(self, cls):
+        if _HEADER + ".npy" not in self.infos:
+            raise RoutingError("has no readable lily_lab routing header (no __header__ member)")
+        info = self.infos[_HEADER + ".npy"]
+        if info.file_size > min(_MAX_HEADER_BYTES, _HEADER_RATIO * info.compress_size + (64 << 10)):
+            raise RoutingError(f"has a routing header that claims {info.file_size:,} bytes "
+                               f"({info.compress_size:,} compressed)")
+        try:
+            self.expect(_HEADER, (None,), "b")
+            header = json.loads(bytes(self.data(_HEADER)).decode())
+        except (_Bad, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise RoutingError(f"has no readable lily_lab routing header: {err}") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise RoutingError(f"is not a lily_lab routing file (format {FORMAT!r} expected)")
+        version = header.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
+            raise RoutingError(f"has routing format_version {version!r}; this lily_lab reads 1..{FORMAT_VERSION}")
+        self.version = version
+        labels = header.get("labels")
+        if not isinstance(labels, list) or not all(
+                v is None or isinstance(v, (str, int, float)) for v in labels):
+            raise _Bad(f"its labels are {type(labels).__name__} {str(labels)[:80]!r}, not a list of strings or numbers")
+        if len(set(labels)) != len(labels):
+            raise _Bad("its labels repeat a value")
+        self.n_labels = len(labels)
+        max_tokens = _int(header, "max_tokens", "the header's")
+        n_calls, n_sequences = _int(header, "n_calls", "the header's"), _int(header, "n_sequences", "the header's")
+        sites = header.get("sites")
+        if not isinstance(sites, list):
+            raise _Bad("its header has no list of sites")
+        metas = [self._site_meta(k, meta) for k, meta in enumerate(sites)]
+        names = [m["name"] for m in metas]
+        if len(set(names)) != len(names):
+            dup = sorted(n for n, c in Counter(names).items() if c > 1)
+            raise _Bad(f"it names sites {dup} more than once")
+        # The member list, exactly; then every member's header, before any data is read.
+        want = {_HEADER + ".npy"} | {f"s{k}.{m}.npy" for k in range(len(metas)) for m in self._site_members()}
+        have = set(self.infos)
+        if have != want:
+            extra, lack = sorted(have - want), sorted(want - have)
+            parts = []
+            if extra:
+                parts.append(f"members the format does not define: {extra[:5]}{'…' if len(extra) > 5 else ''}")
+            if lack:
+                parts.append(f"no members {lack[:5]}{'…' if len(lack) > 5 else ''}")
+            raise _Bad(f"it holds {' and '.join(parts)} (format version {version}, {len(metas)} sites)")
+        for k, meta in enumerate(metas):
+            self._site_heads(f"s{k}.", meta, max_tokens)
         records = {}
-        for k, meta in enumerate(header["sites"]):
-            p = f"s{k}."
-            E = int(meta["num_B"])
-            rec = SiteRecord(str(meta["name"]), str(meta["module"]), str(meta["group"]), int(meta["index"]),
-                             str(meta["kind"]), str(meta["routing"]), E)
-            rec.n_tokens, rec.nonfinite, rec.n_calls = int(meta["n_tokens"]), int(meta["nonfinite"]), int(meta["n_calls"])
-            rec.sum_token_entropy, rec.sum_z = float(meta["sum_token_entropy"]), float(meta["sum_z"])
-            rec.sum_probs = _arr(arrays, p + "sum_probs", (E,), np.float64)
-            rec.argmax_counts = _arr(arrays, p + "argmax_counts", (E,), np.int64)
-            rec.sum_mixture = _arr(arrays, p + "sum_mixture", (E,), np.float64)
-            codes = _arr(arrays, p + "label_codes", (None,), np.int64)
-            n = len(codes)
-            counts = _arr(arrays, p + "label_counts", (n,), np.int64)
-            lprobs = _arr(arrays, p + "label_probs", (n, E), np.float64)
-            largmax = _arr(arrays, p + "label_argmax", (n, E), np.int64)
-            lent = _arr(arrays, p + "label_entropy", (n,), np.float64)
-            rec.label_sums = {int(c): [int(counts[i]), lprobs[i], largmax[i], float(lent[i])] for i, c in enumerate(codes)}
-            toks = _arr(arrays, p + "token_ids", (None,), np.int64)
-            tcounts = _arr(arrays, p + "token_counts", (len(toks),), np.int64)
-            tprobs = _arr(arrays, p + "token_probs", (len(toks), E), np.float64)
-            rec.token_sums = {int(t): [int(tcounts[i]), tprobs[i]] for i, t in enumerate(toks)}
-            extra = (_PHASE_COL,) if version >= 2 else ()
-            rec.tokens = _reservoir(arrays, p + "tokens.", _TOKEN_COLS + extra, header["max_tokens"], meta["tokens_seen"], E)
-            rec.mixtures = _reservoir(arrays, p + "mixtures.", _MIX_COLS + extra, header["max_tokens"], meta["mixtures_seen"], E)
-            if version >= 2:
-                _load_phases(arrays, p, rec)
-            else:  # a recording from before phases: every token of phase None
-                for res in (rec.tokens, rec.mixtures):
-                    res.columns[_PHASE_COL] = np.full(len(res), -1, dtype=np.int8)
+        for k, meta in enumerate(metas):
+            rec = self._site(f"s{k}.", meta, max_tokens)
             records[rec.name] = rec
-        routing = cls(records, header["labels"], int(header["max_tokens"]))
-        routing.n_calls, routing.n_sequences = int(header["n_calls"]), int(header["n_sequences"])
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        if isinstance(err, RoutingError):
-            raise
-        raise RoutingError(f"{path.name} is a damaged lily_lab routing file: {type(err).__name__}: {err}") from None
-    return routing
+        routing = cls(records, labels, max_tokens)
+        routing.n_calls, routing.n_sequences = n_calls, n_sequences
+        return routing
+
+    def _site_members(self) -> list[str]:
+        cols = _TOKEN_COLS + ((_PHASE_COL,) if self.version >= 2 else ())
+        mcols = _MIX_COLS + ((_PHASE_COL,) if self.version >= 2 else ())
+        out = [f"tokens.{c}" for c in cols] + [f"mixtures.{c}" for c in mcols]
+        out += list(_SITE_SUMS + _LABEL_SUMS + _TOKEN_SUMS)
+        if self.version >= 2:
+            out += ["phase_codes"] + [f"phase_{k}" for k in
+                                      _PHASE_INTS + _PHASE_ROWS + _PHASE_FLOATS + _PHASE_LABELS + _PHASE_TOKENS]
+        return out
+
+    def _site_meta(self, k: int, meta) -> dict:
+        what = f"site {k}'s"
+        if not isinstance(meta, dict):
+            raise _Bad(f"{what} metadata is not an object")
+        out = {key: _str(meta, key, what) for key in ("name", "module", "group", "kind", "routing")}
+        out["index"] = _int(meta, "index", what, low=None)
+        out["num_B"] = _int(meta, "num_B", what, low=1)
+        if out["num_B"] > 1 << 20:
+            raise _Bad(f"{what} num_B is {out['num_B']}")
+        for key in ("n_tokens", "nonfinite", "n_calls", "tokens_seen", "mixtures_seen"):
+            out[key] = _int(meta, key, what)
+        for key in ("sum_token_entropy", "sum_z"):
+            out[key] = _float(meta, key, what)
+        return out
+
+    def _site_heads(self, p: str, meta: dict, max_tokens: int) -> None:
+        """Check the ``.npy`` header of every member of the site (prefix ``p``)."""
+        E, n_tok = meta["num_B"], meta["n_tokens"]
+        rows = self.expect(p + "tokens.probs", (None, E), "f")[0]
+        if rows > min(max_tokens, meta["tokens_seen"]):
+            raise _Bad(f"routing array {p + 'tokens.probs'!r} samples {rows} tokens, more than max_tokens "
+                       f"{max_tokens} or the {meta['tokens_seen']} seen")
+        for c in _site_cols(self.version, "tokens"):
+            floats = c in _FLOAT_TOKEN_COLS
+            self.expect(p + "tokens." + c, (rows, E) if floats else (rows,), "f" if floats else "i")
+        mrows = self.expect(p + "mixtures.mixture", (None, E), "f")[0]
+        if mrows > min(max_tokens, meta["mixtures_seen"]):
+            raise _Bad(f"routing array {p + 'mixtures.mixture'!r} samples {mrows} rows, more than max_tokens "
+                       f"{max_tokens} or the {meta['mixtures_seen']} seen")
+        for c in _site_cols(self.version, "mixtures")[1:]:
+            self.expect(p + "mixtures." + c, (mrows,), "i")
+        self.expect(p + "sum_probs", (E,), "f")
+        self.expect(p + "argmax_counts", (E,), "i")
+        self.expect(p + "sum_mixture", (E,), "f")
+        n = self.expect(p + "label_codes", (None,), "i")[0]
+        if n > self.n_labels + 1:
+            raise _Bad(f"routing array {p}label_codes has {n} codes for {self.n_labels} labels")
+        self._sum_heads(p + "label_", n, E)
+        m = self.expect(p + "token_ids", (None,), "i")[0]
+        if m > n_tok:
+            raise _Bad(f"routing array {p}token_ids has {m} ids for {n_tok} tokens")
+        self._token_heads(p + "token_", m, E)
+        if self.version < 2:
+            return
+        P = self.expect(p + "phase_codes", (None,), "i")[0]
+        if P > len(_PHASE_NAMES):
+            raise _Bad(f"routing array {p}phase_codes has {P} phases")
+        for key in _PHASE_INTS:
+            self.expect(p + "phase_" + key, (P,), "i")
+        for key in _PHASE_ROWS:
+            self.expect(p + "phase_" + key, (P, E), "i" if key == "argmax" else "f")
+        for key in _PHASE_FLOATS:
+            self.expect(p + "phase_" + key, (P,), "f")
+        n = self.expect(p + "phase_label_phase", (None,), "i")[0]
+        if n > P * (self.n_labels + 1):
+            raise _Bad(f"routing array {p}phase_label_phase has {n} rows for {P} phases and {self.n_labels} labels")
+        self._sum_heads(p + "phase_label_", n, E)
+        m = self.expect(p + "phase_token_phase", (None,), "i")[0]
+        if m > n_tok:
+            raise _Bad(f"routing array {p}phase_token_phase has {m} rows for {n_tok} tokens")
+        self._token_heads(p + "phase_token_", m, E)
+
+    def _sum_heads(self, p: str, n: int, E: int) -> None:
+        for key, shape, kind in (("codes", (n,), "i"), ("counts", (n,), "i"), ("probs", (n, E), "f"),
+                                 ("argmax", (n, E), "i"), ("entropy", (n,), "f")):
+            self.expect(p + key, shape, kind)
+
+    def _token_heads(self, p: str, m: int, E: int) -> None:
+        for key, shape, kind in (("ids", (m,), "i"), ("counts", (m,), "i"), ("probs", (m, E), "f")):
+            self.expect(p + key, shape, kind)
+
+    # ------------------------------------------------------------------ values
+    def _ints(self, key: str) -> np.ndarray:
+        return self.data(key).astype(np.int64, copy=False)
+
+    def _floats(self, key: str) -> np.ndarray:
+        a = self.data(key).astype(np.float64, copy=False)
+        if not np.isfinite(a).all():
+            raise _Bad(f"routing array {key!r} holds NaN or infinite sums")
+        return a
+
+    def _site(self, p: str, meta: dict, max_tokens: int) -> SiteRecord:
+        E = meta["num_B"]
+        rec = SiteRecord(meta["name"], meta["module"], meta["group"], meta["index"], meta["kind"], meta["routing"], E)
+        rec.n_tokens, rec.nonfinite, rec.n_calls = meta["n_tokens"], meta["nonfinite"], meta["n_calls"]
+        rec.sum_token_entropy, rec.sum_z = meta["sum_token_entropy"], meta["sum_z"]
+        what = f"site {rec.name!r}"
+        rec.sum_probs = _probs(self._floats(p + "sum_probs"), rec.n_tokens, f"{what}'s sum_probs")
+        rec.argmax_counts = _counts(self._ints(p + "argmax_counts"), f"{what}'s argmax_counts")
+        if int(rec.argmax_counts.sum()) != rec.n_tokens:
+            raise _Bad(f"{what}'s argmax_counts add up to {int(rec.argmax_counts.sum())}, "
+                       f"not its {rec.n_tokens} tokens")
+        rec.sum_mixture = self._floats(p + "sum_mixture")
+        rec.label_sums = self._label_sums(p + "label_", None, rec.n_tokens, what)[None]
+        rec.token_sums = self._token_sums(p + "token_", None, rec.n_tokens, what)[None]
+        rec.tokens = self._reservoir(p + "tokens.", "tokens", max_tokens, meta["tokens_seen"], what)
+        rec.mixtures = self._reservoir(p + "mixtures.", "mixtures", max_tokens, meta["mixtures_seen"], what)
+        if self.version >= 2:
+            self._phases(p, rec)
+        else:  # a recording from before phases: every token of phase None
+            for res in (rec.tokens, rec.mixtures):
+                res.columns[_PHASE_COL] = np.full(len(res), -1, dtype=np.int8)
+        return rec
+
+    def _reservoir(self, prefix: str, which: str, size: int, seen: int, what: str) -> Reservoir:
+        res = Reservoir(size, {})
+        res.seen = seen
+        for c in _site_cols(self.version, which):
+            a = self.data(prefix + c)
+            if c == _PHASE_COL:
+                if not np.isin(a, list(_PHASE_NAMES)).all():
+                    raise _Bad(f"the sampled phase column of {what} is not codes -1, 0, 1")
+                a = a.astype(np.int8, copy=False)
+            elif c == "label":
+                if len(a) and (a.min() < -1 or a.max() >= self.n_labels):
+                    raise _Bad(f"the sampled label codes of {what} are not codes -1..{self.n_labels - 1}")
+            elif c == "token_id" or (c == "sequence" and which == "mixtures"):
+                if len(a) and a.min() < -1:
+                    raise _Bad(f"the sampled {which}' {c} column of {what} holds values below -1")
+            elif c in ("call", "sequence", "position"):
+                if len(a) and a.min() < 0:
+                    raise _Bad(f"the sampled {which}' {c} column of {what} holds negative values")
+            res.columns[c] = a
+        return res
+
+    def _label_sums(self, p: str, phases, n_tokens: int, what: str) -> dict:
+        """Label sums by phase code (``phases``: the phase of each row; None: one group, key None)."""
+        codes = self._ints(p + "codes")
+        counts = _counts(self._ints(p + "counts"), f"{what}'s {p}counts")
+        probs = _probs(self._floats(p + "probs"), counts, f"{what}'s {p}probs")
+        argmax = _counts(self._ints(p + "argmax"), f"{what}'s {p}argmax")
+        entropy = self._floats(p + "entropy")
+        if len(codes) and (codes.min() < -1 or codes.max() >= self.n_labels):
+            raise _Bad(f"{what}'s {p}codes are not codes -1..{self.n_labels - 1}")
+        if (entropy < 0).any():
+            raise _Bad(f"{what}'s {p}entropy holds negative sums")
+        if int(counts.sum()) > n_tokens:
+            raise _Bad(f"{what}'s {p}counts add up to {int(counts.sum())}, more than its {n_tokens} tokens")
+        if not np.array_equal(argmax.sum(axis=1), counts):
+            raise _Bad(f"{what}'s {p}argmax rows do not add up to their label counts")
+        keys = [None] * len(codes) if phases is None else phases.tolist()
+        out: dict = {None: {}} if phases is None else {}
+        for i, (key, c) in enumerate(zip(keys, codes.tolist())):
+            if c in out.setdefault(key, {}):
+                raise _Bad(f"{what}'s {p}codes repeat code {c}")
+            out[key][c] = [int(counts[i]), probs[i], argmax[i], float(entropy[i])]
+        return out
+
+    def _token_sums(self, p: str, phases, n_tokens: int, what: str) -> dict:
+        ids = self._ints(p + "ids")
+        counts = _counts(self._ints(p + "counts"), f"{what}'s {p}counts")
+        probs = _probs(self._floats(p + "probs"), counts, f"{what}'s {p}probs")
+        if len(ids) and ids.min() < 0:
+            raise _Bad(f"{what}'s {p}ids hold negative token ids")
+        if int(counts.sum()) > n_tokens:
+            raise _Bad(f"{what}'s {p}counts add up to {int(counts.sum())}, more than its {n_tokens} tokens")
+        keys = [None] * len(ids) if phases is None else phases.tolist()
+        out: dict = {None: {}} if phases is None else {}
+        for i, (key, t) in enumerate(zip(keys, ids.tolist())):
+            if t in out.setdefault(key, {}):
+                raise _Bad(f"{what}'s {p}ids repeat token id {t}")
+            out[key][t] = [int(counts[i]), probs[i]]
+        return out
+
+    def _phases(self, p: str, rec: SiteRecord) -> None:
+        """The per-phase sums of a format-2 site (``Routing._npz_bytes``'s ``phase_…`` arrays), checked."""
+        what = f"site {rec.name!r}"
+        codes = self._ints(p + "phase_codes")
+        if len(set(codes.tolist())) != len(codes) or not set(codes.tolist()) <= set(_PHASE_NAMES):
+            raise _Bad(f"the phase codes {codes.tolist()} of {what} are not distinct codes -1, 0, 1")
+        ints = {k: _counts(self._ints(p + "phase_" + k), f"{what}'s phase_{k}") for k in _PHASE_INTS}
+        sum_probs = _probs(self._floats(p + "phase_sum_probs"), ints["n_tokens"], f"{what}'s phase_sum_probs")
+        sum_mixture = self._floats(p + "phase_sum_mixture")
+        argmax = _counts(self._ints(p + "phase_argmax"), f"{what}'s phase_argmax")
+        if not np.array_equal(argmax.sum(axis=1), ints["n_tokens"]):
+            raise _Bad(f"{what}'s phase_argmax rows do not add up to the phases' token counts")
+        entropy, z = self._floats(p + "phase_sum_entropy"), self._floats(p + "phase_sum_z")
+        if (entropy < 0).any() or (z < 0).any():
+            raise _Bad(f"{what}'s per-phase entropy or z sums are negative")
+        lphase = self._ints(p + "phase_label_phase")
+        tphase = self._ints(p + "phase_token_phase")
+        if not np.isin(lphase, codes).all() or not np.isin(tphase, codes).all():
+            raise _Bad(f"the per-phase label or token sums of {what} name a phase it lacks")
+        labels = self._label_sums(p + "phase_label_", lphase, rec.n_tokens, what)
+        tokens = self._token_sums(p + "phase_token_", tphase, rec.n_tokens, what)
+        for i, code in enumerate(codes.tolist()):
+            ph = rec.phase_record(code)
+            ph.n_tokens, ph.nonfinite, ph.n_calls = (int(ints[k][i]) for k in ("n_tokens", "nonfinite", "n_calls"))
+            ph.tokens.seen, ph.mixtures.seen = int(ints["tokens_seen"][i]), int(ints["mixtures_seen"][i])
+            ph.sum_probs, ph.sum_mixture, ph.argmax_counts = sum_probs[i], sum_mixture[i], argmax[i]
+            ph.sum_token_entropy, ph.sum_z = float(entropy[i]), float(z[i])
+            ph.label_sums = labels.get(code, {})
+            ph.token_sums = tokens.get(code, {})
+            for key, total in (("label_sums", ph.n_tokens), ("token_sums", ph.n_tokens)):
+                got = sum(v[0] for v in getattr(ph, key).values())
+                if got > total:
+                    raise _Bad(f"{what}'s phase {_PHASE_NAMES[code]!r} {key} count {got} tokens, more than its {total}")
+        phs = list(rec.phases.values())
+        for key in ("n_tokens", "nonfinite", "n_calls"):
+            if phs and sum(getattr(ph, key) for ph in phs) != getattr(rec, key):
+                raise _Bad(f"the per-phase {key} of {what} do not add up to its total")
+        if phs and (sum(ph.tokens.seen for ph in phs) != rec.tokens.seen
+                    or sum(ph.mixtures.seen for ph in phs) != rec.mixtures.seen):
+            raise _Bad(f"the per-phase tokens_seen or mixtures_seen of {what} do not add up to its total")
 
 
-def _arr(arrays, key, shape, dtype):
-    if key not in arrays:
-        raise RoutingError(f"routing file lacks array {key!r}")
-    a = arrays[key]
-    if a.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, a.shape)):
-        raise RoutingError(f"routing array {key!r} has shape {a.shape}, expected {shape}")
-    if not np.can_cast(a.dtype, dtype, casting="same_kind"):
-        raise RoutingError(f"routing array {key!r} has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    return a.astype(dtype)
+def _site_cols(version: int, which: str) -> tuple:
+    return (_TOKEN_COLS if which == "tokens" else _MIX_COLS) + ((_PHASE_COL,) if version >= 2 else ())
 
 
-def _reservoir(arrays, prefix, cols, size, seen, E):
-    res = Reservoir(int(size), {})
-    res.columns = {c: arrays[prefix + c] for c in cols if prefix + c in arrays}
-    if set(res.columns) != set(cols):
-        raise RoutingError(f"routing file lacks sampled columns {sorted(set(cols) - set(res.columns))}")
-    lengths = {len(v) for v in res.columns.values()}
-    if len(lengths) != 1:
-        raise RoutingError("routing file's sampled columns have different lengths")
-    res.seen = int(seen)
-    return res
+def _counts(a: np.ndarray, what: str) -> np.ndarray:
+    if a.size and a.min() < 0:
+        raise _Bad(f"{what} holds negative counts")
+    return a
 
 
-def _load_phases(arrays, p, rec: SiteRecord) -> None:
-    """The per-phase sums of a format-2 site (``Routing._npz_bytes``'s ``phase_…`` arrays), checked."""
-    E = rec.num_B
-    for res in (rec.tokens, rec.mixtures):
-        col = res.columns[_PHASE_COL]
-        if col.ndim != 1 or not np.issubdtype(col.dtype, np.integer) or not np.isin(col, list(_PHASE_NAMES)).all():
-            raise RoutingError(f"routing file's sampled phase column of {rec.name!r} is not codes -1, 0, 1")
-        res.columns[_PHASE_COL] = col.astype(np.int8)
-    codes = _arr(arrays, p + "phase_codes", (None,), np.int64)
-    P = len(codes)
-    if len(set(codes.tolist())) != P or not set(codes.tolist()) <= set(_PHASE_NAMES):
-        raise RoutingError(f"routing file's phase codes {codes.tolist()} of {rec.name!r} are not distinct codes -1, 0, 1")
-    ints = {k: _arr(arrays, p + "phase_" + k, (P,), np.int64)
-            for k in ("n_tokens", "nonfinite", "n_calls", "tokens_seen", "mixtures_seen")}
-    sum_probs = _arr(arrays, p + "phase_sum_probs", (P, E), np.float64)
-    sum_mixture = _arr(arrays, p + "phase_sum_mixture", (P, E), np.float64)
-    argmax = _arr(arrays, p + "phase_argmax", (P, E), np.int64)
-    entropy = _arr(arrays, p + "phase_sum_entropy", (P,), np.float64)
-    z = _arr(arrays, p + "phase_sum_z", (P,), np.float64)
-    for i, code in enumerate(codes.tolist()):
-        ph = rec.phase_record(code)
-        ph.n_tokens, ph.nonfinite, ph.n_calls = (int(ints[k][i]) for k in ("n_tokens", "nonfinite", "n_calls"))
-        ph.tokens.seen, ph.mixtures.seen = int(ints["tokens_seen"][i]), int(ints["mixtures_seen"][i])
-        ph.sum_probs, ph.sum_mixture, ph.argmax_counts = sum_probs[i], sum_mixture[i], argmax[i]
-        ph.sum_token_entropy, ph.sum_z = float(entropy[i]), float(z[i])
-    n = len(_arr(arrays, p + "phase_label_phase", (None,), np.int64))
-    lphase = _arr(arrays, p + "phase_label_phase", (n,), np.int64)
-    lcodes = _arr(arrays, p + "phase_label_codes", (n,), np.int64)
-    lcounts = _arr(arrays, p + "phase_label_counts", (n,), np.int64)
-    lprobs = _arr(arrays, p + "phase_label_probs", (n, E), np.float64)
-    largmax = _arr(arrays, p + "phase_label_argmax", (n, E), np.int64)
-    lent = _arr(arrays, p + "phase_label_entropy", (n,), np.float64)
-    m = len(_arr(arrays, p + "phase_token_phase", (None,), np.int64))
-    tphase = _arr(arrays, p + "phase_token_phase", (m,), np.int64)
-    tids = _arr(arrays, p + "phase_token_ids", (m,), np.int64)
-    tcounts = _arr(arrays, p + "phase_token_counts", (m,), np.int64)
-    tprobs = _arr(arrays, p + "phase_token_probs", (m, E), np.float64)
-    if not np.isin(lphase, codes).all() or not np.isin(tphase, codes).all():
-        raise RoutingError(f"routing file's per-phase label or token sums of {rec.name!r} name a phase it lacks")
-    for i in range(n):
-        rec.phases[int(lphase[i])].label_sums[int(lcodes[i])] = [int(lcounts[i]), lprobs[i], largmax[i], float(lent[i])]
-    for i in range(m):
-        rec.phases[int(tphase[i])].token_sums[int(tids[i])] = [int(tcounts[i]), tprobs[i]]
-    phs = list(rec.phases.values())
-    for key in ("n_tokens", "nonfinite", "n_calls"):
-        if phs and sum(getattr(ph, key) for ph in phs) != getattr(rec, key):
-            raise RoutingError(f"routing file's per-phase {key} of {rec.name!r} do not add up to its total")
+def _probs(a: np.ndarray, counts, what: str) -> np.ndarray:
+    """Probability sums ``a`` (rows, or one row): not negative, each row adding up to its count."""
+    if (a < 0).any():
+        raise _Bad(f"{what} holds negative sums of probabilities")
+    total = a.sum(axis=-1)
+    counts = np.asarray(counts, dtype=np.float64)
+    if (np.abs(total - counts) > _PROB_TOL * counts + 1e-6).any():
+        raise _Bad(f"{what} does not add up to its token counts")
+    return a

@@ -422,7 +422,15 @@ class Routing:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-        _atomic_write(path, data)
+        # Written to a temporary file beside ``path`` and renamed over it; on failure the temporary
+        # file is removed and the error names ``path`` (not the hidden temporary name).
+        try:
+            _atomic_write(path, data)
+        except OSError as err:
+            reason = err.strerror or str(err) or type(err).__name__
+            if err.errno is None:
+                raise RoutingError(f"cannot write the routing file {str(path)!r}: {reason}") from None
+            raise OSError(err.errno, f"cannot write the routing file: {reason}", str(path)) from None
         return path
 
     def gather(self, dst: int = 0, *, all_ranks: bool = False, seed: int = 0) -> "Routing":
