@@ -80,7 +80,10 @@ def run_demo(*, steps=30, routing=None, r=8, stride_A=2, num_B=4, seed=0, out_di
     ``causal_lm=True``, a causal LM that learns to answer a chat prompt with the label word
     (:func:`_run_causal_demo`). ``causal_lm=False`` insists on an encoder. Arguments left
     ``None`` take the kind's defaults (:data:`ENCODER_DEFAULTS`, :data:`CAUSAL_DEFAULTS`)."""
+    check_out_path(out)  # before minutes of training, not after
     causal = _demo_kind(model_dir, causal_lm)
+    if model_dir is not None and model_dir != SMOLLM2:
+        D.require_safetensors_weights(model_dir)
     defaults = CAUSAL_DEFAULTS if causal else ENCODER_DEFAULTS
     given = (routing, tuple(targets) if targets else None, lr, batch_size, n_train, n_heldout)
     routing, targets, lr, batch_size, n_train, n_heldout = (d if g is None else g for g, d in zip(given, defaults))
@@ -192,11 +195,13 @@ def _run_encoder_demo(*, steps, routing, r, stride_A, num_B, seed, out_dir, out,
 
     out_dir = Path(out_dir)
     save_adapter(model, out_dir)
-    D.save_head(model, head_names, out_dir)
+    if head_names:  # a base that brought its own head has nothing new to save
+        D.save_head(model, head_names, out_dir)
     print(f"adapter: {out_dir}/ ({', '.join(p.name for p in sorted(out_dir.iterdir()) if p.is_file())})")
     _, fresh, _ = D.load_minilm(num_labels=len(names), path=model_dir)
     load_adapter(fresh, out_dir)
-    D.load_head(fresh, out_dir)
+    if head_names:
+        D.load_head(fresh, out_dir, names=head_names)
     diff = (D.predict_logits(fresh, heldout_x) - trained).abs().max().item()
     ok = diff <= 1e-5 and math.isfinite(diff)
     print(f"reloaded into a fresh model: max |Δ logits| on the held-out set = {diff:.2e} "
@@ -347,17 +352,18 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
             raise CheckpointError(f"{peft_cfg} is not valid JSON") from None
     head = adapter_dir / D.HEAD_FILE
     num_labels = 2
+    out = check_out_path(out)
+    if model_dir is not None and model_dir != SMOLLM2:
+        D.require_safetensors_weights(model_dir)  # cheap, so before the data
+    frame = D.load_tweets() if data is None else D.load_csv(data, text_column, label_column)  # before any model
     causal = model_dir is not None and (causal_lm or model_dir == SMOLLM2 or _is_causal_lm(model_dir))
     if causal:
         tokenizer, model = _load_demo_causal_lm(model_dir)
         tokenizer.padding_side = "right"  # the recording runs full forwards, no generation
     else:
-        if head.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(head), "pt") as f:
-                num_labels = next(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("bias"))
-        tokenizer, model, _ = D.load_minilm(num_labels=num_labels, path=model_dir)
+        if head.is_file():  # checked from its header alone before a model is sized by it
+            num_labels = D.head_num_labels(head, D.model_hidden_size(model_dir))
+        tokenizer, model, new_names = D.load_minilm(num_labels=num_labels, path=model_dir)
     if kind == "LORA":
         if not (adapter_dir / "adapter_model.safetensors").is_file():
             raise CheckpointError(f"{adapter_dir} has no adapter_model.safetensors (lily-lab reads safetensors only)")
@@ -369,8 +375,7 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
     else:
         model = _load_lily(model, adapter_dir, load_adapter)
     if head.is_file() and kind != "LORA" and not causal:
-        D.load_head(model, adapter_dir)
-    frame = D.load_tweets() if data is None else D.load_csv(data, text_column, label_column)
+        D.load_head(model, adapter_dir, names=set(new_names) | set(D.head_parameter_names(model)))
     frame = frame.sample(n=min(n_texts, len(frame)), random_state=seed)
     names = frame.attrs.get("label_names") or (["negative", "positive"] if data is None else [])
     labels = torch.tensor(frame["label"].to_numpy()) if "label" in frame else None
@@ -385,6 +390,24 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
                   predictions=predicted)
     print(f"report: {path}")
     return 0
+
+
+def check_out_path(out) -> Path:
+    """``out`` as a Path, once it is clear a report can be written there: not a folder, and in a
+    folder that exists and can be written to (checked before any work, not after it)."""
+    import os
+
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give the report a file name, e.g. "
+                                f"--out {out / 'lily_lab_report.html'}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {folder} does not exist; create it first "
+                                f"(mkdir -p {folder}) or write the report elsewhere")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: the folder {folder} is not writable; write the report elsewhere")
+    return out
 
 
 def _is_causal_lm(model_dir) -> bool:
@@ -406,11 +429,11 @@ def _load_causal_lm(model_dir):
 
     from . import LilyLabError
 
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"no model directory at {str(model_dir)!r}")
+    D.require_safetensors_weights(model_dir)
     with D._quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False,
+                                                     use_safetensors=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise LilyLabError(f"the tokenizer in {model_dir} has neither a pad nor an EOS token, so texts of different "

