@@ -31,6 +31,8 @@ from .core import (
     LilyConfigError,
     LilyLabError,
     LilyLayer,
+    MixtureError,
+    NonFiniteWeightsError,
     Site,
     TargetError,
     TargetTypeError,
@@ -65,6 +67,7 @@ __all__ = [
     "report",
     # errors
     "LilyLabError", "LilyConfigError", "TargetError", "TargetTypeError", "CheckpointError", "RoutingError",
+    "NonFiniteWeightsError", "MixtureError",
 ]
 
 

@@ -22,10 +22,12 @@ import plotly.io as pio
 
 from . import plots
 from .plots import FINDING_CSS, finding_html, number_label
+from .plots._common import message_figure
 from .plots.experts import RANK_TITLES
 from .plots.routing import METRIC_TITLES
 from .analysis import (bank_summary, delta_spectra, diagnose, expert_layer_profile, expert_similarity, rank_summary,
                        router_metrics, specialization, top_tokens)
+from .analysis.finite import describe, nonfinite_counts
 from .analysis.layout import sharing_layout
 from .core import adapter_sites, adapter_summary, count_parameters
 from .observe.routing import Routing, RoutingError
@@ -177,7 +179,8 @@ def _bank_columns(banks: pd.DataFrame) -> list[_Column]:
              ("max cosine", "max_cosine", "the most alike pair of experts"),
              ("distinct experts", "distinct_experts", "how many really different experts the bank holds"),
              ("mean ‖B‖", "mean_norm", "mean Frobenius norm of an expert"),
-             ("max ‖B‖", "max_norm", "largest Frobenius norm of an expert (0: the adapter is inactive)")]
+             ("max ‖B‖", "max_norm", "largest Frobenius norm of an expert (0: the adapter is inactive)"),
+             ("non-finite", "nonfinite_B", "NaN or infinite entries of the bank (a diverged run)")]
     return [_Column("bank", "group", lambda r: _plain(plots.bank_label(r["group"])), tip="group", text=True)] + [
         _Column(h, c, about=a) for h, c, a in shown if c in banks.columns]
 
@@ -263,8 +266,12 @@ def _diagnosis_section(page: _Page, model, routing: Routing | None) -> None:
     page.section("diagnosis", "Diagnosis", "Each finding: what is wrong and how badly, where, the numbers that "
                  "triggered it and what to try.")
     frame = d.to_frame()
-    page.figure(plots.plot_diagnosis(frame))
-    if d.ok:
+    if d.ok and d.headline:  # e.g. nothing recorded: "no collapse found" would claim too much
+        page.figure(message_figure("Diagnosis", d.headline))
+        page.raw(f"<p><b>{html.escape(d.headline)}</b> (checked: {html.escape(', '.join(d.checked))}).</p>")
+    else:
+        page.figure(plots.plot_diagnosis(frame))
+    if d.ok and not d.headline:
         page.raw(f"<p class='ok'>No collapse found (checked: {html.escape(', '.join(d.checked))}).</p>")
     for f in d.findings:
         page.raw(finding_html(f))
@@ -338,23 +345,38 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     page.figure(plots.plot_sharing_diagram(sharing_layout(model)))
     if routing is not None:
         _router_sections(page, routing, tokenizer, predictions)
-    similarity = expert_similarity(model)
+    sites = adapter_sites(model)
+    bad = nonfinite_counts(sites)  # a diverged run: these banks are left out, the diagnosis says why
+    skipped = (f"Left out: non-finite weights (NaN or inf) in {describe(bad)} — see the diagnosis below."
+               if bad else "")
+    similarity = expert_similarity(model) if not bad else pd.DataFrame(columns=["group"])
     page.section("experts", "Experts", "How alike the B experts of each bank are: near copies (cosine ≈ 1) add "
                  "parameters without adding capacity.")
+    if bad:
+        page.text("Expert similarity not shown: the adapter has non-finite weights. " + skipped)
     for group in dict.fromkeys(similarity["group"]):
         page.figure(plots.plot_expert_similarity(similarity, group))
         page.caption(_similarity_caption(similarity[similarity["group"] == group], group))
-    if similarity.empty:
+    if similarity.empty and not bad:
         page.text("No bank has two or more experts, so there is no expert similarity to show.")
     banks = bank_summary(model)
+    if not banks["nonfinite_B"].any():  # the column only matters for a diverged run
+        banks = banks.drop(columns="nonfinite_B")
     page.table(banks, "Banks", _bank_columns(banks))
-    spectra = delta_spectra(model) if routing is None else pd.concat([delta_spectra(model), delta_spectra(model, routing)],
-                                                                      ignore_index=True)
+    good = [s for s in sites if s.group not in bad]
+    if bad and not good:
+        page.section("spectra", "Spectra of ΔW", skipped)
+        _diagnosis_section(page, model, routing)
+        return _write(path, _document(page, title, routing))
+    spectra = delta_spectra(good) if routing is None else pd.concat([delta_spectra(good), delta_spectra(good, routing)],
+                                                                     ignore_index=True)
     if baseline is not None and not isinstance(baseline, pd.DataFrame):
         baseline = delta_spectra(baseline)
     ranks = rank_summary(spectra)
     page.section("spectra", "Spectra of ΔW", "Singular values of each site's update, exact from the factors; "
                  + ("uniform mixture and each site's mean routed mixture." if routing is not None else "uniform mixture."))
+    if bad:
+        page.text(skipped)
     page.figure(plots.plot_spectra(spectra, baseline=baseline, facet="group"))
     page.caption(_spectra_caption(spectra, baseline))
     page.figure(plots.plot_rank_by_layer(ranks))

@@ -22,10 +22,11 @@ from ..observe.routing import Routing
 from .causal import CausalConsistencyError, batch_of, causal_consistency, is_causal_lm, pad_token_id, \
     recorded_sequences, vocab_size
 from .experts import bank_summary
+from .finite import DIVERGED_REMEDY, TENSORS, nonfinite_counts
 from .routing import router_metrics
 
 KINDS = ("dominant_expert", "dead_expert", "input_blind_router", "redundant_experts", "inactive_adapter",
-         "future_leak")
+         "future_leak", "nonfinite_weights")
 
 
 @dataclass
@@ -51,7 +52,10 @@ def _plural(n: int, what: str) -> str:
 LEAK_SEQUENCES, LEAK_LENGTH = 4, 64
 
 #: Findings about a whole bank: their ``sites`` are group keys (``query:384x384``), not site names.
-BANK_KINDS = frozenset({"redundant_experts", "inactive_adapter"})
+BANK_KINDS = frozenset({"redundant_experts", "inactive_adapter", "nonfinite_weights"})
+
+#: The checks a recording feeds.
+ROUTER_CHECKS = ("dominant_expert", "dead_expert", "input_blind_router")
 
 
 @dataclass
@@ -75,11 +79,13 @@ class Finding:
 
 @dataclass
 class Diagnosis:
-    """The findings of :func:`diagnose`. ``ok`` is True when there are none."""
+    """The findings of :func:`diagnose`. ``ok`` is True when there are none; ``headline``, when
+    set, says why "no collapse found" would claim too much (nothing was recorded)."""
 
     findings: list[Finding] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    headline: str = ""
 
     @property
     def ok(self) -> bool:
@@ -91,7 +97,7 @@ class Diagnosis:
                                            "remedy"])
 
     def __str__(self) -> str:
-        head = "no collapse found" if self.ok else _plural(len(self.findings), "finding")
+        head = _plural(len(self.findings), "finding") if not self.ok else self.headline or "no collapse found"
         lines = [f"Diagnosis: {head} (checked: {', '.join(self.checked)})"]
         lines += [str(f) for f in self.findings]
         lines += [f"note: {n}" for n in self.notes]
@@ -106,7 +112,8 @@ class Diagnosis:
             f"<td>{html.escape(f.summary)}</td><td>{html.escape(', '.join(f.sites[:6]))}"
             f"{' …' if len(f.sites) > 6 else ''}</td><td>{html.escape(f.remedy)}</td></tr>"
             for f in self.findings)
-        status = "<p style='color:#1e8449'><b>No collapse found.</b></p>" if self.ok else ""
+        status = ("" if not self.ok else f"<p><b>{html.escape(self.headline)}</b></p>" if self.headline
+                  else "<p style='color:#1e8449'><b>No collapse found.</b></p>")
         notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in self.notes)
         return (f"<div><b>lily_lab diagnosis</b> — checked: {', '.join(self.checked)}{status}"
                 + (f"<table><tr><th>severity</th><th>kind</th><th>what</th><th>where</th><th>try</th></tr>{rows}</table>"
@@ -158,6 +165,11 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     earlier logits, or cached generation drifts from one forward pass, by more than
     ``Thresholds.future_leak``. ``thresholds``: a :class:`Thresholds` or a
     dict of its fields.
+
+    First of all, ``nonfinite_weights`` (critical) names the banks whose ``A``, ``B`` or routers
+    hold NaN or inf — a diverged run; the other checks skip those banks and their sites (a note
+    says so), and ``future_leak`` is not replayed. A recording without a single token gives a
+    "nothing recorded" note and headline, never "no collapse found".
     """
     if thresholds is None:
         t = Thresholds()
@@ -171,8 +183,13 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     if not adapter_sites(model):
         raise ValueError("diagnose needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
     mode = _routing_mode(model)
-    d = Diagnosis(checked=["inactive_adapter", "redundant_experts"])
+    d = Diagnosis(checked=["nonfinite_weights", "inactive_adapter", "redundant_experts"])
+    bad = nonfinite_counts(adapter_sites(model))
+    bad_sites = {name for entry in bad.values() for name in entry["sites"]}
+    if bad:
+        _report_nonfinite(bad, d, routing is not None)
     banks = bank_summary(model)
+    banks = banks[~banks.group.isin(list(bad))]
     inactive = banks[banks.max_norm < t.inactive_norm]
     if len(inactive):
         d.findings.append(Finding(
@@ -200,8 +217,11 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
         if leaky:
             d.notes.append("future_leak not checked: it replays sequences of a recording (pass routing=)")
         return d
-    d.checked += ["dominant_expert", "dead_expert", "input_blind_router"]
+    if not _recorded_anything(routing, d, bool(leaky)):
+        return d
+    d.checked += list(ROUTER_CHECKS)
     m = router_metrics(routing).dropna(subset=["max_usage"])
+    m = m[~m.group.isin(list(bad)) & ~m.site.isin(bad_sites)]
     dom = m[m.max_usage >= t.dominant_usage]
     if len(dom):
         dom_modes = set(dom.routing)
@@ -246,9 +266,51 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
              "the routers, or init_weights=False), then train; router_entropy_weight > 0 with "
              "balance_loss_weight makes tokens choose experts decisively."),
             f"{_plural(len(blind), 'site')} whose routing barely depends on the input (routing_mi < {t.blind_mi})"))
-    if leaky:
+    if leaky and bad:
+        d.notes.append("future_leak not checked: the adapter has non-finite weights, so the model's outputs are "
+                       "not finite either")
+    elif leaky:
         _check_future_leak(model, routing, leaky, t, d)
     return d
+
+
+def _report_nonfinite(bad: dict[str, dict], d: Diagnosis, with_routing: bool) -> None:
+    """The ``nonfinite_weights`` finding for the banks in ``bad`` (see ``nonfinite_counts``), and a
+    note on the checks skipped there."""
+    groups = list(bad)
+    names = [name for entry in bad.values() for name in entry["sites"]]
+    evidence: dict[str, Any] = {f"nonfinite_{k}": {g: e[k] for g, e in bad.items()} for k in TENSORS
+                                if any(e[k] for e in bad.values())}
+    evidence["sites_affected"] = {g: len(e["sites"]) for g, e in bad.items()}
+    tensors = sorted({k for e in bad.values() for k in TENSORS if e[k]}, key=TENSORS.index)
+    d.findings.append(Finding(
+        "nonfinite_weights", "critical", groups, evidence, DIVERGED_REMEDY,
+        f"non-finite weights (NaN or inf) in {_plural(len(groups), 'bank')} ({' / '.join(tensors)}; "
+        f"{_plural(len(names), 'site')}: {', '.join(names[:4])}{' …' if len(names) > 4 else ''}): the training "
+        "run diverged, and every other measure of these banks would be meaningless"))
+    skipped = ["inactive_adapter", "redundant_experts"] + (list(ROUTER_CHECKS) if with_routing else [])
+    d.notes.append(f"{', '.join(skipped)} skipped on the {_plural(len(groups), 'bank')} with non-finite weights "
+                   f"({', '.join(groups[:4])}{' …' if len(groups) > 4 else ''}); fix the divergence first")
+
+
+def _recorded_anything(routing: Routing, d: Diagnosis, leaky: bool) -> bool:
+    """False (with a note and a headline) when ``routing`` holds no token at any site."""
+    recs = [routing.record(name) for name in routing.sites]
+    if any(rec.n_tokens for rec in recs):
+        return True
+    nonfinite = sum(rec.nonfinite for rec in recs)
+    if nonfinite:
+        why = (f"every one of the {nonfinite:,} recorded tokens had NaN or infinite router logits (kept out of "
+               "the sums): the model diverged")
+    elif not recs:
+        why = "the recording has no site (was it made on this model?)"
+    else:
+        why = ("the recording holds no token: call the model inside `with record_routing(model) as rec:` on "
+               "a batch with at least one token")
+    d.notes.append(f"nothing recorded: {why}; the router checks ({', '.join(ROUTER_CHECKS)})"
+                   f"{' and future_leak' if leaky else ''} did not run")
+    d.headline = "nothing recorded: router checks not run; the bank checks found nothing"
+    return False
 
 
 def _leaky_sites(model: nn.Module) -> list[str]:

@@ -15,6 +15,7 @@ import pandas as pd
 from torch import nn
 
 from ..core import adapter_sites
+from .finite import require_finite
 
 
 def bank_cosines(B: np.ndarray) -> np.ndarray:
@@ -91,6 +92,7 @@ def banks(model: nn.Module) -> dict[str, dict]:
 def expert_similarity(model: nn.Module) -> pd.DataFrame:
     """Every pair of experts of every bank (``i < j``): ``group, expert_i, expert_j, cosine,
     subspace_overlap, functional_cosine``. Banks of one expert (LoRA) have no rows."""
+    require_finite(adapter_sites(model), "expert_similarity", ("A", "B"))
     rows = []
     for group, bank in banks(model).items():
         B = bank["B"]
@@ -107,16 +109,23 @@ def expert_similarity(model: nn.Module) -> pd.DataFrame:
 
 def bank_summary(model: nn.Module) -> pd.DataFrame:
     """One row per bank: ``group, num_B, mean_cosine, max_cosine, distinct_experts,
-    mean_norm`` (mean Frobenius norm of the experts), ``max_norm``."""
+    mean_norm`` (mean Frobenius norm of the experts), ``max_norm``, ``nonfinite_B`` (NaN or ±inf
+    entries of the bank: a diverged run; its other measures are then NaN)."""
     rows = []
     for group, bank in banks(model).items():
         B = bank["B"]
+        bad = int(B.size - np.isfinite(B).sum())
+        if bad:
+            rows.append({"group": group, "num_B": len(B), **dict.fromkeys(
+                ("mean_cosine", "max_cosine", "distinct_experts", "mean_norm", "max_norm"), float("nan")),
+                "nonfinite_B": bad})
+            continue
         cos = bank_cosines(B)
         norms = np.linalg.norm(B.reshape(len(B), -1), axis=1)
         off = cos[np.triu_indices(len(B), k=1)]
         rows.append({"group": group, "num_B": len(B), "mean_cosine": mean_pairwise(cos),
                      "max_cosine": float(off.max()) if len(off) else float("nan"),
                      "distinct_experts": distinct_experts(cos) if norms.max() > 0 else float("nan"),
-                     "mean_norm": float(norms.mean()), "max_norm": float(norms.max())})
+                     "mean_norm": float(norms.mean()), "max_norm": float(norms.max()), "nonfinite_B": 0})
     return pd.DataFrame(rows, columns=["group", "num_B", "mean_cosine", "max_cosine", "distinct_experts",
-                                       "mean_norm", "max_norm"])
+                                       "mean_norm", "max_norm", "nonfinite_B"])

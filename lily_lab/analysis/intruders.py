@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from ..core import adapter_sites
+from ..core.errors import NonFiniteWeightsError
 from ..core.layer import is_conv1d
+from .finite import require_finite
 from .routing import layer_of
 from .spectra import _mixtures_for, dense_delta
 
@@ -56,10 +58,15 @@ def intruder_dimensions(model: nn.Module, mixture: Any = None, k: int = 10,
     sites = adapter_sites(model)
     if not sites:
         raise ValueError("no adapter sites in this model")
+    require_finite(sites, "intruder_dimensions", ("A", "B"))
     rows = []
     with torch.no_grad():
         for s in tqdm(sites, desc="intruder dimensions", disable=not progress, unit="site"):
             W = _base_weight(s)
+            if not torch.isfinite(W).all():
+                raise NonFiniteWeightsError(
+                    f"intruder_dimensions cannot run: the base weight of site {s.name!r} holds NaN or infinite "
+                    "values; the base model itself is broken (reload it)")
             ((label, pi),) = _mixtures_for(s, mixture, None, 1)
             W_ft = W + dense_delta(s, pi)
             large = min(W.shape) > FULL_SVD_LIMIT

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core import adapter_sites, remove_lily
 from ..core.layer import LilyLayer, is_conv1d
+from .finite import require_finite
 from .spectra import _mixtures_for, dense_delta
 
 
@@ -27,6 +28,7 @@ def merge_at(model: nn.Module, mixture: Any = None) -> nn.Module:
     sites = adapter_sites(model)
     if not sites or any(s.kind != "lily" for s in sites):
         raise ValueError("merge_at folds lily_lab Lily adapters; for PEFT models use PEFT's merge_and_unload()")
+    require_finite(sites, "merge_at", ("A", "B"))
     deltas = {}
     for s in sites:
         ((_, pi),) = _mixtures_for(s, mixture, None, 1)

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from ..core import Site, adapter_sites
+from ..core.errors import MixtureError
 from ..core.offline import sites_from_directory
 from ..observe.routing import Routing, RoutingError
+from .finite import require_finite
 from .routing import layer_of
 
 SPECTRA_COLUMNS = ["site", "module", "group", "index", "layer", "kind", "mixture", "r", "k", "sigma"]
@@ -34,7 +36,23 @@ def factor_singular_values(A: torch.Tensor, B_mix: torch.Tensor, scaling: float)
 
 
 def _mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int) -> list[tuple[str, np.ndarray]]:
-    """``[(label, π)]`` for one site from the ``mixture`` argument of :func:`delta_spectra`."""
+    """``[(label, π)]`` for one site from the ``mixture`` argument of :func:`delta_spectra`; every
+    ``π`` has the bank's ``E`` entries, all finite, else :class:`MixtureError`."""
+    out = _raw_mixtures_for(site, mixture, by, max_samples)
+    E = site.num_B
+    for label, pi in out:
+        if pi.shape != (E,):
+            raise MixtureError(f"the mixture {label!r} for site {site.name!r} has {pi.size} entries, but its bank "
+                               f"has {E} experts: give one weight per expert")
+        if not np.isfinite(pi).all():
+            hint = (" (the recording saw no finite routing at this site: was it made on a diverged model?)"
+                    if isinstance(mixture, Routing) else "")
+            raise MixtureError(f"the mixture {label!r} for site {site.name!r} holds NaN or infinite weights "
+                               f"{np.round(pi, 4).tolist()}{hint}; give finite weights, e.g. the uniform 1/{E}")
+    return out
+
+
+def _raw_mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int) -> list[tuple[str, np.ndarray]]:
     E = site.num_B
     if E == 1:
         return [("single expert", np.ones(1))]
@@ -42,7 +60,7 @@ def _mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int) ->
         return [("uniform", np.full(E, 1 / E))]
     if isinstance(mixture, (int, np.integer)) and not isinstance(mixture, bool):
         if not 0 <= mixture < E:
-            raise ValueError(f"mixture={mixture} names no expert: experts are 0..{E - 1}")
+            raise MixtureError(f"mixture={mixture} names no expert: experts are 0..{E - 1}")
         return [(f"expert {mixture}", np.eye(E)[mixture])]
     if isinstance(mixture, Routing):
         name = _routing_name(site, mixture)
@@ -60,10 +78,11 @@ def _mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int) ->
     if isinstance(mixture, dict):
         key = site.name if site.name in mixture else site.name.removeprefix("base_model.model.")
         if key not in mixture:
-            raise ValueError(f"mixture dict has no entry for site {site.name!r}; give one vector per site")
-        pi = np.asarray(mixture[key], dtype=np.float64).reshape(-1)
-        if pi.shape != (E,):
-            raise ValueError(f"mixture for site {site.name!r} has {pi.size} entries, the bank has {E} experts")
+            raise MixtureError(f"mixture dict has no entry for site {site.name!r}; give one vector per site")
+        try:
+            pi = np.asarray(mixture[key], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise MixtureError(f"the mixture for site {site.name!r} is not a vector of numbers ({err})") from None
         return [("given", pi)]
     raise TypeError(f"mixture must be None, an expert index, a Routing or a {{site: vector}} dict, got {type(mixture).__name__}")
 
@@ -97,6 +116,7 @@ def delta_spectra(model: nn.Module | str | os.PathLike | list[Site], mixture: An
     sites = _sites_of(model)
     if not sites:
         raise ValueError("no adapter sites: pass a model with a Lily or LoRA adapter, or an adapter directory")
+    require_finite(sites, "delta_spectra", ("A", "B"))
     jobs = []  # (site, label, π)
     for s in sites:
         for label, pi in _mixtures_for(s, mixture, by, max_samples):

@@ -31,7 +31,7 @@ from torch import nn
 from .config import LilyConfig
 from .errors import CheckpointError, LilyLabError
 from .inject import add_lily, get_state, plan_groups, remove_lily
-from .layer import LilyLayer
+from .layer import LilyLayer, scaling_overflow
 from . import peft_format
 
 LILY_JSON = "lily_adapter.json"
@@ -206,6 +206,10 @@ def _apply(model: nn.Module, config: LilyConfig, layout: list[dict] | None, tens
         layout, tensors = ours, peft_format.to_group_tensors(tensors, ours, config)
     _compare_layouts(layout, ours, config)
     _check_tensors(tensors, layout, config, dtypes)
+    for dtype in dict.fromkeys(dtypes.values()):
+        problem = scaling_overflow(config.scaling, dtype)
+        if problem is not None:
+            raise CheckpointError(f"the adapter's config does not fit this model: {problem}")
     added = state is None
     if added:
         add_lily(model, config)

@@ -16,6 +16,12 @@ ROUTING_MODES = ("batch", "sequence", "token", "causal")
 #: and older ones; a newer file is rejected with a message asking to upgrade lily_lab.
 CONFIG_FORMAT_VERSION = 1
 
+#: The largest float32 and its smallest positive normal number: the router's softmax runs in
+#: float32, so the temperature it divides by, and its inverse, must be finite there. The scaling
+#: must fit in float32 too, whatever dtype the adapter has now; a narrower adapter dtype (float16,
+#: bfloat16) is checked against the weights when they are known (``scaling_overflow``).
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
+
 #: Config fields that weight the optional router losses gathered by ``lily_aux_loss``.
 AUX_LOSS_FIELDS = ("balance_loss_weight", "router_z_loss_weight", "router_entropy_weight")
 
@@ -95,6 +101,11 @@ class LilyConfig:
                 raise LilyConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
         if not _is_number(self.scaling) or not math.isfinite(self.scaling):
             raise LilyConfigError(f"scaling must be a finite number, got {self.scaling!r}")
+        if abs(self.scaling) > FLOAT32_MAX:
+            raise LilyConfigError(
+                f"scaling={self.scaling!r} does not fit in float32 (|scaling| ≤ {FLOAT32_MAX:.4g}): the forward "
+                "would overflow. Use a scaling of a sensible size (Lily's is usually 0.1 … 10)"
+            )
         if self.routing not in ROUTING_MODES:
             raise LilyConfigError(
                 f"routing must be one of {', '.join(map(repr, ROUTING_MODES))}, got {self.routing!r}"
@@ -102,6 +113,12 @@ class LilyConfig:
         t = self.router_temperature
         if not _is_number(t) or not math.isfinite(t) or t <= 0:
             raise LilyConfigError(f"router_temperature must be a finite number > 0, got {t!r}")
+        if not FLOAT32_TINY <= t <= FLOAT32_MAX:
+            raise LilyConfigError(
+                f"router_temperature={t!r} is outside what the router's float32 softmax can divide by "
+                f"({FLOAT32_TINY:.4g} … {FLOAT32_MAX:.4g}; 1/temperature must be finite in float32). For a "
+                "near-argmax router use a small temperature such as 0.01, or router_top_k=1"
+            )
         k = self.router_top_k
         if k is not None and (not _is_int(k) or not 1 <= k <= self.num_B):
             raise LilyConfigError(

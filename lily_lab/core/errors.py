@@ -30,3 +30,13 @@ class TargetTypeError(LilyLabTypeError):
 
 class CheckpointError(LilyLabError, ValueError):
     """An adapter directory is missing, corrupted, or does not fit the model."""
+
+
+class NonFiniteWeightsError(LilyLabError, ValueError):
+    """An adapter's ``A``, ``B`` or router (or a base weight) holds NaN or infinite values: the run
+    diverged, and an analysis of those weights would be meaningless."""
+
+
+class MixtureError(LilyLabError, ValueError):
+    """A mixture given to an analysis (``delta_spectra``, ``merge_at``, …) has the wrong size or
+    holds NaN or infinite weights."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import AUX_LOSS_FIELDS, LilyConfig
 from .errors import LilyConfigError, LilyLabTypeError, TargetError, TargetTypeError
-from .layer import CallContext, LilyLayer, base_dims, is_conv1d
+from .layer import CallContext, LilyLayer, base_dims, is_conv1d, scaling_overflow
 
 _STATE_ATTR = "_lily_lab_state"
 
@@ -116,6 +116,7 @@ def add_lily(model: nn.Module, config: LilyConfig) -> nn.Module:
         hint = " (build one: LilyConfig(**your_dict))" if isinstance(config, dict) else ""
         raise LilyLabTypeError(f"config must be a lily_lab.LilyConfig, got {type(config).__name__}{hint}")
     groups = plan_groups(model, config)  # every check happens before the model is touched
+    check_scaling_fits(config, {g.key: g.sites[0].module.weight.dtype for g in groups}.values())
     context = CallContext()
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     layers = _build_layers(groups, config, context)
@@ -173,11 +174,20 @@ def set_lily_options(model: nn.Module, **options) -> nn.Module:
                               f"remove_lily and add_lily with a new LilyConfig instead (runtime options: "
                               f"{list(RUNTIME_OPTIONS)})")
     config = dataclasses.replace(state.config, **options)  # validates every field first
+    check_scaling_fits(config, {m.lily_A.dtype for m in model.modules() if isinstance(m, LilyLayer)})
     for module in model.modules():
         if isinstance(module, LilyLayer):
             module.apply_config(config)
     state.config = config
     return model
+
+
+def check_scaling_fits(config: LilyConfig, dtypes) -> None:
+    """Raise :class:`LilyConfigError` when ``config.scaling`` overflows one of the adapter ``dtypes``."""
+    for dtype in dict.fromkeys(dtypes):
+        problem = scaling_overflow(config.scaling, dtype)
+        if problem is not None:
+            raise LilyConfigError(problem)
 
 
 def get_state(model: nn.Module) -> _AdapterState | None:

@@ -33,6 +33,17 @@ def base_dims(module: nn.Module) -> tuple[int, int]:
     return int(d_in), int(d_out)
 
 
+def scaling_overflow(scaling: float, dtype: torch.dtype) -> str | None:
+    """Why ``scaling`` cannot be applied in an adapter of ``dtype`` (it overflows there), or None."""
+    if not dtype.is_floating_point:
+        return None
+    big = torch.finfo(dtype).max
+    if abs(scaling) <= big:
+        return None
+    return (f"scaling={scaling!r} overflows the adapter's dtype {dtype} (largest value {big:.4g}): use "
+            f"|scaling| ≤ {big:.4g} (Lily's scaling is usually 0.1 … 10), or keep the adapter in float32")
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D`` (``y = x W + b``, ``W`` is ``d_in × d_out``)."""
     cls = type(module)
@@ -137,6 +148,7 @@ class LilyLayer(nn.Module):
         # Causal routing: (Σ p, count, positions) of each sequence after the last call, carried
         # into the next call of a cached generation (see _causal_mask).
         self._causal_state: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._scaling_fits: tuple[float, torch.dtype] | None = None  # (scaling, dtype) last checked
         self.d_in, self.d_out = base_dims(base_layer)
 
     def options(self) -> dict:
@@ -168,11 +180,18 @@ class LilyLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         A, B, R = self.lily_A, self.lily_B, self.lily_router
+        if getattr(self, "_scaling_fits", None) != (self.scaling, A.dtype):  # the model may have been cast since
+            self._check_scaling(A.dtype)
         h = F.linear(x.to(A.dtype), A)  # (…, r)
         logits = F.linear(h, R)  # (…, E)
-        # float32 softmax (the cast happens inside it); dividing by τ = 1 would be a wasted op
+        # float32 softmax (the cast happens inside it); dividing by τ = 1 would be a wasted op.
+        # Otherwise the largest logit is subtracted first: with a small τ, logits / τ alone can
+        # reach +inf, and a softmax over +inf is NaN.
         tau = self.router_temperature
-        probs = torch.softmax(logits if tau == 1 else logits.float() / tau, dim=-1, dtype=torch.float32)
+        if tau != 1:
+            shifted = logits.float()
+            logits_tau = (shifted - shifted.amax(dim=-1, keepdim=True)) / tau
+        probs = torch.softmax(logits if tau == 1 else logits_tau, dim=-1, dtype=torch.float32)
         k = self.router_top_k
         if k is not None and k < probs.shape[-1]:
             top, idx = probs.topk(k, dim=-1)
@@ -194,6 +213,15 @@ class LilyLayer(nn.Module):
             for fn in list(self._observers.values()):
                 fn(event)
         return _add_scaled_product(result, lhs, rhs, self.scaling)
+
+    def _check_scaling(self, dtype: torch.dtype) -> None:
+        from .errors import LilyConfigError
+
+        problem = scaling_overflow(self.scaling, dtype)
+        if problem is not None:
+            raise LilyConfigError(f"Lily site {self.group!r} #{self.index}: {problem}; change it with "
+                                  "lily_lab.set_lily_options(model, scaling=...)")
+        self._scaling_fits = (self.scaling, dtype)
 
     def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """The model's attention mask as ``x.shape[:-1]`` booleans, when it fits this input.
@@ -237,7 +265,13 @@ class LilyLayer(nn.Module):
         # A position with no real token yet (left padding) uses its own p.
         mixture = torch.where(C > 0, S / C.clamp_min(1), p).to(probs.dtype)
         seen = (self._causal_state[2] if continues else 0) + h.shape[1]
-        self._causal_state = (S[:, -1].detach(), C[:, -1].detach(), seen)
+        if h.shape[1]:
+            last = S[:, -1], C[:, -1]
+        elif continues:  # a call of 0 positions adds nothing to the running sums
+            last = self._causal_state[:2]
+        else:
+            last = p.new_zeros(p.shape[0], p.shape[-1]), p.new_zeros(p.shape[0], 1)
+        self._causal_state = (last[0].detach(), last[1].detach(), seen)
         return _mix_token(h, mixture, B, token_mask)
 
     def extra_repr(self) -> str:
@@ -295,8 +329,18 @@ def lily_aux_loss(model: nn.Module) -> torch.Tensor:
 # base output in the same matmul (addmm / baddbmm), never materialising Δ or s · Δ.
 
 
+def _uniform_where_empty(mixture: torch.Tensor, count) -> torch.Tensor:
+    """``mixture`` (a mean over ``count`` tokens) where ``count > 0``, else the uniform mixture:
+    a call or sequence without a single position mixes nothing, and a NaN mean would reach the
+    routing observers."""
+    if not isinstance(count, torch.Tensor):  # a size: no tensor op when it is positive
+        return mixture if count > 0 else torch.full_like(mixture, 1 / mixture.shape[-1])
+    return torch.where(count > 0, mixture, torch.full_like(mixture, 1 / mixture.shape[-1]))
+
+
 def _mix_batch(h, probs, B, token_mask):
-    mixture = probs.reshape(-1, probs.shape[-1]).mean(dim=0)  # (E,) every token, padding included
+    flat = probs.reshape(-1, probs.shape[-1])
+    mixture = _uniform_where_empty(flat.mean(dim=0), flat.shape[0])  # (E,) every token, padding included
     B_mix = torch.einsum("e,erd->rd", mixture, B)  # (r, d_out)
     return h, B_mix, mixture
 
@@ -304,17 +348,18 @@ def _mix_batch(h, probs, B, token_mask):
 def _mix_sequence(h, probs, B, token_mask):
     if h.dim() < 3:  # (batch, d) or (d,): each row is a sequence of one token
         return _mix_token(h, probs, B, token_mask)
-    batch, E = probs.shape[0], probs.shape[-1]
-    p = probs.reshape(batch, -1, E)  # (batch, tokens, E)
+    # flatten, not reshape(batch, -1, …): a batch of 0 sequences leaves -1 undetermined
+    p = probs.flatten(1, -2)  # (batch, tokens, E)
+    mean = _uniform_where_empty(p.mean(dim=1), p.shape[1])  # a sequence of 0 positions: uniform
     if token_mask is None:
-        mixture = p.mean(dim=1)
+        mixture = mean
     else:
-        m = token_mask.reshape(batch, -1, 1).to(p.dtype)  # (batch, tokens, 1)
+        m = token_mask.flatten(1).unsqueeze(-1).to(p.dtype)  # (batch, tokens, 1)
         count = m.sum(dim=1)  # (batch, 1)
         # A sequence with no real token (all padding) falls back to the plain mean.
-        mixture = torch.where(count > 0, (p * m).sum(dim=1) / count.clamp_min(1), p.mean(dim=1))
+        mixture = torch.where(count > 0, (p * m).sum(dim=1) / count.clamp_min(1), mean)
     B_mix = torch.einsum("be,erd->brd", mixture, B)  # (batch, r, d_out)
-    return h.reshape(batch, -1, h.shape[-1]), B_mix, mixture  # (batch, tokens, r), (batch, r, d_out)
+    return h.flatten(1, -2), B_mix, mixture  # (batch, tokens, r), (batch, r, d_out)
 
 
 def _mix_token(h, probs, B, token_mask):
@@ -331,9 +376,9 @@ def _add_scaled_product(result: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tens
     """``result + scaling · (lhs @ rhs)``, reshaped to ``result``'s shape, in one fused matmul."""
     d_out = rhs.shape[-1]
     if result.dtype != lhs.dtype:  # e.g. an fp32 adapter on a bf16 base: add in the base's dtype
-        return result + (lhs @ rhs * scaling).to(result.dtype)
+        return result + (lhs @ rhs * scaling).to(result.dtype).reshape(result.shape)
     if rhs.dim() == 2:
         out = torch.addmm(result.reshape(-1, d_out), lhs.reshape(-1, lhs.shape[-1]), rhs, alpha=scaling)
     else:
-        out = torch.baddbmm(result.reshape(lhs.shape[0], -1, d_out), lhs, rhs, alpha=scaling)
+        out = torch.baddbmm(result.reshape(lhs.shape[0], lhs.shape[1], d_out), lhs, rhs, alpha=scaling)
     return out.view(result.shape)

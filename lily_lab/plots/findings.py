@@ -23,6 +23,7 @@ KIND_TITLES = {
     "redundant_experts": "Experts that are near copies of each other",
     "inactive_adapter": "An adapter that has learned nothing yet",
     "future_leak": "Later tokens change earlier outputs (routing is not causal)",
+    "nonfinite_weights": "NaN or infinite weights: the training run diverged",
 }
 
 #: Evidence keys whose words are not just the key with spaces.

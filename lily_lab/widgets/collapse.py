@@ -4,9 +4,11 @@ the bank it concerns."""
 from __future__ import annotations
 
 import ipywidgets as W
+import pandas as pd
 
 from .. import plots
 from ..analysis import diagnose, expert_similarity
+from ..core.errors import NonFiniteWeightsError
 from ..observe import Routing
 from ..plots import FINDING_CSS, SEVERITY_COLORS, count_label, finding_html
 from ._common import ALL, FigurePane, caption, dropdown, escape, guarded, row
@@ -27,7 +29,10 @@ class CollapseDashboard(W.VBox):
         self.diagnosis = diagnose(model, routing, thresholds)
         self.findings = self.diagnosis.to_frame()
         self.usage = routing.usage() if routing is not None else None
-        self.similarity = expert_similarity(model)
+        try:
+            self.similarity = expert_similarity(model)
+        except NonFiniteWeightsError:  # a diverged run: the nonfinite_weights card says where
+            self.similarity = pd.DataFrame(columns=["group", "expert_i", "expert_j", "cosine"])
         findings = self.diagnosis.findings
         options = [("no finding (plain usage heatmap)", ALL)] + [
             (f"{i + 1}. {f.severity}: {f.kind} ({count_label(len(f.sites), f.scope)})", i)
@@ -50,6 +55,8 @@ class CollapseDashboard(W.VBox):
     def _verdict(self) -> str:
         d = self.diagnosis
         checked = escape(", ".join(d.checked))
+        if d.ok and d.headline:  # e.g. nothing recorded: "no collapse found" would claim too much
+            return (f"<div style='padding:6px 10px'><b>{escape(d.headline)}</b>. Checked: {checked}.</div>")
         if d.ok:
             return (f"<div style='border-left:5px solid {SEVERITY_COLORS['ok']};padding:6px 10px;"
                     f"background:#f4fbf6'><b style='color:{SEVERITY_COLORS['ok']}'>No collapse found.</b> "
