@@ -11,19 +11,9 @@ import torch
 import lily_lab as ll
 
 transformers = pytest.importorskip("transformers")
+from _tiny_lm import gpt2, llama  # noqa: E402
 
 MODES = ll.core.ROUTING_MODES
-
-
-def llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval(), ["q_proj", "v_proj"]
-
-
-def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval(), ["c_attn"]
 
 
 def adapted(build, routing):

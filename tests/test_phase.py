@@ -18,17 +18,7 @@ from lily_lab.observe import Routing, RoutingError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-
-
-def llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval(), ["q_proj", "v_proj"]
-
-
-def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval(), ["c_attn"]
+from _tiny_lm import gpt2, llama  # noqa: E402
 
 
 def lily(build, routing):
