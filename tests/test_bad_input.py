@@ -9,10 +9,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 
 import lily_lab
 from lily_lab.core.config import CONFIG_FORMAT_VERSION
+
+from _adapter_files import resign
 
 CONFIG = dict(target_modules=["query", "value"], r=4, stride_A=2, num_B=3)
 
@@ -125,19 +128,41 @@ def _swap_groups(m):
 
 
 def _retensor(edit):
-    """Edit the weights' tensors, then rename the file after its new hash and update the JSON, as
-    an attacker would: only the structural checks stand in the way."""
+    """Edit the weights' tensors, then re-sign the directory as an attacker would (description
+    hash, file name and SHA-256 all made to match): only the structural checks stand in the way."""
     def corrupt(d):
         w = _weights(d)
+        with safe_open(str(w), "pt") as f:
+            metadata = f.metadata()
         tensors = load_file(str(w))
         edit(tensors)
         w.unlink()
-        save_file(tensors, str(w))
+        save_file(tensors, str(w), metadata=metadata)
         if (d / J).is_file():
-            digest = hashlib.sha256(w.read_bytes()).hexdigest()
-            w.rename(d / f"adapter-{digest[:16]}.safetensors")
-            _json_edit(J, lambda m: m.update(weights_file=f"adapter-{digest[:16]}.safetensors",
-                                             weights_sha256=digest))(d)
+            meta = json.loads((d / J).read_text())
+            meta["weights_file"] = w.name
+            (d / J).write_text(json.dumps(meta))
+            resign(d)
+    return corrupt
+
+
+def _unsigned(d):
+    """The weights rewritten without their metadata (as a tool that knows only safetensors would),
+    SHA-256 and file name updated: the description hash is gone."""
+    w = _weights(d)
+    tensors = load_file(str(w))
+    w.unlink()
+    data = save(tensors)
+    digest = hashlib.sha256(data).hexdigest()
+    (d / f"adapter-{digest[:16]}.safetensors").write_bytes(data)
+    _json_edit(J, lambda m: m.update(weights_file=f"adapter-{digest[:16]}.safetensors", weights_sha256=digest))(d)
+
+
+def _resigned(edit):
+    """A JSON edit the integrity check would catch, re-signed so the checks behind it are reached."""
+    def corrupt(d):
+        edit(d)
+        resign(d)
     return corrupt
 
 
@@ -170,8 +195,12 @@ LOAD_CASES = {
     "json config newer version": ("lily_lab", _json_edit(J, _cfg(format_version=CONFIG_FORMAT_VERSION + 1)),
                                   (f"format_version {CONFIG_FORMAT_VERSION + 1}", "upgrade lily_lab")),
     "json groups malformed": ("lily_lab", _json_edit(J, lambda m: m.update(groups={})), (J, "'groups'")),
-    "json groups swapped": ("lily_lab", _json_edit(J, _swap_groups), ("'value:32x32'", "'query:32x32'",
-                                                                     "target_modules")),
+    "json edited, still valid": ("lily_lab", _json_edit(J, _cfg(scaling=0.25)),
+                                 (J, "edited after saving", "save the adapter again")),
+    "json groups edited": ("lily_lab", _json_edit(J, _swap_groups), (J, "edited after saving")),
+    "json groups swapped, re-signed": ("lily_lab", _resigned(_json_edit(J, _swap_groups)),
+                                       ("'value:32x32'", "'query:32x32'", "target_modules")),
+    "weights description hash missing": ("lily_lab", lambda d: _unsigned(d), (J, "edited after saving")),
     "json bad regex": ("lily_lab", _json_edit(J, _cfg(target_modules="(query")),
                        ("target_modules='(query'", "not a valid regular expression")),
     "weights overflow the model's dtype": ("lily_lab", _retensor(_overflow), ("NaN or infinite", "float32")),
@@ -185,6 +214,9 @@ LOAD_CASES = {
     "peft truncated": ("peft", _truncate, ("adapter_model.safetensors", "not a readable safetensors")),
     "peft bad regex": ("peft", _json_edit(P, lambda m: m.update(target_modules="[query")),
                        (P, "target_modules='[query'", "not a valid regular expression")),
+    "peft num_B edited": ("peft", _json_edit(P, lambda m: m.update(num_B=1)),
+                          {"base": (P, "adapter_model.safetensors does not match", "num_B=1", "save the adapter again"),
+                           "adapted": ("num_B", "4/2/1", "4/2/3", "remove_lily")}),
     "peft shared copies disagree": ("peft", _retensor(_a_copy_in_float64),
                                     ("encoder.layer.1.attention.self.query", "shared tensor A", "differs")),
 }
@@ -194,6 +226,7 @@ LOAD_CASES = {
 @pytest.mark.parametrize("case", list(LOAD_CASES))
 def test_load_adapter_refuses_bad_directories(case, onto, saved, tiny_bert, snapshot, tmp_path):
     fmt, corrupt, says = LOAD_CASES[case]
+    says = says[onto] if isinstance(says, dict) else says  # where the two models meet different checks first
     d = tmp_path / "adapter"
     shutil.copytree(saved / fmt, d)
     corrupt(d)

@@ -243,6 +243,31 @@ def test_load_onto_an_adapted_model_replaces_weights_and_options(tiny_bert, tmp_
     assert len({id(s.A) for s in sites}) == 4  # still shared: 2 groups × 2 A
 
 
+SPELLINGS = [  # (saved with, model adapted with): the same sites, chosen in different words
+    (dict(target_modules=r".*\.query"), dict(target_modules=["query"])),
+    (dict(target_modules=["query"]), dict(target_modules=r".*\.query")),
+    (dict(target_modules=["query", "value"], exclude_modules=["value"]), dict(target_modules=["query"])),
+]
+
+
+@pytest.mark.parametrize("fmt", ["lily_lab", "peft"])
+@pytest.mark.parametrize("saved_with,adapted_with", SPELLINGS, ids=["regex onto list", "list onto regex", "exclude"])
+def test_load_onto_an_adapted_model_keeps_its_own_site_selection(fmt, saved_with, adapted_with, tiny_bert, tmp_path):
+    """The sites are checked to be the same; the model keeps its target_modules/exclude_modules, so
+    its next save still loads onto the base model (writing the saved ones in broke that)."""
+    source = adapted(tiny_bert(), seed=1, r=4, num_B=2, **saved_with)
+    lily_lab.save_adapter(source, tmp_path / "saved", format=fmt)
+    target = adapted(tiny_bert(), seed=2, r=4, num_B=2, **adapted_with)
+    lily_lab.load_adapter(target, tmp_path / "saved")
+    assert_same_adapter(adapter_tensors(target), adapter_tensors(source))
+    state = lily_lab.core.inject.get_state(target)
+    assert (state.config.target_modules, state.config.exclude_modules) == (
+        adapted_with["target_modules"], adapted_with.get("exclude_modules"))
+    lily_lab.save_adapter(target, tmp_path / "again")
+    again = lily_lab.load_adapter(tiny_bert(), tmp_path / "again")
+    assert_same_adapter(adapter_tensors(again), adapter_tensors(source))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
 def test_a_lower_precision_file_loads_exactly_into_a_float32_model(dtype, tiny_bert, tmp_path):
     model = adapted(tiny_bert(), target_modules=["query"], r=4)
@@ -255,7 +280,9 @@ def test_a_lower_precision_file_loads_exactly_into_a_float32_model(dtype, tiny_b
     # Rewrite the weights in `dtype` (torch cannot run a float8 model to save one), hash and all.
     meta = json.loads((tmp_path / LILY_JSON).read_text())
     w = tmp_path / meta["weights_file"]
-    data = save({k: v.to(dtype) for k, v in load_file(str(w)).items()})
+    with safe_open(str(w), "pt") as f:
+        metadata = f.metadata()  # holds the SHA-256 of the JSON's description: keep it
+    data = save({k: v.to(dtype) for k, v in load_file(str(w)).items()}, metadata=metadata)
     w.unlink()
     digest = hashlib.sha256(data).hexdigest()
     meta["weights_file"], meta["weights_sha256"] = f"adapter-{digest[:16]}.safetensors", digest

@@ -205,6 +205,13 @@ def _cut(rng: random.Random, data: bytes):
     return data + bytes(rng.randrange(256) for _ in range(rng.choice([1, 8, 100]))), "bits:append"
 
 
+def _description(meta) -> object:
+    """The part of lily_adapter.json the description hash covers, or None if there is none."""
+    if not isinstance(meta, dict) or not {"config", "groups"} <= set(meta):
+        return None
+    return json.dumps({"config": meta["config"], "groups": meta["groups"]}, sort_keys=True)
+
+
 def _rehash(files: dict, weights_name: str) -> dict:
     """The attacker's move: name the weights after their new hash and rewrite the JSON to match."""
     meta = json.loads(files[LILY_JSON])
@@ -233,6 +240,10 @@ def _mutate(rng: random.Random, fmt: str, good: dict):
     if kind == "json":
         data, label = _edit_json(rng, json.loads(files[meta_name]))
         files[meta_name] = json.dumps(data, indent=rng.choice([None, 2])).encode()
+        # lily_lab's JSON is covered by the description hash in the weights: a changed config or
+        # groups must never load (PEFT's JSON has no such check).
+        edited = fmt == "lily_lab" and _description(data) != _description(json.loads(good[meta_name]))
+        return files, label, edited
     elif kind == "json-bytes":
         files[meta_name], label = (_flip_bits if rng.random() < 0.6 else _cut)(rng, files[meta_name])
         label = "json-" + label
@@ -352,7 +363,8 @@ def test_corrupted_adapters_raise_or_load_exactly(fmt, n_cases, tiny_bert, snaps
                 stats[f"{which} loaded"] += 1
                 stats[f"{label} loaded"] += 1
                 if must_raise:
-                    problems.append(f"case {i} ({label}, {which}): weights changed after saving, hash not checked")
+                    problems.append(f"case {i} ({label}, {which}): weights or JSON description changed after "
+                                    "saving, integrity not checked")
                 try:
                     _check_loaded(fmt, files, model)
                 except Exception as err:  # noqa: BLE001

@@ -7,7 +7,15 @@ lily_lab layout (a directory)::
 
 The weights file is named after its content and the JSON is replaced last, atomically: the JSON is
 the commit point, so a save that dies half-way leaves the previous checkpoint loadable. Loading
-checks the hash, so a corrupted weights file is refused rather than silently loaded.
+checks the hash, so a corrupted weights file is refused rather than silently loaded. The JSON is
+covered too (format version 2): the weights file's safetensors metadata holds the SHA-256 of the
+JSON's ``config`` and ``groups`` in a canonical form, so an edit that still parses (a scaling, a
+routing mode) is refused rather than loaded.
+
+Saves to one directory hold an exclusive ``flock`` on the directory itself (POSIX; no lock file is
+left behind), so two processes saving at once leave the later save complete, never a JSON naming a
+weights file the other save deleted. A load that meets a save in progress (the JSON it read names
+a weights file that has since been replaced) reads the new JSON again.
 
 PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors`` with the keys PEFT's ``lily``
 tuner writes (every site's own copy of the shared tensors), loadable by
@@ -18,12 +26,15 @@ otherwise load the older adapter.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import secrets
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -36,7 +47,8 @@ from . import peft_format
 
 LILY_JSON = "lily_adapter.json"
 FORMAT_NAME = "lily_lab-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights' metadata holds the SHA-256 of the JSON's description
+DESCRIPTION_KEY = "lily_description_sha256"
 
 
 # --------------------------------------------------------------------------- save
@@ -62,18 +74,66 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a directory; choose a directory path")
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, data in files:  # the last file written is the commit point
-        _atomic_write(directory / name, data)
-    # Only now is the new checkpoint committed: drop lily_lab files that no longer describe it. The
-    # JSON goes first, so a checkpoint is never left pointing at a deleted weights file.
-    keep = json.loads(files[-1][1])["weights_file"] if format == "lily_lab" else None
-    if format == "peft":
-        (directory / LILY_JSON).unlink(missing_ok=True)
-    for old in directory.glob("adapter-*.safetensors"):
-        if old.name != keep:
-            old.unlink(missing_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot create the adapter directory {str(directory)!r} ({err.strerror or err})") from None
+    with directory_lock(directory):
+        for name, data in files:  # the last file written is the commit point
+            _atomic_write(directory / name, data)
+        # Only now is the new checkpoint committed: drop the files that no longer describe it, so
+        # the directory holds one adapter. The JSON goes first, so a checkpoint never points at a
+        # deleted weights file.
+        if format == "peft":
+            (directory / LILY_JSON).unlink(missing_ok=True)
+            keep = None
+        else:
+            keep = json.loads(files[-1][1])["weights_file"]
+            _remove_stale_peft_lily(directory)
+        for old in directory.glob("adapter-*.safetensors"):
+            if old.name != keep:
+                old.unlink(missing_ok=True)
     return directory
+
+
+def _remove_stale_peft_lily(directory: Path) -> None:
+    """Remove a PEFT *Lily* adapter a previous ``format="peft"`` save left here (its config says
+    ``peft_type: LILY``). Any other PEFT adapter (LoRA, say) is the user's and stays."""
+    config = directory / peft_format.PEFT_CONFIG
+    try:
+        kind = json.loads(config.read_bytes()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if kind == "LILY":
+        config.unlink(missing_ok=True)
+        (directory / peft_format.PEFT_WEIGHTS).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory ``flock`` on ``directory`` (exclusive for a save, shared for a load).
+
+    Where the platform has no ``flock`` (Windows), or the directory cannot be opened for it, this
+    is a no-op: the atomic renames still leave one complete adapter from an interrupted save.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts)
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _lily_files(state, layers: dict[str, list[tuple[str, LilyLayer]]]) -> list[tuple[str, bytes]]:
@@ -92,18 +152,28 @@ def _lily_files(state, layers: dict[str, list[tuple[str, LilyLayer]]]) -> list[t
         tensors[f"g{k}.B"] = _plain(m0.lily_B)
         groups.append({"key": key, "target": m0.target, "d_in": m0.d_in, "d_out": m0.d_out,
                        "sites": [name for name, _ in members]})
-    weights = save(tensors, metadata={"format": FORMAT_NAME})
+    config = state.config.to_dict()
+    description = {"config": config, "groups": groups}
+    weights = save(tensors, metadata={"format": FORMAT_NAME, DESCRIPTION_KEY: _description_sha256(description)})
     digest = hashlib.sha256(weights).hexdigest()
     weights_file = f"adapter-{digest[:16]}.safetensors"
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "config": state.config.to_dict(),
+        "config": config,
         "groups": groups,
         "weights_file": weights_file,
         "weights_sha256": digest,
     }
     return [(weights_file, weights), (LILY_JSON, json.dumps(meta, indent=2).encode())]
+
+
+def _description_sha256(description: dict) -> str:
+    """SHA-256 of the JSON's ``config`` and ``groups`` in a canonical form (sorted keys, no spaces,
+    ASCII), computed from what a JSON reader gives back so that saving and loading agree."""
+    canonical = json.dumps(json.loads(json.dumps(description)), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- load
@@ -120,16 +190,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no adapter directory at {str(directory)!r}")
-    if (directory / LILY_JSON).is_file():
-        config, layout, tensors = _read_lily(directory)
-    elif (directory / peft_format.PEFT_CONFIG).is_file():
-        config, per_site = peft_format.read_peft(directory)
-        layout, tensors = None, per_site
-    else:
-        raise CheckpointError(
-            f"{str(directory)!r} holds no adapter: expected {LILY_JSON} (lily_lab) or "
-            f"{peft_format.PEFT_CONFIG} (PEFT); found {sorted(p.name for p in directory.iterdir())[:10]}"
-        )
+    with directory_lock(directory, shared=True):  # a save to this directory waits until we have read it
+        if (directory / LILY_JSON).is_file():
+            config, layout, tensors = _read_lily(directory)
+        elif (directory / peft_format.PEFT_CONFIG).is_file():
+            config, per_site = peft_format.read_peft(directory)
+            layout, tensors = None, per_site
+        else:
+            raise CheckpointError(
+                f"{str(directory)!r} holds no adapter: expected {LILY_JSON} (lily_lab) or "
+                f"{peft_format.PEFT_CONFIG} (PEFT); found {sorted(p.name for p in directory.iterdir())[:10]}"
+            )
     return _apply(model, config, layout, tensors)
 
 
@@ -164,6 +235,18 @@ def _read_lily(directory: Path):
             "save the adapter again"
         )
     raw = read_safetensors(data, name)
+    if version >= 2:
+        recorded = _metadata(data).get(DESCRIPTION_KEY)
+        try:
+            ours = _description_sha256({"config": meta["config"], "groups": layout})
+        except ValueError:  # NaN or infinity in the JSON: not what a save writes
+            ours = None
+        if recorded != ours:
+            raise CheckpointError(
+                f"{LILY_JSON} was edited after saving: its config and groups do not match the SHA-256 "
+                f"recorded in {name} when the adapter was saved; save the adapter again (or change "
+                "runtime options after loading, with set_lily_options)"
+            )
     tensors: dict[tuple, torch.Tensor] = {}
     for k, group in enumerate(layout):
         for j in range(-(-len(group["sites"]) // config.stride_A)):
@@ -205,6 +288,20 @@ def _apply(model: nn.Module, config: LilyConfig, layout: list[dict] | None, tens
     if layout is None:
         layout, tensors = ours, peft_format.to_group_tensors(tensors, ours, config)
     _compare_layouts(layout, ours, config)
+    # The sites are now known to be the same, group by group. Group keys follow how
+    # target_modules was spelled (a list ['query'] or a regex '.*\.query' pick the same sites):
+    # use this model's keys.
+    renamed = {g_s["key"]: g_o["key"] for g_s, g_o in zip(layout, ours)}
+    if any(k != v for k, v in renamed.items()):
+        tensors = {(renamed[key[0]], *key[1:]): t for key, t in tensors.items()}
+        layout = [{**g_s, "key": g_o["key"]} for g_s, g_o in zip(layout, ours)]
+    if state is not None:
+        # An adapted model keeps its own site selection: the saved target_modules/exclude_modules
+        # chose the same sites (checked above), and the model's group keys are built from its own.
+        # Writing the saved ones into its config would make its next save unloadable onto the
+        # base model whenever the two were spelled differently.
+        config = dataclasses.replace(config, target_modules=state.config.target_modules,
+                                     exclude_modules=state.config.exclude_modules)
     _check_tensors(tensors, layout, config, dtypes)
     for dtype in dict.fromkeys(dtypes.values()):
         problem = scaling_overflow(config.scaling, dtype)
@@ -247,7 +344,8 @@ def _compare_layouts(saved: list[dict], ours: list[dict], config: LilyConfig) ->
     """Raise naming the first site where the saved adapter and this model disagree."""
     fit = "the adapter does not fit this model"
     for g_s, g_o in zip(saved, ours):
-        if (g_s["d_out"], g_s["d_in"]) == (g_o["d_out"], g_o["d_in"]) and g_s["key"] != g_o["key"]:
+        if ((g_s["d_out"], g_s["d_in"]) == (g_o["d_out"], g_o["d_in"]) and g_s["key"] != g_o["key"]
+                and g_s["sites"] != g_o["sites"]):
             raise CheckpointError(
                 f"{fit}: its group {g_s['key']!r} (first site {g_s['sites'][0]!r}) is group "
                 f"{g_o['key']!r} (first site {g_o['sites'][0]!r}) here; the adapter was saved for "
@@ -313,6 +411,14 @@ def read_safetensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
         return dict(load(data))
     except Exception as err:  # safetensors raises its own error types, and others on odd headers
         raise CheckpointError(f"{name} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of safetensors bytes already read successfully by safetensors."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def read_bytes(path: Path) -> bytes:

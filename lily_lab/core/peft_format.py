@@ -149,7 +149,14 @@ def to_group_tensors(sites: dict[str, dict[str, torch.Tensor]], layout: list[dic
                 got = tuple(sites[name][part].shape)
                 if got != want:
                     A, B = sites[name]["lily_A"].shape, sites[name]["lily_B"].shape
-                    theirs = f"{B[-1]}x{A[-1]}" if len(A) == len(B) == 2 else "unknown"
+                    dims = (B[-1], A[-1]) if len(A) == len(B) == 2 else None
+                    if dims == (g["d_out"], g["d_in"]):  # the site fits: the config and weights disagree
+                        raise CheckpointError(
+                            f"{PEFT_WEIGHTS} does not match {PEFT_CONFIG}: site {name!r} has {part} of shape "
+                            f"{got}, but the config's r={r}, num_B={E} imply {want}; the two files come "
+                            "from different saves — save the adapter again"
+                        )
+                    theirs = f"{dims[0]}x{dims[1]}" if dims else "unknown"
                     raise CheckpointError(
                         f"the adapter does not fit this model: site {name!r} has weight shape {theirs} "
                         f"(d_out x d_in) in the adapter, {g['d_out']}x{g['d_in']} here: its {part} is {got}, "
