@@ -27,9 +27,13 @@ from .analysis import (
 )
 from .core import (
     CheckpointError,
+    InputError,
     LilyConfig,
     LilyConfigError,
     LilyLabError,
+    LilyLabFileError,
+    LilyLabFileNotFoundError,
+    LilyLabTypeError,
     LilyLayer,
     MixtureError,
     NonFiniteWeightsError,
@@ -67,7 +71,8 @@ __all__ = [
     "report",
     # errors
     "LilyLabError", "LilyConfigError", "TargetError", "TargetTypeError", "CheckpointError", "RoutingError",
-    "NonFiniteWeightsError", "MixtureError",
+    "NonFiniteWeightsError", "MixtureError", "InputError", "LilyLabTypeError", "LilyLabFileError",
+    "LilyLabFileNotFoundError",
 ]
 
 

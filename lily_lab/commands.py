@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import demo as D
+from .core.errors import InputError, LilyLabFileError, LilyLabFileNotFoundError
 
 
 def _data(data, text_column, label_column, n_train, n_heldout, seed):
@@ -27,7 +28,8 @@ def _data(data, text_column, label_column, n_train, n_heldout, seed):
         train, heldout = D.split_tweets(frame, n_train=n_train, n_heldout=n_heldout, seed=seed)
     else:  # any number of classes, or a small file: a seeded shuffle, a quarter (at most n_heldout) held out
         if len(frame) < 8:
-            raise ValueError(f"the data has {len(frame)} usable rows; the demo needs at least 8")
+            raise InputError(f"the data ({data or 'the packaged tweets'}) has {len(frame)} usable rows; the demo needs "
+                             "at least 8: give a --data CSV with more rows")
         shuffled = frame.sample(frac=1.0, random_state=seed)
         k = min(n_heldout, len(frame) // 4)
         heldout, train = shuffled[:k], shuffled[k:k + n_train]
@@ -80,9 +82,12 @@ def run_demo(*, steps=30, routing=None, r=8, stride_A=2, num_B=4, seed=0, out_di
     ``causal_lm=True``, a causal LM that learns to answer a chat prompt with the label word
     (:func:`_run_causal_demo`). ``causal_lm=False`` insists on an encoder. Arguments left
     ``None`` take the kind's defaults (:data:`ENCODER_DEFAULTS`, :data:`CAUSAL_DEFAULTS`)."""
+    _positive(steps=steps, batch_size=batch_size, n_train=n_train, n_heldout=n_heldout, threads=threads,
+              max_new_tokens=max_new_tokens)
     check_out_path(out)  # before minutes of training, not after
     causal = _demo_kind(model_dir, causal_lm)
     if model_dir is not None and model_dir != SMOLLM2:
+        _require_model_dir(model_dir)
         D.require_safetensors_weights(model_dir)
     defaults = CAUSAL_DEFAULTS if causal else ENCODER_DEFAULTS
     given = (routing, tuple(targets) if targets else None, lr, batch_size, n_train, n_heldout)
@@ -94,6 +99,20 @@ def run_demo(*, steps=30, routing=None, r=8, stride_A=2, num_B=4, seed=0, out_di
     if causal:
         return _run_causal_demo(**kwargs, max_new_tokens=max_new_tokens)
     return _run_encoder_demo(**kwargs)
+
+
+def _positive(**values) -> None:
+    """Each of ``values`` (``None``: the default) must be an integer ≥ 1; else an :class:`InputError` naming it."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+
+
+def _require_model_dir(model_dir) -> None:
+    """``--model``: a folder that exists (checked before anything is loaded from it)."""
+    if not Path(model_dir).is_dir():
+        raise LilyLabFileNotFoundError(f"--model {model_dir}: no model directory at {str(model_dir)!r}; give a local "
+                                       f"transformers model folder, or smollm2 for the packaged SmolLM2")
 
 
 def _config_architectures(model_dir) -> list[str] | None:
@@ -109,26 +128,23 @@ def _config_architectures(model_dir) -> list[str] | None:
 
 def _demo_kind(model_dir, causal_lm) -> bool:
     """Whether the demo's model is a causal LM; a flag that contradicts the model's config is an error."""
-    from . import LilyLabError
-
     if model_dir == SMOLLM2:
         if causal_lm is False:
-            raise LilyLabError("--model smollm2 is a causal LM (LlamaForCausalLM); drop --encoder")
+            raise InputError("--model smollm2 is a causal LM (LlamaForCausalLM); drop --encoder")
         return True
     if model_dir is None:
         if causal_lm:
-            raise LilyLabError("--causal-lm needs --model: a causal LM folder, or smollm2 (the packaged "
+            raise InputError("--causal-lm needs --model: a causal LM folder, or smollm2 (the packaged "
                                "SmolLM2-135M-Instruct); the default model, MiniLM, is an encoder")
         return False
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"no model directory at {str(model_dir)!r}")
+    _require_model_dir(model_dir)
     archs = _config_architectures(model_dir)
     causal = _is_causal_lm(model_dir)
     if causal_lm and archs is not None and not causal:
-        raise LilyLabError(f"--causal-lm, but {model_dir}/config.json names {', '.join(archs)}, not a causal LM "
+        raise InputError(f"--causal-lm, but {model_dir}/config.json names {', '.join(archs)}, not a causal LM "
                            "(…ForCausalLM or …LMHeadModel); drop --causal-lm to train it as an encoder")
     if causal_lm is False and causal:
-        raise LilyLabError(f"--encoder, but {model_dir}/config.json names {', '.join(archs)}, a causal LM; "
+        raise InputError(f"--encoder, but {model_dir}/config.json names {', '.join(archs)}, a causal LM; "
                            "drop --encoder (causal LMs are trained to answer a chat prompt)")
     return bool(causal_lm) or causal
 
@@ -338,6 +354,7 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
 
     from . import CheckpointError, load_adapter, report
 
+    _positive(n_texts=n_texts, threads=threads)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     adapter_dir = Path(adapter_dir)
@@ -354,6 +371,7 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
     num_labels = 2
     out = check_out_path(out)
     if model_dir is not None and model_dir != SMOLLM2:
+        _require_model_dir(model_dir)
         D.require_safetensors_weights(model_dir)  # cheap, so before the data
     frame = D.load_tweets() if data is None else D.load_csv(data, text_column, label_column)  # before any model
     causal = model_dir is not None and (causal_lm or model_dir == SMOLLM2 or _is_causal_lm(model_dir))
@@ -399,14 +417,14 @@ def check_out_path(out) -> Path:
 
     out = Path(out)
     if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a folder; give the report a file name, e.g. "
+        raise LilyLabFileError(f"--out {out} is a folder; give the report a file name, e.g. "
                                 f"--out {out / 'lily_lab_report.html'}")
     folder = out.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"--out {out}: the folder {folder} does not exist; create it first "
+        raise LilyLabFileNotFoundError(f"--out {out}: the folder {folder} does not exist; create it first "
                                 f"(mkdir -p {folder}) or write the report elsewhere")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: the folder {folder} is not writable; write the report elsewhere")
+        raise LilyLabFileError(f"--out {out}: the folder {folder} is not writable; write the report elsewhere")
     return out
 
 
@@ -427,8 +445,7 @@ def _load_causal_lm(model_dir):
     tokenizer has no pad token, right padding (the recording runs full forwards, no generation)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import LilyLabError
-
+    _require_model_dir(model_dir)
     D.require_safetensors_weights(model_dir)
     with D._quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
@@ -436,7 +453,7 @@ def _load_causal_lm(model_dir):
                                                      use_safetensors=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise LilyLabError(f"the tokenizer in {model_dir} has neither a pad nor an EOS token, so texts of different "
+            raise InputError(f"the tokenizer in {model_dir} has neither a pad nor an EOS token, so texts of different "
                                "lengths cannot be batched; add one (tokenizer.pad_token = …) and save it again")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

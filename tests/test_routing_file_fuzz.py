@@ -194,6 +194,8 @@ CASES = {
     "labels a string": (_meta(lambda h: h.update(labels="ab")), "not a list"),
     "labels of lists": (_meta(lambda h: h.update(labels=[["a"], "b", 3])), "not a list"),
     "labels repeat": (_meta(lambda h: h.update(labels=["neg", "neg", 3])), "repeat"),
+    "a NaN label": (_meta(lambda h: h.update(labels=["neg", float("nan"), 3])), "missing label"),
+    "a null label": (_meta(lambda h: h.update(labels=["neg", None, 3])), "missing label"),
     "site names repeat": (_meta(lambda h: h["sites"][1].update(name=h["sites"][0]["name"])), "more than once"),
     "site name not a string": (_meta(lambda h: h["sites"][1].update(name=7)), "not a string"),
     "negative count (labels)": (_set("s0.label_counts", lambda a: -a), "negative"),

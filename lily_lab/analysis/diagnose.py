@@ -16,14 +16,15 @@ import pandas as pd
 from torch import nn
 
 from ..core import LilyLayer, adapter_sites
-from ..core.errors import LilyLabError
+from ..core.errors import InputError, LilyLabError, LilyLabTypeError
 from ..core.inject import get_state
+from ..core.layer import require_module
 from ..observe.routing import Routing
 from .causal import CausalConsistencyError, batch_of, causal_consistency, is_causal_lm, pad_token_id, \
     recorded_sequences, vocab_size
 from .experts import bank_summary
 from .finite import DIVERGED_REMEDY, TENSORS, nonfinite_counts
-from .routing import router_metrics
+from .routing import require_routing, router_metrics
 
 KINDS = ("dominant_expert", "dead_expert", "input_blind_router", "redundant_experts", "inactive_adapter",
          "future_leak", "nonfinite_weights")
@@ -176,12 +177,18 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     elif isinstance(thresholds, dict):
         unknown = set(thresholds) - set(Thresholds.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown thresholds {sorted(unknown)}; known: {sorted(Thresholds.__dataclass_fields__)}")
+            raise InputError(f"unknown thresholds {sorted(unknown)}; known: {sorted(Thresholds.__dataclass_fields__)}")
         t = Thresholds(**thresholds)
-    else:
+    elif isinstance(thresholds, Thresholds):
         t = thresholds
+    else:
+        raise LilyLabTypeError(f"thresholds must be a lily_lab.analysis.Thresholds, a dict of its fields or None, got "
+                               f"{type(thresholds).__name__}")
+    require_module(model, "diagnose")
+    if routing is not None:
+        require_routing(routing, "diagnose")
     if not adapter_sites(model):
-        raise ValueError("diagnose needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
+        raise InputError("diagnose needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
     mode = _routing_mode(model)
     d = Diagnosis(checked=["nonfinite_weights", "inactive_adapter", "redundant_experts"])
     bad = nonfinite_counts(adapter_sites(model))

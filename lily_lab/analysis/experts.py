@@ -1,6 +1,6 @@
 """Expert geometry: how alike the ``B`` experts of each bank are, three ways.
 
-- ``cosine``: of the flattened experts ``B_e`` (``r × d_out``) — what DESIGN §5's
+- ``cosine``: of the flattened experts ``B_e`` (``r × d_out``) — what ``diagnose``'s
   ``redundant_experts`` uses.
 - ``subspace_overlap``: mean ``cos²`` of the principal angles between the experts' row spaces in
   ``R^{d_out}`` (1: same output directions, 0: orthogonal ones).
@@ -15,6 +15,7 @@ import pandas as pd
 from torch import nn
 
 from ..core import adapter_sites
+from ..core.layer import require_module
 from .finite import require_finite
 
 
@@ -92,6 +93,7 @@ def banks(model: nn.Module) -> dict[str, dict]:
 def expert_similarity(model: nn.Module) -> pd.DataFrame:
     """Every pair of experts of every bank (``i < j``): ``group, expert_i, expert_j, cosine,
     subspace_overlap, functional_cosine``. Banks of one expert (LoRA) have no rows."""
+    require_module(model, "expert_similarity")
     require_finite(adapter_sites(model), "expert_similarity", ("A", "B"))
     rows = []
     for group, bank in banks(model).items():
@@ -111,6 +113,7 @@ def bank_summary(model: nn.Module) -> pd.DataFrame:
     """One row per bank: ``group, num_B, mean_cosine, max_cosine, distinct_experts,
     mean_norm`` (mean Frobenius norm of the experts), ``max_norm``, ``nonfinite_B`` (NaN or ±inf
     entries of the bank: a diverged run; its other measures are then NaN)."""
+    require_module(model, "bank_summary")
     rows = []
     for group, bank in banks(model).items():
         B = bank["B"]

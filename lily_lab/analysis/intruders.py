@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..core import adapter_sites
-from ..core.errors import NonFiniteWeightsError
-from ..core.layer import is_conv1d
+from ..core.errors import InputError, NonFiniteWeightsError
+from ..core.layer import is_conv1d, require_module
 from .finite import require_finite
 from .routing import layer_of
 from .spectra import _mixtures_for, dense_delta
@@ -24,7 +24,7 @@ FULL_SVD_LIMIT = 2048  # min(d_out, d_in) above which partial (randomised) SVDs 
 def _base_weight(site) -> torch.Tensor:
     layer = site.layer
     if layer is None:
-        raise ValueError("intruder_dimensions needs the base weights: pass the model, not an adapter directory")
+        raise InputError("intruder_dimensions needs the base weights: pass the model, not an adapter directory")
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer  # PEFT / lily_lab
     W = base.weight.detach().double().cpu()
     return W.T if is_conv1d(base) else W  # (d_out, d_in)
@@ -54,10 +54,22 @@ def intruder_dimensions(model: nn.Module, mixture: Any = None, k: int = 10,
     """
     from tqdm.auto import tqdm
 
-    eps = [float(epsilon)] if np.isscalar(epsilon) else [float(e) for e in epsilon]
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(f"intruder_dimensions needs the base weights: pass the model with its adapter, not an "
+                         f"adapter directory ({os.fspath(model)!r})")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be an integer ≥ 1 (how many top singular vectors to check), got {k!r}")
+    try:
+        eps = [float(epsilon)] if np.isscalar(epsilon) else [float(e) for e in epsilon]
+    except (TypeError, ValueError):
+        raise InputError(f"epsilon must be a number or a list of numbers in (0, 1], got {epsilon!r}") from None
+    require_module(model, "intruder_dimensions")
     sites = adapter_sites(model)
     if not sites:
-        raise ValueError("no adapter sites in this model")
+        raise InputError("intruder_dimensions: no adapter sites in this model; pass a model with a Lily or LoRA "
+                         "adapter")
     require_finite(sites, "intruder_dimensions", ("A", "B"))
     rows = []
     with torch.no_grad():

@@ -14,6 +14,7 @@ import pandas as pd
 from torch import nn
 
 from ..core import LilyConfig, adapter_sites
+from ..core.errors import InputError, LilyLabTypeError
 from .routing import layer_of
 
 LAYOUT_COLUMNS = ["group", "module", "site", "index", "layer", "a_index", "num_B", "r", "d_in", "d_out", "kind"]
@@ -26,9 +27,12 @@ def sharing_layout(model: nn.Module) -> pd.DataFrame:
     """One row per site of ``model``'s adapter: ``group, module, site, index, layer, a_index``
     (which shared ``A`` of the group it uses), ``num_B`` (experts in its group's bank), ``r``,
     ``d_in``, ``d_out``, ``kind``. Works for lily_lab Lily, PEFT Lily and PEFT LoRA models."""
+    from ..core.layer import require_module
+
+    require_module(model, "sharing_layout")
     sites = adapter_sites(model)
     if not sites:
-        raise ValueError("sharing_layout needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
+        raise InputError("sharing_layout needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
     rows = [{"group": s.group, "module": s.module, "site": s.name, "index": s.index,
              "layer": layer_of(s.name, s.index), "a_index": s.a_index, "num_B": s.num_B, "r": s.r,
              "d_in": s.d_in, "d_out": s.d_out, "kind": s.kind} for s in sites]
@@ -37,10 +41,10 @@ def sharing_layout(model: nn.Module) -> pd.DataFrame:
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
     value = value.__index__()
     if value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value}")
+        raise InputError(f"{name} must be an integer ≥ {minimum}, got {value}")
     return value
 
 
@@ -49,7 +53,7 @@ def sharing_layout_from_config(config: LilyConfig, layers: int, d_in: int, d_out
     target: one group per target module (a regex target is one group), sites named
     ``"layer {i}"``. Same columns as :func:`sharing_layout`."""
     if not isinstance(config, LilyConfig):
-        raise TypeError(f"config must be a lily_lab.LilyConfig, got {type(config).__name__}")
+        raise LilyLabTypeError(f"config must be a lily_lab.LilyConfig, got {type(config).__name__}")
     layers = _positive_int("layers", layers)
     d_in, d_out = _positive_int("d_in", d_in), _positive_int("d_out", d_out)
     targets = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
@@ -83,9 +87,14 @@ def parameter_budget(d_in: int, d_out: int, layers: int, r_values: Iterable[int]
     groups = _positive_int("groups", groups)
     if hasattr(r_values, "__index__"):
         r_values = [r_values]
+    try:
+        r_values = list(r_values)
+    except TypeError:
+        raise LilyLabTypeError(f"r_values must be ranks to compare (an integer or a list of them, e.g. "
+                               f"range(1, 33)), got {type(r_values).__name__}") from None
     r_values = [_positive_int("r", r) for r in r_values]
     if not r_values:
-        raise ValueError("r_values is empty: give the ranks to compare, e.g. range(1, 33)")
+        raise InputError("r_values is empty: give the ranks to compare, e.g. range(1, 33)")
     rows = []
     for r in r_values:
         lily = groups * lily_group_parameters(layers, d_in, d_out, r, stride_A, num_B)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..core import adapter_sites, remove_lily
-from ..core.layer import LilyLayer, is_conv1d
+from ..core.errors import InputError
+from ..core.layer import LilyLayer, is_conv1d, require_module
 from .finite import require_finite
 from .spectra import _mixtures_for, dense_delta
 
@@ -25,9 +26,11 @@ def merge_at(model: nn.Module, mixture: Any = None) -> nn.Module:
     ``mixture`` as in :func:`delta_spectra`: ``None`` (uniform), an expert index, a ``Routing``
     (each site's mean applied mixture) or ``{site_name: vector}``. ``model`` is not changed.
     """
+    require_module(model, "merge_at")
     sites = adapter_sites(model)
     if not sites or any(s.kind != "lily" for s in sites):
-        raise ValueError("merge_at folds lily_lab Lily adapters; for PEFT models use PEFT's merge_and_unload()")
+        what = "has no adapter sites" if not sites else "is a PEFT model: use PEFT's merge_and_unload()"
+        raise InputError(f"merge_at folds lily_lab Lily adapters (add_lily or load_adapter); this model {what}")
     require_finite(sites, "merge_at", ("A", "B"))
     deltas = {}
     for s in sites:
@@ -47,6 +50,12 @@ def merge_at(model: nn.Module, mixture: Any = None) -> nn.Module:
 def merge_error(model: nn.Module, merged: nn.Module, batches: Iterable[Any]) -> float:
     """Relative deviation ``‖y_routed − y_merged‖ / ‖y_routed‖`` of the first output, pooled over
     ``batches`` (dicts of model inputs, or tensors). Both models run in eval mode."""
+    for name, m in (("model", model), ("merged", merged)):
+        if not isinstance(m, nn.Module):
+            from ..core.errors import LilyLabTypeError
+
+            raise LilyLabTypeError(f"merge_error: {name} must be a torch.nn.Module (the routed model and "
+                                   f"lily_lab.merge_at(model)), got {type(m).__name__}")
     num = den = 0.0
     modes = (model.training, merged.training)
     model.eval()
@@ -60,7 +69,8 @@ def merge_error(model: nn.Module, merged: nn.Module, batches: Iterable[Any]) -> 
         model.train(modes[0])
         merged.train(modes[1])
     if den == 0:
-        raise ValueError("merge_error got no batches (or all-zero outputs)")
+        raise InputError("merge_error: batches gave no outputs to compare (no batches, or all-zero outputs); pass a "
+                         "list of model inputs, e.g. [tokenizer(texts, return_tensors='pt')]")
     return (num / den) ** 0.5
 
 

@@ -19,6 +19,9 @@ def mixture_modes(routing: Routing) -> pd.DataFrame:
     routing applies to the same calls without padding. Batch routing itself (PEFT's rule) also
     averages the padding positions of a padded call; the mixtures a batch-routed model actually
     applied are in ``routing.mixtures(site)``."""
+    from .routing import require_routing
+
+    require_routing(routing, "mixture_modes")
     frames = []
     for name in routing.sites:
         rec = routing.record(name)

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from ..core.errors import LilyLabTypeError
 from ..observe.routing import Routing, RoutingError, SiteRecord, _entropy
 from ..observe.tokens import token_texts
 
@@ -22,6 +23,14 @@ def layer_of(name: str, default: int) -> int:
     """The layer number in a module path (``encoder.layer.3.attention.self.query`` → 3)."""
     m = re.search(r"\.(\d+)(?:\.|$)", name)
     return int(m.group(1)) if m else default
+
+
+def require_routing(routing, fn: str, arg: str = "routing") -> None:
+    """Raise :class:`~lily_lab.LilyLabTypeError` naming ``fn`` and ``arg`` unless ``routing`` is a
+    :class:`~lily_lab.Routing`."""
+    if not isinstance(routing, Routing):
+        raise LilyLabTypeError(f"{fn}: {arg} must be a lily_lab.Routing (rec.routing of record_routing, or "
+                               f"Routing.load(path)), got {type(routing).__name__}")
 
 
 def site_metrics(rec: SiteRecord) -> dict[str, float]:
@@ -52,6 +61,7 @@ def _site_columns(rec: SiteRecord) -> dict:
 def router_metrics(routing: Routing) -> pd.DataFrame:
     """One row per routed site (``E ≥ 2``): site, module, group, index, layer, ``n_tokens``,
     ``nonfinite`` and every metric of DESIGN §5. Sites that saw no token have NaN metrics."""
+    require_routing(routing, "router_metrics")
     rows = []
     for name in routing.sites:
         rec = routing.record(name)
@@ -93,8 +103,11 @@ def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> p
     ``js_divergence``, the mean pairwise Jensen–Shannon divergence (bits) between the values'
     usage vectors. Values seen fewer than ``min_count`` times are left out of the rows, not the MI.
     """
+    require_routing(routing, "specialization")
     if by not in ("label", "token"):
         raise RoutingError(f"by must be 'label' or 'token', got {by!r}")
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 0:
+        raise RoutingError(f"min_count must be an integer ≥ 0, got {min_count!r}")
     rows = []
     for name in routing.sites:
         rec = routing.record(name)
@@ -134,6 +147,7 @@ def expert_layer_profile(routing: Routing) -> pd.DataFrame:
     its usage summed across the group's sites), and per group × expert ``layer_entropy``
     = H(share) / ln L: 1 when the expert serves all layers alike, 0 when it serves one layer.
     """
+    require_routing(routing, "expert_layer_profile")
     rows = []
     by_group: dict[str, list[SiteRecord]] = {}
     for name in routing.sites:
@@ -158,6 +172,9 @@ def top_tokens(routing: Routing, k: int = 10, min_count: int = 3, tokenizer=None
     """Per site and expert, the ``k`` token ids whose tokens give the expert the highest mean
     probability (among tokens seen at least ``min_count`` times): site, expert, rank, token_id,
     token (with a tokenizer: readable text, as in ``Routing.token_table``), usage, n_tokens."""
+    require_routing(routing, "top_tokens")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise RoutingError(f"k must be an integer ≥ 1 (tokens per expert), got {k!r}")
     spec = specialization(routing, by="token", min_count=min_count)
     spec = spec.sort_values(["site", "expert", "usage"], ascending=[True, True, False], kind="stable")
     top = spec.groupby(["site", "expert"], sort=False).head(k).copy()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core import Site, adapter_sites
-from ..core.errors import MixtureError
+from ..core.errors import InputError, LilyLabTypeError, MixtureError
 from ..core.offline import sites_from_directory
 from ..observe.routing import Routing, RoutingError
 from .finite import require_finite
@@ -74,7 +74,7 @@ def _raw_mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int
         if by == "token":
             probs = mixture.probs(name)[:max_samples]
             return [(f"token {i}", p.astype(np.float64)) for i, p in enumerate(probs)]
-        raise ValueError(f"by must be None, 'label' or 'token', got {by!r}")
+        raise InputError(f"by must be None, 'label' or 'token', got {by!r}")
     if isinstance(mixture, dict):
         key = site.name if site.name in mixture else site.name.removeprefix("base_model.model.")
         if key not in mixture:
@@ -84,7 +84,8 @@ def _raw_mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int
         except (TypeError, ValueError) as err:
             raise MixtureError(f"the mixture for site {site.name!r} is not a vector of numbers ({err})") from None
         return [("given", pi)]
-    raise TypeError(f"mixture must be None, an expert index, a Routing or a {{site: vector}} dict, got {type(mixture).__name__}")
+    raise LilyLabTypeError(f"mixture must be None, an expert index, a Routing or a {{site: vector}} dict, got "
+                           f"{type(mixture).__name__}")
 
 
 def _routing_name(site: Site, routing: Routing) -> str:
@@ -99,6 +100,9 @@ def _sites_of(model) -> list[Site]:
         return sites_from_directory(model)
     if isinstance(model, (list, tuple)) and all(isinstance(s, Site) for s in model):
         return list(model)
+    if not isinstance(model, nn.Module):
+        raise LilyLabTypeError(f"model must be a model with an adapter (torch.nn.Module), an adapter directory or a "
+                               f"list of Sites (lily_lab.adapter_sites(model)), got {type(model).__name__}")
     return adapter_sites(model)
 
 
@@ -115,7 +119,7 @@ def delta_spectra(model: nn.Module | str | os.PathLike | list[Site], mixture: An
     """
     sites = _sites_of(model)
     if not sites:
-        raise ValueError("no adapter sites: pass a model with a Lily or LoRA adapter, or an adapter directory")
+        raise InputError("no adapter sites: pass a model with a Lily or LoRA adapter, or an adapter directory")
     require_finite(sites, "delta_spectra", ("A", "B"))
     jobs = []  # (site, label, π)
     for s in sites:
@@ -165,6 +169,13 @@ def spectrum_ranks(sigma: np.ndarray, tol: float = 1e-6) -> dict[str, float]:
 def rank_summary(spectra: pd.DataFrame, tol: float = 1e-6) -> pd.DataFrame:
     """One row per site (and mixture): ``effective_rank``, ``stable_rank``, ``numerical_rank``
     (σ > tol·σ_max), ``energy_top1/4/16`` (share of Σσ² in the largest 1, 4, 16) and ``r``."""
+    if not isinstance(spectra, pd.DataFrame):
+        raise LilyLabTypeError(f"rank_summary takes the spectra DataFrame of lily_lab.delta_spectra(model), got "
+                               f"{type(spectra).__name__}")
+    missing = [c for c in ("site", "sigma") if c not in spectra.columns]
+    if missing:
+        raise InputError(f"rank_summary needs the spectra columns {missing}, which this frame lacks (it has "
+                         f"{list(spectra.columns)}): pass the frame of lily_lab.delta_spectra(model)")
     keys = [c for c in ("site", "module", "group", "index", "layer", "kind", "mixture", "r") if c in spectra.columns]
     rows = []
     for key, part in spectra.groupby(keys, sort=False):
@@ -179,9 +190,13 @@ def lora_equivalent_rank(model: nn.Module) -> int:
     ``⌊adapter parameters / Σ_sites (d_in + d_out)⌋``."""
     from ..core import count_parameters
 
+    from ..core.layer import require_module
+
+    require_module(model, "lora_equivalent_rank")
     sites = adapter_sites(model)
     if not sites:
-        raise ValueError("no adapter sites in this model")
+        raise InputError("lora_equivalent_rank: no adapter sites in this model; pass a model with a Lily or LoRA "
+                         "adapter (lily_lab.add_lily, load_adapter or PEFT)")
     per_rank = sum(s.d_in + s.d_out for s in sites)
     return count_parameters(model)["adapter"] // per_rank
 

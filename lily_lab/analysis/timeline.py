@@ -5,14 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..core.errors import LilyLabTypeError
 from ..observe.timeline import Timeline
 from .experts import bank_cosines, mean_pairwise
 from .routing import METRIC_COLUMNS, router_metrics
 
 
+def _require_timeline(timeline, fn: str) -> None:
+    if not isinstance(timeline, Timeline):
+        raise LilyLabTypeError(f"{fn}: timeline must be a lily_lab.Timeline (Timeline(probe).observe(model, step), "
+                               f"or RoutingCallback(...).timeline), got {type(timeline).__name__}")
+
+
 def timeline_metrics(timeline: Timeline) -> pd.DataFrame:
     """Long DataFrame ``step, site, module, group, index, layer, metric, value``: every §5 router
     metric of every routed site at every observed step."""
+    _require_timeline(timeline, "timeline_metrics")
     frames = []
     for step, routing in zip(timeline.steps, timeline.routings):
         m = router_metrics(routing)
@@ -29,6 +37,7 @@ def timeline_metrics(timeline: Timeline) -> pd.DataFrame:
 def timeline_expert_similarity(timeline: Timeline) -> pd.DataFrame:
     """``step, group, mean_cosine, min_cosine, max_cosine, mean_norm`` of each bank's experts at
     every observed step (needs ``Timeline(track_experts=True)``)."""
+    _require_timeline(timeline, "timeline_expert_similarity")
     rows = []
     for step, banks in zip(timeline.steps, timeline.banks):
         for group, B in banks.items():

@@ -2,7 +2,8 @@
 
 from .checkpoint import load_adapter, save_adapter
 from .config import ROUTING_MODES, LilyConfig
-from .errors import (CheckpointError, LilyConfigError, LilyLabError, MixtureError, NonFiniteWeightsError, TargetError,
+from .errors import (CheckpointError, InputError, LilyConfigError, LilyLabError, LilyLabFileError,
+                     LilyLabFileNotFoundError, LilyLabTypeError, MixtureError, NonFiniteWeightsError, TargetError,
                      TargetTypeError)
 from .inject import add_lily, remove_lily, set_lily_options
 from .layer import LilyLayer, RoutingEvent, lily_aux_loss
@@ -13,5 +14,6 @@ __all__ = [
     "add_lily", "remove_lily", "set_lily_options", "lily_aux_loss", "adapter_sites", "adapter_summary", "count_parameters",
     "lily_parameter_formula", "save_adapter", "load_adapter",
     "LilyLabError", "LilyConfigError", "TargetError", "TargetTypeError", "CheckpointError",
-    "NonFiniteWeightsError", "MixtureError",
+    "NonFiniteWeightsError", "MixtureError", "InputError", "LilyLabTypeError", "LilyLabFileError",
+    "LilyLabFileNotFoundError",
 ]

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from .config import LilyConfig
-from .errors import CheckpointError, LilyLabError
+from .errors import CheckpointError, LilyLabError, LilyLabTypeError
 from .inject import add_lily, get_state, plan_groups, remove_lily
-from .layer import LilyLayer, scaling_overflow
+from .layer import LilyLayer, require_module, scaling_overflow
 from . import peft_format
 
 LILY_JSON = "lily_adapter.json"
@@ -61,6 +61,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
     temperature, top-k, Conv1D sites). ``format="peft"`` writes what PEFT's ``lily`` tuner writes,
     for adapters PEFT can express (batch routing, temperature 1, no top-k, ``nn.Linear`` sites).
     """
+    require_module(model, "save_adapter")
+    directory = _require_path(directory, "save_adapter")
     state = get_state(model)
     if state is None:
         raise CheckpointError("this model has no lily_lab Lily adapter to save; call add_lily(model, config) first")
@@ -71,7 +73,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
         files = peft_format.peft_files(model, state.config, layers)
     else:
         raise CheckpointError(f"format must be 'lily_lab' or 'peft', got {format!r}")
-    directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a directory; choose a directory path")
     try:
@@ -94,6 +95,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
             if old.name != keep:
                 old.unlink(missing_ok=True)
     return directory
+
+
+def _require_path(directory: Any, fn: str) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise LilyLabTypeError(f"{fn}: directory must be a path (a str or pathlib.Path), got "
+                               f"{type(directory).__name__} {directory!r:.60}")
+    return Path(directory)
 
 
 def _remove_stale_peft_lily(directory: Path) -> None:
@@ -187,7 +195,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     error — missing or corrupted files, a config that is not valid, an adapter that does not fit
     this model — a :class:`~lily_lab.LilyLabError` is raised and the model is left as it was.
     """
-    directory = Path(directory)
+    require_module(model, "load_adapter")
+    directory = _require_path(directory, "load_adapter")
     if not directory.is_dir():
         raise CheckpointError(f"no adapter directory at {str(directory)!r}")
     with directory_lock(directory, shared=True):  # a save to this directory waits until we have read it
@@ -425,7 +434,7 @@ def read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise CheckpointError(f"cannot read {path.name} ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"cannot read {str(path)!r} ({type(err).__name__}: {err.strerror or err})") from None
 
 
 def _read_json(path: Path) -> Any:

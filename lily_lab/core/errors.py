@@ -2,7 +2,11 @@
 
 Every error lily_lab raises on bad input is a :class:`LilyLabError`. The subclasses are also the
 builtin exception a Python user would expect (``ValueError`` for a wrong value, ``TypeError`` for a
-wrong kind of module), so ``except ValueError`` keeps working.
+wrong kind of argument, ``FileNotFoundError`` for a missing file), so ``except ValueError`` keeps
+working. :class:`InputError`, :class:`LilyLabTypeError` and :class:`LilyLabFileError` are the general
+ones; the others say which part of lily_lab refused.
+
+This module imports nothing, so every layer may raise these (``plots`` included: tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ from __future__ import annotations
 
 class LilyLabError(Exception):
     """Base class of every error lily_lab raises on bad input."""
+
+
+class InputError(LilyLabError, ValueError):
+    """An argument has a value lily_lab cannot use: an unknown name, site, mode or column, an empty
+    input, a number out of range. The message names the argument and what would be right."""
 
 
 class LilyConfigError(LilyLabError, ValueError):
@@ -22,6 +31,15 @@ class TargetError(LilyLabError, ValueError):
 
 class LilyLabTypeError(LilyLabError, TypeError):
     """An argument of the wrong kind (a dict where a ``LilyConfig`` belongs, say)."""
+
+
+class LilyLabFileError(LilyLabError, OSError):
+    """A file or folder named in an argument cannot be used: a folder where a file belongs, a
+    folder that cannot be written to, a file that cannot be written. The message names the path."""
+
+
+class LilyLabFileNotFoundError(LilyLabFileError, FileNotFoundError):
+    """A file or folder named in an argument does not exist. The message names the path."""
 
 
 class TargetTypeError(LilyLabTypeError):

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import AUX_LOSS_FIELDS, LilyConfig
 from .errors import LilyConfigError, LilyLabTypeError, TargetError, TargetTypeError
-from .layer import CallContext, LilyLayer, base_dims, is_conv1d, scaling_overflow
+from .layer import CallContext, LilyLayer, base_dims, is_conv1d, require_module, scaling_overflow
 
 _STATE_ATTR = "_lily_lab_state"
 
@@ -112,6 +112,7 @@ def add_lily(model: nn.Module, config: LilyConfig) -> nn.Module:
     Raises a :class:`~lily_lab.LilyLabError` (and leaves the model untouched) when no module
     matches, a match is not a linear layer, or the model already carries an adapter.
     """
+    require_module(model, "add_lily")
     if not isinstance(config, LilyConfig):
         hint = " (build one: LilyConfig(**your_dict))" if isinstance(config, dict) else ""
         raise LilyLabTypeError(f"config must be a lily_lab.LilyConfig, got {type(config).__name__}{hint}")

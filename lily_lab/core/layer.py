@@ -25,6 +25,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
+def require_module(model: Any, fn: str, arg: str = "model") -> None:
+    """Raise :class:`~lily_lab.LilyLabTypeError` naming ``fn`` and ``arg`` unless ``model`` is a
+    ``torch.nn.Module``."""
+    if not isinstance(model, nn.Module):
+        from .errors import LilyLabTypeError
+
+        hint = (" (a path: load the model first, then lily_lab.load_adapter(model, path))"
+                if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else "")
+        raise LilyLabTypeError(f"{fn}: {arg} must be a torch.nn.Module (a transformers model, say), got "
+                               f"{type(model).__name__}{hint}")
+
+
 def base_dims(module: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of an ``nn.Linear`` or a transformers ``Conv1D`` (weight ``d_in × d_out``)."""
     if isinstance(module, nn.Linear):
@@ -311,6 +323,7 @@ def lily_aux_loss(model: nn.Module) -> torch.Tensor:
 
     Returns a zero tensor when every weight is 0 or the model is in eval mode.
     """
+    require_module(model, "lily_aux_loss")
     total = None
     for m in model.modules():
         if isinstance(m, LilyLayer) and m.aux_loss is not None:

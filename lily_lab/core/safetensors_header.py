@@ -33,10 +33,18 @@ class TensorEntry(NamedTuple):
     end: int
 
 
-def read_header(path: str | os.PathLike, fix: str = "") -> dict[str, TensorEntry]:
+def read_header(path: str | os.PathLike, fix: str = "", max_header: int = MAX_HEADER_BYTES) -> dict[str, TensorEntry]:
     """The tensors ``path`` declares, checked against its size; a :class:`CheckpointError` that
-    names the file (and ends with ``fix``, when given) for anything malformed."""
+    names the file (and ends with ``fix``, when given) for anything malformed, or for a header of
+    more than ``max_header`` bytes.
+
+    Python holds up to about twice the header's bytes while it parses (its text, then the parsed
+    values), but one character above U+FFFF makes a string cost 4 bytes a character: a header of
+    ``n`` bytes can then take ~9 ``n`` (its text and one long string in it, at 4 bytes a character,
+    and json's working copy). A caller that knows its files' headers are small bounds that with
+    ``max_header``."""
     path = Path(path)
+    max_header = min(max_header, MAX_HEADER_BYTES)
 
     def bad(problem: str) -> CheckpointError:
         return CheckpointError(f"{path} is not a valid safetensors file: {problem}" + (f"; {fix}" if fix else ""))
@@ -48,17 +56,21 @@ def read_header(path: str | os.PathLike, fix: str = "") -> dict[str, TensorEntry
             if len(prefix) < 8:
                 raise bad(f"it has {size} bytes, fewer than the 8 of the header length")
             (n,) = struct.unpack("<Q", prefix)
-            if n < 2 or n > size - 8 or n > MAX_HEADER_BYTES:
+            if n < 2 or n > size - 8:
                 raise bad(f"its header claims {n:,} bytes, but the file has {size - 8:,} after the length")
+            if n > max_header:
+                raise bad(f"its header claims {n:,} bytes, more than the {max_header:,} this file's header may have")
             raw = f.read(n)
     except OSError as err:
         raise CheckpointError(f"cannot read {path} ({type(err).__name__}: {err})") from None
     if len(raw) != n:
         raise bad("the file changed while it was read")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeats)
+        text = raw.decode("utf-8")
+        del raw  # the bytes and the text and the parsed header are not all held at once
+        header = json.loads(text, object_pairs_hook=_no_repeats)
     except _Repeated as err:
-        raise bad(f"its header names {err.args[0]!r} more than once") from None
+        raise bad(f"its header names {_short(err.args[0])} more than once") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise bad(f"its header is not JSON ({str(err).splitlines()[0][:120]})") from None
     if not isinstance(header, dict):
@@ -73,7 +85,7 @@ def read_header(path: str | os.PathLike, fix: str = "") -> dict[str, TensorEntry
     at = 0
     for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if e.begin != at:
-            raise bad(f"tensor {name!r} starts at byte {e.begin:,} of the data, expected {at:,} (gap or overlap)")
+            raise bad(f"tensor {_short(name)} starts at byte {e.begin:,} of the data, expected {at:,} (gap or overlap)")
         at = e.end
     if at != data_size:
         raise bad(f"the tensors cover {at:,} bytes of data, but the file holds {data_size:,}")
@@ -82,21 +94,35 @@ def read_header(path: str | os.PathLike, fix: str = "") -> dict[str, TensorEntry
 
 def _entry(name: str, entry, data_size: int, bad) -> TensorEntry:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise bad(f"entry {name!r} is not an object of dtype, shape and data_offsets")
+        raise bad(f"entry {_short(name)} is not an object of dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in ITEMSIZE:
-        raise bad(f"tensor {name!r} has dtype {dtype!r}, not one of {', '.join(ITEMSIZE)}")
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise bad(f"tensor {_short(name)} has dtype {_short(dtype)}, not one of {', '.join(ITEMSIZE)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise bad(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        raise bad(f"tensor {_short(name)} has shape {_short(shape)}, not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
             and offsets[0] <= offsets[1] <= data_size):
-        raise bad(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end] within the "
+        raise bad(f"tensor {_short(name)} has data_offsets {_short(offsets)}, not [begin, end] within the "
                   f"{data_size:,} bytes of data")
     nbytes = math.prod(shape) * ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != nbytes:
-        raise bad(f"tensor {name!r} declares shape {shape} of {dtype} ({nbytes:,} bytes) but spans "
+        # nbytes can have more digits than Python will format (``sys.get_int_max_str_digits()``):
+        # a size beyond the data is said as such, not spelled out.
+        size = f"{nbytes:,} bytes" if nbytes <= data_size else f"more than the {data_size:,} bytes of data"
+        raise bad(f"tensor {_short(name)} declares shape {_short(shape)} of {dtype} ({size}) but spans "
                   f"{offsets[1] - offsets[0]:,} bytes")
     return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: a header's names and values go into a
+    one-line message, and a hostile header can make them megabytes long (or integers with more
+    digits than Python will format)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond sys.get_int_max_str_digits()
+        return f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 5] + "…" + text[-4:]
 
 
 def _is_count(value) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .inject import get_state, match_target
-from .layer import LilyLayer, base_dims
+from .layer import LilyLayer, base_dims, require_module
 
 
 @dataclass(eq=False)
@@ -57,6 +57,7 @@ class Site:
 
 def adapter_sites(model: nn.Module) -> list[Site]:
     """Every adapted layer of ``model`` in traversal order (lily_lab Lily, PEFT Lily, PEFT LoRA)."""
+    require_module(model, "adapter_sites")
     sites: list[Site] = []
     targets = _peft_targets(model)
     # Group and A-index by identity of the shared tensors, as they really are in the model.
@@ -94,6 +95,7 @@ def adapter_sites(model: nn.Module) -> list[Site]:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """``trainable``, ``total`` and ``adapter`` parameter counts, each shared tensor counted once."""
+    require_module(model, "count_parameters")
     params = {id(p): p for p in model.parameters()}
     adapter = {id(p): p for s in adapter_sites(model) for p in s.parameters}
     return {
@@ -110,6 +112,7 @@ def lily_parameter_formula(L: int, d_in: int, d_out: int, r: int, stride_A: int,
 
 def adapter_summary(model: nn.Module) -> str:
     """A readable layout of the adapter: groups, shared ``A``s, banks, routers and counts."""
+    require_module(model, "adapter_summary")
     sites = adapter_sites(model)
     if not sites:
         return "no adapter sites in this model"

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import lzma
-from collections import Counter
 import math
+from collections import Counter
 import struct
 import zipfile
 import zlib
@@ -207,8 +207,10 @@ class _Reader:
         self.version = version
         labels = header.get("labels")
         if not isinstance(labels, list) or not all(
-                v is None or isinstance(v, (str, int, float)) for v in labels):
-            raise _Bad(f"its labels are {type(labels).__name__} {str(labels)[:80]!r}, not a list of strings or numbers")
+                isinstance(v, (str, int, float)) and v == v
+                for v in labels):
+            raise _Bad(f"its labels are {type(labels).__name__} {str(labels)[:80]!r}, not a list of strings or "
+                       "numbers (a missing label, None or NaN, is no class)")
         if len(set(labels)) != len(labels):
             raise _Bad("its labels repeat a value")
         self.n_labels = len(labels)

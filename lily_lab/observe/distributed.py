@@ -45,6 +45,8 @@ def gather_routing(routing: Routing, dst: int = 0, *, all_ranks: bool = False, s
     A rank whose recording cannot be sent (labels that are not JSON values) still takes part, so
     no rank is left waiting: the error is raised on that rank and, naming it, on ``dst``.
     """
+    if not isinstance(dst, int) or isinstance(dst, bool) or dst < 0:
+        raise RoutingError(f"dst must be a rank (an integer ≥ 0), got {dst!r}")
     rank, world = distributed_rank_world()
     if world == 1:
         return routing

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..core import adapter_sites
 from ..core.inject import _kv_cache, _past_length
-from ..core.layer import LilyLayer, RoutingEvent, in_backward
-from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord
+from ..core.layer import LilyLayer, RoutingEvent, in_backward, require_module
+from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord, check_labels
 
 DEFAULT_MAX_TOKENS = 100_000
 # Per site and phase: token-id rows waiting to be summed are compacted (summed per distinct id) once
@@ -47,6 +47,7 @@ class Recorder:
     def __init__(self, model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0):
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise RoutingError(f"max_tokens must be an integer ≥ 0, got {max_tokens!r}")
+        require_module(model, "record_routing")
         sites = adapter_sites(model)
         routed = [s for s in sites if s.router is not None]
         if not routed:
@@ -155,6 +156,7 @@ class Recorder:
             labels = _as_list(labels)
             if len(labels) != n:
                 raise RoutingError(f"annotate got {len(labels)} labels, but the last call had {n} sequences")
+            check_labels(labels)  # before anything is recorded: a refused call can be repeated
             if gen["codes"] is not None:
                 raise RoutingError("the sequences of the last call (or generation) are already labelled")
         if ids is not None:
@@ -629,6 +631,12 @@ def record_dataset(model: nn.Module, loader, *, max_tokens: int = DEFAULT_MAX_TO
     """
     from tqdm.auto import tqdm
 
+    from ..core.errors import LilyLabTypeError
+
+    require_module(model, "record_dataset")
+    if isinstance(loader, (str, bytes, dict)) or not hasattr(loader, "__iter__"):
+        raise LilyLabTypeError(f"record_dataset: loader must be an iterable of batches (a DataLoader, or a list of "
+                               f"dicts of model inputs), got {type(loader).__name__}")
     device = device_of(model)
     total = len(loader) if hasattr(loader, "__len__") else None
     with evaluating(model), record_routing(model, max_tokens=max_tokens, seed=seed) as rec, torch.no_grad():

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..core.errors import LilyLabError
+from ..core.errors import LilyLabError, LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError
 from .tokens import token_texts
 
 FORMAT = "lily_lab-routing"
@@ -30,6 +30,34 @@ _PHASE_NAMES = {-1: None, 0: "prefill", 1: "decode"}
 
 class RoutingError(LilyLabError, ValueError):
     """A recording was asked for something it does not hold, or a routing file is unreadable."""
+
+
+def _is_missing(value) -> bool:
+    """Whether a label is missing: ``None``, a NaN (Python's, numpy's, ``Decimal``'s: a value
+    unequal to itself), or pandas' ``NA`` / ``NaT`` (told by type, without importing pandas)."""
+    if value is None:
+        return True
+    kind = type(value)
+    if kind.__name__ in ("NAType", "NaTType") and kind.__module__.startswith("pandas"):
+        return True
+    try:
+        return bool(value != value)
+    except Exception:  # a label whose != is not a truth value (an array, say) is not NaN
+        return False
+
+
+def check_labels(labels: list, where: str = "annotate") -> None:
+    """Refuse labels with missing values (:func:`_is_missing`): coded by equality, every NaN
+    would become a class of its own (NaN != NaN), and None would read as "unlabelled" in frames;
+    either way a metric by label would silently count a made-up class."""
+    missing = [i for i, v in enumerate(labels) if _is_missing(v)]
+    if missing:
+        first = labels[missing[0]]
+        raise RoutingError(
+            f"{where} got {len(missing)} missing label{'s' if len(missing) != 1 else ''} (None, NaN or pandas NA) "
+            f"among {len(labels)}, the first at position {missing[0]} ({first!r}); a missing label is no class: "
+            "drop those sequences, or fill the labels with a class of their own (e.g. "
+            "series.fillna('unknown')) before annotating")
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
@@ -353,7 +381,15 @@ class Routing:
     def merge(cls, recordings: Iterable["Routing"], seed: int = 0) -> "Routing":
         """One recording from several (other loaders, other processes): sums add up exactly;
         token samples are drawn from the union, each source in proportion to what it saw."""
-        recordings = list(recordings)
+        try:
+            recordings = list(recordings)
+        except TypeError:
+            raise LilyLabTypeError(f"Routing.merge: recordings must be a list of lily_lab.Routing, got "
+                                   f"{type(recordings).__name__}") from None
+        wrong = [type(r).__name__ for r in recordings if not isinstance(r, Routing)]
+        if wrong:
+            raise LilyLabTypeError(f"Routing.merge: recordings must be lily_lab.Routing objects (rec.routing), got "
+                                   f"{', '.join(dict.fromkeys(wrong))}")
         if not recordings:
             raise RoutingError("merge needs at least one recording")
         names = recordings[0].sites
@@ -430,7 +466,8 @@ class Routing:
             reason = err.strerror or str(err) or type(err).__name__
             if err.errno is None:
                 raise RoutingError(f"cannot write the routing file {str(path)!r}: {reason}") from None
-            raise OSError(err.errno, f"cannot write the routing file: {reason}", str(path)) from None
+            kind = LilyLabFileNotFoundError if isinstance(err, FileNotFoundError) else LilyLabFileError
+            raise kind(err.errno, f"cannot write the routing file: {reason}", str(path)) from None
         return path
 
     def gather(self, dst: int = 0, *, all_ranks: bool = False, seed: int = 0) -> "Routing":

@@ -7,6 +7,7 @@ and, optionally, a copy of every ``B`` bank. Turning them into metrics is ``anal
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,9 @@ class Timeline:
     """
 
     def __init__(self, probe: Any = None, *, track_experts: bool = True, max_tokens: int = 2048):
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise RoutingError(f"Timeline: max_tokens must be an integer ≥ 0, got {max_tokens!r}")
+        _check_probe(probe, "Timeline")
         self.probe = probe
         self.track_experts = track_experts
         self.max_tokens = max_tokens
@@ -39,15 +43,21 @@ class Timeline:
 
     def observe(self, model: nn.Module, step: int, probe: Any = None) -> Routing:
         """Run the probe through ``model`` under a recorder and keep the result for ``step``."""
+        from ..core.layer import require_module
+
+        require_module(model, "Timeline.observe")
+        if isinstance(step, bool) or not hasattr(step, "__index__"):
+            raise RoutingError(f"Timeline.observe: step must be an integer (the training step), got {step!r}")
         probe = self.probe if probe is None else probe
         if probe is None:
             raise RoutingError("Timeline.observe needs a probe batch: Timeline(probe=batch) or observe(model, step, probe)")
+        _check_probe(probe, "Timeline.observe")
         device = device_of(model)
         labels = None
         with evaluating(model):
             # gather=False: every rank runs the same probe, so rank 0's recording is the whole story.
             with record_routing(model, max_tokens=self.max_tokens, gather=False) as rec, torch.no_grad():
-                if isinstance(probe, dict):
+                if isinstance(probe, Mapping):  # a dict, or a tokenizer's BatchEncoding
                     inputs = {k: v for k, v in probe.items() if k != "labels"}
                     labels = probe.get("labels")
                     model(**{k: _to(v, device) for k, v in inputs.items()})
@@ -68,6 +78,15 @@ class Timeline:
                     banks[s.group] = B.float().cpu().numpy().copy()
             self.banks.append(banks)
         return routing
+
+
+def _check_probe(probe: Any, fn: str) -> None:
+    """A probe is a dict of model inputs or a tensor (or None: given later)."""
+    if probe is not None and not isinstance(probe, (Mapping, torch.Tensor)):
+        from ..core.errors import LilyLabTypeError
+
+        raise LilyLabTypeError(f"{fn}: probe must be a dict of model inputs (tokenizer(texts, return_tensors='pt')) "
+                               f"or a tensor of input ids, got {type(probe).__name__}")
 
 
 def _make_callback():

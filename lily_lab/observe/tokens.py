@@ -72,6 +72,11 @@ def _readable(token: str, decoded: str) -> str:
 def token_texts(tokenizer, ids: Iterable[int]) -> list[str | None]:
     """The text of each token id in ``ids`` (see the module docstring for the rule); ``None``
     where the tokenizer has no token for an id. Each distinct id is converted once."""
+    if not callable(getattr(tokenizer, "convert_ids_to_tokens", None)):
+        from ..core.errors import LilyLabTypeError
+
+        raise LilyLabTypeError(f"tokenizer must be a transformers tokenizer (with convert_ids_to_tokens), got "
+                               f"{type(tokenizer).__name__}")
     ids = [int(i) for i in ids]
     distinct = list(dict.fromkeys(ids))
     tokens = list(tokenizer.convert_ids_to_tokens(distinct)) if distinct else []

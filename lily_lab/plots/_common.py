@@ -13,33 +13,42 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from ..core.errors import InputError, LilyLabTypeError
 from .theme import TEMPLATE
 
 
 def escape(value: Any) -> str:
     """``value`` as text that plotly shows literally. Plotly renders ``text``, ``hovertext``,
     titles and tick labels as a subset of HTML, so a token ``<b>`` would turn bold and a tag could
-    reach the page: every string from the data goes through here before it enters a figure."""
-    return html.escape("" if value is None else str(value), quote=True)
+    reach the page: every string from the data goes through here before it enters a figure.
+
+    ``&``, ``<`` and ``>`` become ``&amp;``, ``&lt;`` and ``&gt;``, ``'`` becomes ``&#x27;`` and
+    ``"`` the numeric ``&#34;``. Plotly.js decodes numeric entities and only a few named ones
+    (``amp lt gt nbsp times plusmn deg mu``: its ``convertEntities``), into text nodes, so
+    ``&quot;`` (what ``html.escape`` writes) showed as ``&quot;``. Browsers decode them all, so the
+    same text is also safe in real HTML, inside quoted attributes too (``title="…"`` in findings)."""
+    return html.escape("" if value is None else str(value), quote=True).replace("&quot;", "&#34;")
 
 
 def require(frame: Any, columns: Iterable[str], fn: str, made_by: str = "") -> None:
-    """Raise ``ValueError`` naming ``fn`` and the ``columns`` that ``frame`` lacks."""
+    """Raise :class:`~lily_lab.InputError` (a ``ValueError``) naming ``fn`` and the ``columns`` that
+    ``frame`` lacks; :class:`~lily_lab.LilyLabTypeError` (a ``TypeError``) when it is no DataFrame."""
     if not isinstance(frame, pd.DataFrame):
-        raise TypeError(f"{fn} takes a pandas DataFrame{f' ({made_by})' if made_by else ''}, got {type(frame).__name__}")
+        raise LilyLabTypeError(f"{fn} takes a pandas DataFrame{f' ({made_by})' if made_by else ''}, got {type(frame).__name__}")
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         hint = f" — pass the frame from {made_by}" if made_by else ""
-        raise ValueError(f"{fn} needs columns {missing} that the frame lacks; it has {list(frame.columns)}{hint}")
+        raise InputError(f"{fn} needs columns {missing} that the frame lacks; it has {list(frame.columns)}{hint}")
 
 
 def pick(frame: pd.DataFrame, column: str, value: Any, fn: str) -> pd.DataFrame:
-    """The rows whose ``column`` equals ``value``; a ``ValueError`` listing the choices if none."""
+    """The rows whose ``column`` equals ``value``; an :class:`~lily_lab.InputError` (a ``ValueError``)
+    naming the argument ``column`` and listing the choices if none."""
     part = frame[frame[column] == value]
     if part.empty:
         choices = list(dict.fromkeys(frame[column].tolist()))
         shown = ", ".join(map(repr, choices[:8])) + (" …" if len(choices) > 8 else "")
-        raise ValueError(f"{fn}: no rows with {column}={value!r}; the frame has {column} in: {shown or 'nothing'}")
+        raise InputError(f"{fn}: no rows with {column}={value!r}; the frame has {column} in: {shown or 'nothing'}")
     return part
 
 

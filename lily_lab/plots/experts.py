@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
+from ..core.errors import InputError
 from ._common import (bank_label, escape, figure, first, fmt, layers, message_figure, modules, pick, require,
                       site_label)
 from .findings import count_label
@@ -73,9 +74,9 @@ def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] |
     if baseline is not None:
         require(baseline, ["site", "k", "sigma"], fn + " (baseline)", made_by)
     if facet is not None and facet not in FACETS:
-        raise ValueError(f"{fn}: facet must be None, 'group' (one panel per bank) or 'module'; got {facet!r}")
+        raise InputError(f"{fn}: facet must be None, 'group' (one panel per bank) or 'module'; got {facet!r}")
     if facet == "group" and not spectra.empty and "group" not in spectra.columns:
-        raise ValueError(f"{fn}: facet='group' needs a 'group' column; the frame has {list(spectra.columns)}")
+        raise InputError(f"{fn}: facet='group' needs a 'group' column; the frame has {list(spectra.columns)}")
     if spectra.empty:
         return message_figure(title or "Spectra of ΔW", "no adapter sites in this frame")
     frames = {"": spectra, "baseline": baseline if baseline is not None else spectra.iloc[:0]}
@@ -84,7 +85,7 @@ def plot_spectra(spectra: pd.DataFrame, *, log: bool = False, sites: list[str] |
         unknown = wanted - {_key(s) for s in spectra["site"]}
         if unknown:
             have = list(dict.fromkeys(spectra["site"]))
-            raise ValueError(f"{fn}: sites {sorted(unknown)} are not in the spectra; it has {have}")
+            raise InputError(f"{fn}: sites {sorted(unknown)} are not in the spectra; it has {have}")
         frames = {k: f[f["site"].map(_key).isin(wanted)] for k, f in frames.items()}
     main = frames[""].assign(layer=layers(frames[""]))
     order = main.drop_duplicates("site")
@@ -279,7 +280,7 @@ def plot_diagnosis(findings: pd.DataFrame, *, title: str | None = None) -> go.Fi
     fn = "plot_diagnosis"
     require(findings, ["kind", "severity", "summary"], fn, "Diagnosis.to_frame()")
     if "sites" not in findings.columns and "n_sites" not in findings.columns:
-        raise ValueError(f"{fn} needs a 'sites' or 'n_sites' column; the frame has {list(findings.columns)}")
+        raise InputError(f"{fn} needs a 'sites' or 'n_sites' column; the frame has {list(findings.columns)}")
     if findings.empty:
         return message_figure(title or "Diagnosis", "No findings: no collapse found", color=SEVERITY_COLORS["ok"])
     df = findings.reset_index(drop=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.errors import LilyLabTypeError
 from ._common import _GROUP, bank_label, escape, layer_of, site_label
 from .theme import NEUTRAL, SEVERITY_COLORS
 
@@ -118,6 +119,9 @@ def evidence_html(evidence: dict, sites: list, scope: str) -> str:
     ``sites`` first, named by ``place_label`` with the full key as a tooltip) and a column per
     measure whose value maps places to numbers (``{"routing_mi": {site: 0.004}}``), then one of
     key → value rows for the rest. Keys read as words, numbers are rounded."""
+    if evidence is not None and not isinstance(evidence, dict):
+        raise LilyLabTypeError(f"evidence_html: evidence must be a dict (a Finding's evidence), got "
+                               f"{type(evidence).__name__}")
     evidence = dict(evidence or {})
     per_place = {k: v for k, v in evidence.items() if isinstance(v, dict)}
     scalars = {k: v for k, v in evidence.items() if not isinstance(v, dict)}
@@ -153,6 +157,11 @@ def finding_html(finding: Any) -> str:
     as tooltips), the evidence table and what to try. ``finding`` needs the attributes ``kind``,
     ``severity``, ``summary``, ``sites``, ``evidence``, ``remedy`` and ``scope`` (a
     ``diagnose`` ``Finding``); style it with ``FINDING_CSS``."""
+    missing = [a for a in ("kind", "severity", "summary", "sites", "evidence", "remedy", "scope")
+               if not hasattr(finding, a)]
+    if missing:
+        raise LilyLabTypeError(f"finding_html: finding must be a diagnose Finding (diagnosis.findings[i]); this "
+                               f"{type(finding).__name__} has no {', '.join(missing)}")
     scope = finding.scope
     sites = list(finding.sites)
     where = ", ".join(f'<span title="{escape(s)}">{place_label(s, scope)}</span>' for s in sites[:_WHERE_SHOWN])

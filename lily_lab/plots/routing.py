@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from ..core.errors import InputError
 from ._common import bank_label, escape, figure, first, fmt, layers, message_figure, modules, pick, require, site_label
 from .theme import NEUTRAL, SEVERITY_COLORS, expert_color, usage_colorscale
 
@@ -102,7 +103,7 @@ def plot_label_usage(spec: pd.DataFrame, site: str | None = None, *, title: str 
     fn = "plot_label_usage"
     require(spec, ["site", "value", "expert", "usage"], fn, "lily_lab.specialization(routing, by='label')")
     if spec.empty:
-        raise ValueError(f"{fn}: the frame is empty; record with labels (recorder.annotate(labels=…))")
+        raise InputError(f"{fn}: the frame is empty; record with labels (recorder.annotate(labels=…))")
     site = first(spec, "site", site)
     part = pick(spec, "site", site, fn)
     part = part.assign(layer=layers(part))
@@ -178,7 +179,7 @@ def plot_metric_timeline(timeline: pd.DataFrame, metric: str = "routing_mi", sit
         sites = [sites] if isinstance(sites, str) else list(sites)
         unknown = [s for s in sites if s not in set(part["site"])]
         if unknown:
-            raise ValueError(f"{fn}: sites {unknown} are not in the timeline; it has {list(dict.fromkeys(part['site']))}")
+            raise InputError(f"{fn}: sites {unknown} are not in the timeline; it has {list(dict.fromkeys(part['site']))}")
         part = part[part["site"].isin(sites)]
     part = part.assign(layer=layers(part), module=modules(part))
     order = [c for c in ("module", "index") if c in part.columns]

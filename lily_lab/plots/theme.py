@@ -27,7 +27,13 @@ ACCENT = "#2a3f5f"  # shared A projectors, reference lines
 
 def expert_color(e: int) -> str:
     """The colour of expert ``e`` (0-based); cycles after ``len(EXPERT_COLORS)`` experts."""
-    return EXPERT_COLORS[int(e) % len(EXPERT_COLORS)]
+    try:
+        e = int(e)
+    except (TypeError, ValueError):
+        from ..core.errors import InputError
+
+        raise InputError(f"expert_color: e must be an expert index (an integer ≥ 0), got {e!r}") from None
+    return EXPERT_COLORS[e % len(EXPERT_COLORS)]
 
 
 def severity_color(severity: str) -> str:

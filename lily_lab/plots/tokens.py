@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..core.errors import InputError
 from ._common import escape, figure, fmt, layers, modules, pick, prob_columns, require, site_label
 from .theme import TEMPLATE, expert_color
 
@@ -25,7 +26,7 @@ TOKEN_TABLE = "Routing.token_table(tokenizer)"
 def _require_probs(frame: pd.DataFrame, fn: str) -> list[str]:
     cols = prob_columns(frame)
     if not cols:
-        raise ValueError(f"{fn} needs columns ['p0', …, 'p{{E-1}}'] (one router probability per expert) that the "
+        raise InputError(f"{fn} needs columns ['p0', …, 'p{{E-1}}'] (one router probability per expert) that the "
                          f"frame lacks; it has {list(frame.columns)} — pass the frame from {TOKEN_TABLE}")
     return cols
 
@@ -50,7 +51,7 @@ def plot_token_probs(tokens: pd.DataFrame, site: str, *, kind: str = "box", titl
     require(tokens, ["site"], fn, TOKEN_TABLE)
     _require_probs(tokens, fn)
     if kind not in ("box", "violin"):
-        raise ValueError(f"{fn}: kind must be 'box' or 'violin', got {kind!r}")
+        raise InputError(f"{fn}: kind must be 'box' or 'violin', got {kind!r}")
     part = pick(tokens, "site", site, fn)
     cols = [c for c in prob_columns(part) if part[c].notna().any()]  # a concatenated table pads small banks
     where = _where(part)
@@ -86,7 +87,7 @@ def plot_top_tokens(top: pd.DataFrame, site: str, *, k: int | None = None, colum
     fn = "plot_top_tokens"
     require(top, ["site", "expert", "rank", "usage"], fn, "lily_lab.top_tokens(routing, tokenizer=…)")
     if "token" not in top.columns and "token_id" not in top.columns:
-        raise ValueError(f"{fn} needs a 'token' or 'token_id' column; the frame has {list(top.columns)}")
+        raise InputError(f"{fn} needs a 'token' or 'token_id' column; the frame has {list(top.columns)}")
     part = pick(top, "site", site, fn)
     where = _where(part)
     experts = sorted(part["expert"].unique().tolist())
@@ -233,6 +234,11 @@ def prediction_for(predictions: Any, sequence: int) -> Any:
         return None
     if isinstance(predictions, Mapping):
         return predictions.get(sequence)
+    if not hasattr(predictions, "__len__") or not hasattr(predictions, "__getitem__") or isinstance(predictions, str):
+        from ..core.errors import LilyLabTypeError
+
+        raise LilyLabTypeError(f"predictions must be a list (or array) by sequence number, a mapping "
+                               f"{{sequence: prediction}} or None, got {type(predictions).__name__}")
     return predictions[sequence] if 0 <= sequence < len(predictions) else None
 
 
@@ -264,7 +270,7 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
     require(tokens, ["site", "sequence", "position", "top_expert"], fn, TOKEN_TABLE)
     _require_probs(tokens, fn)
     if wrap is not None and (isinstance(wrap, bool) or not isinstance(wrap, (int, np.integer)) or wrap < 1):
-        raise ValueError(f"{fn}: wrap (tokens per row block) must be ≥ 1, got {wrap!r}")
+        raise InputError(f"{fn}: wrap (tokens per row block) must be ≥ 1, got {wrap!r}")
     order = _ordered_sites(tokens)
     if sites is not None:
         wanted = [sites] if isinstance(sites, str) else list(sites)
@@ -272,12 +278,12 @@ def plot_token_routes(tokens: pd.DataFrame, sequence: int, *, sites: list[str] |
         if unknown:
             have = order["site"].tolist()
             shown = ", ".join(map(repr, have[:8])) + (" …" if len(have) > 8 else "")
-            raise ValueError(f"{fn}: sites {unknown} are not in the token table; it has sites: {shown}")
+            raise InputError(f"{fn}: sites {unknown} are not in the token table; it has sites: {shown}")
         order = order[order["site"].isin(wanted)].reset_index(drop=True)
     seq = pick(tokens, "sequence", sequence, fn)
     part = seq[seq["site"].isin(set(order["site"]))]
     if part.empty:
-        raise ValueError(f"{fn}: sequence {sequence!r} has no sampled token at the sites {order['site'].tolist()}; "
+        raise InputError(f"{fn}: sequence {sequence!r} has no sampled token at the sites {order['site'].tolist()}; "
                          f"it has tokens at: {list(dict.fromkeys(seq['site']))}")
     part = part.drop_duplicates(["site", "position"], keep="last")
     cols = [c for c in prob_columns(part) if part[c].notna().any()]

@@ -237,5 +237,17 @@ def row(*children: W.Widget) -> W.HBox:
                                                   grid_gap="4px 16px"))
 
 
+def check_inputs(widget: str, model: Any = None, routing: Any = None, *, need_model: bool = True) -> None:
+    """Refuse, naming ``widget`` and the argument, a ``model`` that is no ``torch.nn.Module`` or a
+    ``routing`` that is neither ``None`` nor a :class:`~lily_lab.Routing` — before anything is built."""
+    from ..analysis.routing import require_routing
+    from ..core.layer import require_module
+
+    if need_model or model is not None:
+        require_module(model, widget)
+    if routing is not None:
+        require_routing(routing, widget)
+
+
 def empty_notice(what: str) -> W.HTML:
     return W.HTML(f"<div style='color:#b9770e;padding:8px'>{escape(what)}</div>")

@@ -17,6 +17,11 @@ class BudgetCalculator(W.VBox):
 
     def __init__(self, d_in: int = 384, d_out: int = 384, layers: int = 6, r: int = 8, stride_A: int = 2,
                  num_B: int = 4):
+        for name, value in dict(d_in=d_in, d_out=d_out, layers=layers, r=r, stride_A=stride_A, num_B=num_B).items():
+            if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
+                from ..core.errors import InputError
+
+                raise InputError(f"BudgetCalculator: {name} must be an integer ≥ 1, got {value!r}")
         super().__init__()
         def slider(v, lo, hi, name, tip, step=1):
             return W.IntSlider(value=v, min=lo, max=hi, step=step, description=name, tooltip=tip,

@@ -11,7 +11,7 @@ from ..analysis import diagnose, expert_similarity
 from ..core.errors import NonFiniteWeightsError
 from ..observe import Routing
 from ..plots import FINDING_CSS, SEVERITY_COLORS, count_label, finding_html
-from ._common import ALL, FigurePane, caption, dropdown, escape, guarded, row
+from ._common import ALL, FigurePane, caption, check_inputs, dropdown, escape, guarded, row
 
 HEATMAP_NOTE = ("Each cell: an expert's usage at a site; white is the fair share 1/E, red an expert used more, "
                 "blue less. A red outline marks the sites of the selected finding.")
@@ -25,6 +25,7 @@ class CollapseDashboard(W.VBox):
     similarity, below the cards."""
 
     def __init__(self, model, routing: Routing | None = None, thresholds=None, *, height: int = 420):
+        check_inputs("CollapseDashboard", model, routing)
         super().__init__()
         self.diagnosis = diagnose(model, routing, thresholds)
         self.findings = self.diagnosis.to_frame()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipywidgets as W
 
 from ..observe import Routing, Timeline
-from ._common import empty_notice
+from ._common import check_inputs, empty_notice
 from .budget import BudgetCalculator
 from .collapse import CollapseDashboard
 from .experts import ExpertMap, SpectrumExplorer
@@ -25,6 +25,12 @@ class LilyDashboard(W.Tab):
 
     def __init__(self, model, routing: Routing | None = None, *, tokenizer=None, timeline: Timeline | None = None,
                  baseline=None, predictions=None):
+        check_inputs("LilyDashboard", model, routing)
+        if timeline is not None and not isinstance(timeline, Timeline):
+            from ..core.errors import LilyLabTypeError
+
+            raise LilyLabTypeError(f"LilyDashboard: timeline must be a lily_lab.Timeline or None, got "
+                                   f"{type(timeline).__name__}")
         super().__init__()
         tabs = []
         if routing is not None:

@@ -11,7 +11,7 @@ from ..core import adapter_sites
 from ..analysis import delta_spectra, expert_layer_profile, expert_similarity, rank_summary
 from ..observe import Routing
 from ..plots import bank_label, site_label
-from ._common import ALL, FigurePane, caption, dropdown, empty_notice, grid, guarded, row, toggles
+from ._common import ALL, FigurePane, caption, check_inputs, dropdown, empty_notice, grid, guarded, row, toggles
 
 #: measure → (button label, tooltip)
 SIMILARITY = {"cosine": ("cosine of B experts", "Cosine of the flattened B_e matrices (r × d_out)"),
@@ -38,6 +38,7 @@ class ExpertMap(W.VBox):
     expert's usage across the bank's layers."""
 
     def __init__(self, model, routing: Routing | None = None, *, height: int = 400):
+        check_inputs("ExpertMap", model, routing)
         super().__init__()
         self.similarity = expert_similarity(model)
         self.profile = expert_layer_profile(routing) if routing is not None else None
@@ -71,6 +72,7 @@ class SpectrumExplorer(W.VBox):
     spectra at equal budget). Every spectrum is computed once, up front."""
 
     def __init__(self, model, routing: Routing | None = None, baseline=None, *, height: int = 420):
+        check_inputs("SpectrumExplorer", model, routing)
         super().__init__()
         parts = [delta_spectra(model)]
         if routing is not None:

@@ -9,7 +9,8 @@ from .. import plots
 from ..analysis import expert_layer_profile, mixture_modes, router_metrics, specialization
 from ..observe import Routing, record_routing
 from ..plots import bank_label, site_label
-from ._common import ALL, FigurePane, caption, dropdown, empty_notice, escape, guarded, row, toggles
+from ..core.errors import InputError
+from ._common import ALL, FigurePane, caption, check_inputs, dropdown, empty_notice, escape, guarded, row, toggles
 
 #: view key → (button label, tooltip). ``sentence`` shows every site at once.
 VIEWS = {
@@ -50,6 +51,7 @@ class RouterExplorer(W.VBox):
     """
 
     def __init__(self, routing: Routing, model=None, tokenizer=None, *, predictions=None, height: int = 420):
+        check_inputs("RouterExplorer", model, routing, need_model=False)
         super().__init__()
         self.routing, self.model, self.tokenizer = routing, model, tokenizer
         self.metrics = router_metrics(routing) if routing is not None else None
@@ -207,18 +209,18 @@ class RouterExplorer(W.VBox):
         if view == "tokens":
             rows = self.tokens if label is ALL else self.tokens[self.tokens.label == label]
             if rows[rows.site == site].empty:
-                raise ValueError("no sampled tokens for this site and label")
+                raise InputError("no sampled tokens for this site and label")
             return plots.plot_token_probs(rows, site)
         if view == "labels":
             if self.by_label is None:
-                raise ValueError("no labels in this recording: call recorder.annotate(labels=…) after each call")
+                raise InputError("no labels in this recording: call recorder.annotate(labels=…) after each call")
             return plots.plot_label_usage(self.by_label, site)
         if view == "modes":
             return plots.plot_mixture_modes(self.modes, site)
         if view == "sentence":
             s = self.sequence.value
             if s is None:
-                raise ValueError("no sampled sequence to show" + ("" if label is ALL else f" with label {label}"))
+                raise InputError("no sampled sequence to show" + ("" if label is ALL else f" with label {label}"))
             return plots.plot_token_routes(self.tokens, s, prediction=self._prediction(int(s)))
         group = self.metrics[self.metrics.site == site].group.iloc[0]
         return plots.plot_expert_profile(self.profile, group)

@@ -15,6 +15,11 @@ class TimelinePlayer(W.VBox):
     """Metric curves over training for every site, and the router usage at the chosen step."""
 
     def __init__(self, timeline: Timeline, *, height: int = 380):
+        if not isinstance(timeline, Timeline):
+            from ..core.errors import LilyLabTypeError
+
+            raise LilyLabTypeError(f"TimelinePlayer: timeline must be a lily_lab.Timeline (Timeline(probe), or "
+                                   f"RoutingCallback(...).timeline), got {type(timeline).__name__}")
         super().__init__()
         self.timeline = timeline
         self.metrics = timeline_metrics(timeline) if len(timeline) else None
