@@ -159,6 +159,36 @@ def test_expert_similarity_by_hand():
     assert ll.bank_summary(bank_model(ortho)).iloc[0].distinct_experts == pytest.approx(3)
 
 
+def test_an_all_zero_expert_has_no_cosine():
+    """A zero vector has no direction: every pair with an all-zero expert is NaN, in all three
+    measures, and the bank's summary averages over the pairs that are defined."""
+    B = torch.zeros(3, 2, 4)
+    B[0, 0, 0], B[1, 0, 0] = 1.0, 2.0  # e0 and e1 parallel; e2 all zero
+    model = bank_model(B)
+    sim = ll.expert_similarity(model).set_index(["expert_i", "expert_j"])
+    assert sim.loc[(0, 1), "cosine"] == pytest.approx(1)
+    for pair in [(0, 2), (1, 2)]:
+        assert sim.loc[pair, ["cosine", "subspace_overlap", "functional_cosine"]].isna().all(), pair
+    summary = ll.bank_summary(model).iloc[0]
+    assert summary.mean_cosine == pytest.approx(1) and summary.max_cosine == pytest.approx(1)
+    assert summary.distinct_experts == pytest.approx(1)  # the two experts with a direction are one
+    fresh = ll.bank_summary(bank_model(torch.zeros(3, 2, 4))).iloc[0]  # init_weights=True, before a step
+    assert np.isnan(fresh.mean_cosine) and np.isnan(fresh.max_cosine) and np.isnan(fresh.distinct_experts)
+
+
+def test_timeline_similarity_is_undefined_until_the_experts_move():
+    torch.manual_seed(0)
+    model = ll.add_lily(stack(6, 6, 2), ll.LilyConfig(r"\d", r=2, num_B=3))  # B = 0
+    timeline = ll.Timeline(probe=torch.randn(4, 6))
+    timeline.observe(model, 0)
+    with torch.no_grad():
+        ll.adapter_sites(model)[0].B.normal_()
+    timeline.observe(model, 1)
+    sim = ll.timeline_expert_similarity(timeline).set_index("step")
+    assert sim.loc[0, ["mean_cosine", "min_cosine", "max_cosine"]].isna().all() and sim.loc[0, "mean_norm"] == 0
+    assert sim.loc[1, ["mean_cosine", "min_cosine", "max_cosine"]].notna().all()
+
+
 # ----------------------------------------------------------------------------- merging
 
 

@@ -6,6 +6,9 @@
   ``R^{d_out}`` (1: same output directions, 0: orthogonal ones).
 - ``functional_cosine``: cosine of the updates ``ΔW_e = B_eᵀ A_j`` the experts make, summed over
   the group's ``A``s — two experts can differ as matrices yet act alike through ``A``.
+
+All three are undefined (NaN) for a pair with an all-zero expert, as every expert is at
+``init_weights=True`` before the first step.
 """
 
 from __future__ import annotations
@@ -21,19 +24,28 @@ from .finite import require_finite
 
 def bank_cosines(B: np.ndarray) -> np.ndarray:
     """``E × E`` cosine similarity of the flattened experts of one bank ``B`` (``E × r × d_out``).
-    An all-zero expert has cosine 0 with every other expert (1 with itself)."""
+
+    The cosine of an all-zero expert is undefined: its row and column are NaN (its diagonal
+    entry too). A freshly initialised bank (``init_weights=True``: every ``B_e = 0``) is all NaN,
+    not "orthogonal"; the experts get a direction at the first optimiser step."""
     flat = np.asarray(B, dtype=np.float64).reshape(len(B), -1)
     norms = np.linalg.norm(flat, axis=1)
     safe = np.where(norms > 0, norms, 1.0)
     cos = (flat @ flat.T) / np.outer(safe, safe)
     np.fill_diagonal(cos, 1.0)
+    zero = norms == 0
+    cos[zero, :] = np.nan
+    cos[:, zero] = np.nan
     return cos
 
 
 def mean_pairwise(cos: np.ndarray) -> float:
-    """Mean of the off-diagonal entries (each pair once); NaN for a bank of one expert."""
+    """Mean of the off-diagonal entries (each pair once) that are defined; NaN for a bank of one
+    expert or one whose pairs all involve an all-zero expert."""
     iu = np.triu_indices(len(cos), k=1)
-    return float(cos[iu].mean()) if len(iu[0]) else float("nan")
+    off = cos[iu]
+    off = off[~np.isnan(off)]
+    return float(off.mean()) if len(off) else float("nan")
 
 
 def _subspace_overlaps(B: np.ndarray) -> np.ndarray:
@@ -48,8 +60,8 @@ def _subspace_overlaps(B: np.ndarray) -> np.ndarray:
     for i in range(E):
         for j in range(i + 1, E):
             k = min(len(bases[i]), len(bases[j]))
-            if k == 0:
-                out[i, j] = out[j, i] = 0.0
+            if k == 0:  # an all-zero expert has no row space: the overlap is undefined
+                out[i, j] = out[j, i] = np.nan
                 continue
             cosines = np.linalg.svd(bases[i] @ bases[j].T, compute_uv=False)[:k]
             out[i, j] = out[j, i] = float(np.mean(np.clip(cosines, 0, 1) ** 2))
@@ -65,12 +77,19 @@ def _functional_cosines(B: np.ndarray, As: list[np.ndarray]) -> np.ndarray:
     safe = np.where(d > 0, d, 1.0)
     cos = inner / np.outer(safe, safe)
     np.fill_diagonal(cos, 1.0)
+    cos[d == 0, :] = np.nan  # an expert whose update is zero has no direction
+    cos[:, d == 0] = np.nan
     return cos
 
 
 def distinct_experts(cos: np.ndarray) -> float:
     """Effective number of distinct experts: ``exp`` of the entropy of the normalised eigenvalues
-    of the similarity matrix (E for orthogonal experts, 1 when all are the same)."""
+    of the similarity matrix (E for orthogonal experts, 1 when all are the same). All-zero
+    experts (NaN rows) are left out; NaN when no expert has a direction."""
+    keep = ~np.isnan(np.diag(cos))
+    cos = cos[np.ix_(keep, keep)]
+    if cos.size == 0:
+        return float("nan")
     lam = np.clip(np.linalg.eigvalsh((cos + cos.T) / 2), 0, None)
     if lam.sum() <= 0:
         return float("nan")
@@ -126,6 +145,7 @@ def bank_summary(model: nn.Module) -> pd.DataFrame:
         cos = bank_cosines(B)
         norms = np.linalg.norm(B.reshape(len(B), -1), axis=1)
         off = cos[np.triu_indices(len(B), k=1)]
+        off = off[~np.isnan(off)]  # pairs with an all-zero expert have no cosine
         rows.append({"group": group, "num_B": len(B), "mean_cosine": mean_pairwise(cos),
                      "max_cosine": float(off.max()) if len(off) else float("nan"),
                      "distinct_experts": distinct_experts(cos) if norms.max() > 0 else float("nan"),
