@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
-import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -199,6 +197,39 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
         raise InputError(f"accuracy: logits must be (n, num_labels) and labels (n,), got logits of shape "
                          f"{tuple(logits.shape)} and labels of shape {tuple(labels.shape)}")
     return (logits.argmax(dim=-1) == labels).float().mean().item()
+
+
+def paired_accuracy_test(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Compare two classifiers on the *same* examples: the exact McNemar test.
+
+    Only the examples where exactly one model is right carry information about which is better:
+    ``only_a`` (a right, b wrong) and ``only_b``. Under "equally good", each such example is a fair
+    coin, so the two-sided p-value is the exact binomial test of ``only_a`` out of
+    ``only_a + only_b`` at 1/2 (1.0 when the models never disagree). This accounts for the
+    pairing that one accuracy's standard error ignores; it says nothing about other seeds —
+    repeat the comparison over seeds for that.
+
+    Returns ``{"n", "accuracy_a", "accuracy_b", "difference", "only_a", "only_b", "p_value"}``.
+    """
+    from scipy.stats import binomtest
+
+    for name, logits in (("logits_a", logits_a), ("logits_b", logits_b)):
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise InputError(f"paired_accuracy_test: {name} must be an (n, num_labels) tensor, got "
+                             f"{type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits_a.shape[:1] or logits_a.shape != logits_b.shape:
+        raise InputError(f"paired_accuracy_test: logits_a {tuple(logits_a.shape)}, logits_b "
+                         f"{tuple(logits_b.shape)} and labels {tuple(getattr(labels, 'shape', ()))} must "
+                         "describe the same n examples")
+    if len(labels) == 0:
+        raise InputError("paired_accuracy_test: no examples (labels is empty)")
+    right_a = logits_a.argmax(-1) == labels
+    right_b = logits_b.argmax(-1) == labels
+    only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    acc_a, acc_b = right_a.float().mean().item(), right_b.float().mean().item()
+    return {"n": len(labels), "accuracy_a": acc_a, "accuracy_b": acc_b, "difference": acc_a - acc_b,
+            "only_a": only_a, "only_b": only_b, "p_value": float(p)}
 
 
 def lora_rank_for_budget(adapter_params: int, dims: Iterable[tuple[int, int]]) -> int:

@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 import torch
 
+from lily_lab import demo
 from lily_lab.demo import (
     _batches,
     _rows,
@@ -141,3 +142,32 @@ def test_predict_logits_keeps_row_order_and_training_flag():
     assert logits[:, 0].tolist() == list(range(7))
     assert logits[:, 1].tolist() == lengths.tolist()
     assert model.training
+
+
+# --------------------------------------------------------------------------- paired test
+
+def _logits(right: list[bool], labels: torch.Tensor) -> torch.Tensor:
+    """Two-class logits that are right exactly where ``right`` says."""
+    predicted = torch.where(torch.tensor(right), labels, 1 - labels)
+    return torch.nn.functional.one_hot(predicted, 2).float()
+
+
+PAIRED = [  # (a right, b right, only_a, only_b, p-value by hand)
+    # 5 discordant pairs, all for a: two-sided exact binomial p = 2 · (1/2)^5 = 0.0625
+    ([True] * 5 + [True] * 3, [False] * 5 + [True] * 3, 5, 0, 0.0625),
+    # 1 vs 1: p = 1
+    ([True, False, True], [False, True, True], 1, 1, 1.0),
+    # no disagreement at all: p = 1 by definition
+    ([True, False], [True, False], 0, 0, 1.0),
+    # 6 for b, 1 for a: p = 2 · (C(7,0) + C(7,1)) / 2^7 = 16 / 128
+    ([True] + [False] * 6, [False] + [True] * 6, 1, 6, 0.125),
+]
+
+
+@pytest.mark.parametrize("a,b,only_a,only_b,p", PAIRED)
+def test_paired_accuracy_test_is_the_exact_mcnemar_test(a, b, only_a, only_b, p):
+    labels = torch.tensor([i % 2 for i in range(len(a))])
+    got = demo.paired_accuracy_test(_logits(a, labels), _logits(b, labels), labels)
+    assert (got["only_a"], got["only_b"], got["n"]) == (only_a, only_b, len(a))
+    assert got["p_value"] == pytest.approx(p, abs=1e-12)
+    assert got["difference"] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
