@@ -157,3 +157,17 @@ def test_browser_benchmark_smoke_times_every_control():
     assert "median" in rows[0] and "p90" in rows[0] and " s" in rows[1]
     timed = [line for line in done.stdout.splitlines() if line.startswith("- browser: ") and "median" in line]
     assert {"Routers", "Experts", "Spectra", "Diagnosis", "Budget"} <= {t.split()[2] for t in timed}
+
+
+def test_measure_remedies_prints_one_row_per_run(capsys):
+    """The measurement behind diagnose's remedy text, at 64 tweets and 2 steps: every run trains
+    and prints its two cosines and an accuracy (numbers at this size mean nothing)."""
+    from benchmarks import measure_remedies
+
+    measure_remedies.main(["--n-train", "64", "--epochs", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line[:20].strip(): line[20:].split() for line in lines[2:]}
+    assert list(rows) == list(measure_remedies.RUNS)
+    for name, cells in rows.items():
+        query, value, accuracy = (float(c) for c in cells[:3])
+        assert -1 <= query <= 1 and -1 <= value <= 1 and 0 <= accuracy <= 1, name

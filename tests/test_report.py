@@ -220,7 +220,7 @@ def test_findings_are_cards_with_evidence_tables_and_banks_are_counted_as_banks(
     assert re.findall(r"<th>(.*?)</th>", evidence) == ["bank", "mean cosine", "distinct experts"]
     assert '<td title="value:32x32">value bank (32×32)</td><td class=\'num\'>1.0000</td>' in evidence
     assert "<tr><th>routing</th><td>batch</td></tr>" in body  # a plain value: key → value
-    assert "<b>try:</b> " in body and "Switch to LilyConfig(routing=&#x27;token&#x27;)" in body  # the remedy
+    assert "<b>try:</b> " in body and "Start B random (LilyConfig(init_weights=False))" in body  # the remedy
     sev, body = kinds["input_blind_router"]
     assert "(8 sites): " in body and '<span title="encoder.layer.1.attention.self.value">value · layer 1</span>' in body
     assert re.findall(r"<th>(.*?)</th>", body)[:2] == ["site", "routing MI"]
