@@ -22,6 +22,7 @@ from .analysis import (
     sharing_layout_from_config,
     specialization,
     timeline_expert_similarity,
+    timeline_expert_trajectories,
     timeline_metrics,
     top_tokens,
 )
@@ -63,7 +64,7 @@ __all__ = [
     "record_routing", "record_dataset", "Recorder", "Routing", "Timeline", "RoutingCallback",
     # analysis
     "router_metrics", "specialization", "expert_layer_profile", "top_tokens", "expert_similarity",
-    "timeline_metrics", "timeline_expert_similarity", "bank_summary",
+    "timeline_metrics", "timeline_expert_similarity", "timeline_expert_trajectories", "bank_summary",
     "delta_spectra", "rank_summary", "lora_equivalent_rank", "intruder_dimensions", "merge_at", "merge_error",
     "diagnose", "Diagnosis", "causal_consistency",
     "sharing_layout", "sharing_layout_from_config", "parameter_budget",

@@ -577,3 +577,186 @@ def test_every_tab_1920x1080(lab):
     """A fresh page at 1920×1080 (the notebook run again in the same kernel)."""
     page = lab.open(1920, 1080)
     _pass(page, "1920×1080, side panel open", full=False, shots="dashboard_1920").assert_clean()
+
+
+# ------------------------------------------------------------------------- the experts over training
+# TimelinePlayer's experts view: the dashboard's Timeline tab (one run), then a player of two
+# named runs in a notebook of its own (its own kernel, a fresh JupyterLab workspace).
+
+PLAYER_SCOPE = ".lab-player"
+PLAYER_RUNS = ["run A", "<b>run</b>"]  # the second run's name is HTML: its panel title shows it as text
+
+PLAYER = f"""import json, torch, transformers, lily_lab as ll
+from lily_lab.widgets import TimelinePlayer
+g = torch.Generator().manual_seed(0)
+probe = {{"input_ids": torch.randint(0, 100, (4, 10), generator=g)}}
+tls = {{}}
+for seed, run in enumerate({PLAYER_RUNS!r}):
+    torch.manual_seed(seed)
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                           num_attention_heads=4, intermediate_size=64)).eval()
+    ll.add_lily(model, ll.LilyConfig(["query", "value"], r=4, num_B=3, routing="token", init_weights=False))
+    tls[run] = ll.Timeline(probe)
+    for step in range(0, 50, 10):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_((0.02 + 0.05 * seed) * torch.randn(p.shape, generator=g))
+        tls[run].observe(model, step)
+player = TimelinePlayer(tls)
+player.add_class({PLAYER_SCOPE[1:]!r})
+print("PLAYER", len(player.trajectories.figure.data))
+player"""
+
+# The experts figure as the page holds it: its traces by legend group, the now markers' x, the
+# drawn panel titles (annotations) and axis titles.
+EXPERTS_FIGURE = """
+(sel) => {
+  for (const el of document.querySelectorAll(sel + ' .js-plotly-plot')) {
+    const title = (el.layout && el.layout.title && el.layout.title.text) || '';
+    if (!title.includes('the experts over training')) continue;
+    const words = e => (e.textContent || '').replace(/[\\s\\u200b]+/g, ' ').trim();
+    const data = el.data || [];
+    return {title, drawnTitle: Array.from(el.querySelectorAll('.infolayer .gtitle')).map(words).join(' '),
+            lines: data.filter(t => String(t.legendgroup || '').startsWith('expert ')).length,
+            now: data.filter(t => t.legendgroup === 'now').map(t => Array.from(t.x || []).map(Number)),
+            panels: Array.from(el.querySelectorAll('.infolayer .annotation-text')).map(words),
+            boldInPanels: el.querySelectorAll('.infolayer .annotation b, .infolayer .annotation [style*="bold"]').length,
+            axisTitles: Array.from(el.querySelectorAll('.infolayer [class^="g-x"][class$="title"], '
+                                                       + '.infolayer [class^="g-y"][class$="title"]')).map(words)};
+  }
+  return null;
+}
+"""
+
+
+def _kernel_json(page, code: str):
+    out = page.evaluate(PROBE, f"import json; print(json.dumps({code}))")
+    assert out and not out.startswith("ERROR"), out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _near(a, b) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-6 * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+def _experts_checks(page, report: Report, scope: str, where: str, *, runs: int, experts: int, now_of: str,
+                    shots: str, dash: str) -> None:
+    """The experts figure under ``scope``: drawn title and PC axis titles, one line per expert
+    per run and a now marker per run, everything inside the figure (``look``); the step slider
+    (Home, End) moves the markers to the kernel's values; the bank dropdown redraws it."""
+    def figure_checks(when: str) -> dict:
+        figs = page.evaluate(_lab.FIGURES, scope)
+        check_figures(figs, _kernel(page) if dash == DASH else None, report, where, when)
+        check_layout(page.evaluate(_lab.LAYOUT, dash), report, where, when)
+        fig = page.evaluate(EXPERTS_FIGURE, scope)
+        if fig is None:
+            report.add(where, when, "", "no experts figure ('… the experts over training') is shown")
+            return {}
+        if "the experts over training" not in fig["drawnTitle"]:
+            report.add(where, when, fig["title"], f"the drawn title is {fig['drawnTitle']!r}")
+        titles = fig["axisTitles"]
+        if len(titles) != 2 * runs or not all(re.fullmatch(r"PC[12] \((<1|>99|\d+) % of the spread\)", t)
+                                              for t in titles):
+            report.add(where, when, fig["title"], f"axis titles {titles} (want PC1/PC2 with their share, "
+                                                  f"{2 * runs} of them)")
+        if fig["lines"] != runs * experts or len(fig["now"]) != runs:
+            report.add(where, when, fig["title"], f"{fig['lines']} expert lines and {len(fig['now'])} now markers "
+                                                  f"(want {runs * experts} and {runs})")
+        return fig
+
+    fig = figure_checks("view opened")
+    sliders = [c for c in page.evaluate(_lab.CONTROLS, scope) if c["kind"] == "slider" and c["label"] == "step"]
+    assert sliders, "no step slider"
+    handle = _lab.control(page, scope, sliders[0])
+    bank = _kernel_json(page, f"{now_of}.bank.value")
+    for key, step in (("Home", "min"), ("End", "max")):
+        _change(page, report, lambda k=key: (handle.focus(), page.keyboard.press(k)))
+        fig = figure_checks(f"slider → {key}")
+        want = _kernel_json(page, f"[ll.plots.experts.trajectory_now(ll.timeline_expert_trajectories("
+                                  f"{now_of}.banked if {now_of}.multi else {now_of}.timeline, group={bank!r}), "
+                                  f"{step}({now_of}.step.options))[i]['x'] for i in range({runs})]")
+        if fig and not all(_near(a, b) for a, b in zip(fig["now"], want)):
+            report.add(where, f"slider → {key}", fig["title"], f"the now markers are at x {fig['now']}, the kernel's "
+                                                                f"at {want}")
+        if key == "Home":
+            screenshot_of(page, dash, f"{shots}_first_step")
+    selects = [c for c in page.evaluate(_lab.CONTROLS, scope) if c["kind"] == "select" and c["label"] == "bank"]
+    assert selects and len(selects[0]["options"]) == 2, selects
+    other = selects[0]["options"][1 - selects[0]["selected"]]
+    _change(page, report, lambda: _lab.control(page, scope, selects[0]).select_option(index=1 - selects[0]["selected"]))
+    fig = figure_checks(f"bank → {other!r}")
+    if fig and not _plain(fig["title"]).startswith(other):
+        report.add(where, f"bank → {other!r}", fig["title"], f"the figure is not of the chosen bank {other!r}")
+    screenshot_of(page, dash, shots)
+    _change(page, report, lambda: _lab.control(page, scope, selects[0]).select_option(index=selects[0]["selected"]))
+
+
+def screenshot_of(page, sel: str, name: str) -> None:
+    """``screenshot`` for any widget under ``sel`` (the viewport made as tall as it)."""
+    size = page.viewport_size
+    height = page.evaluate("s => Math.ceil(document.querySelector(s).getBoundingClientRect().height)", sel)
+    tall = min(max(size["height"], height + 240), 4000)
+    if tall > size["height"]:
+        page.set_viewport_size({"width": size["width"], "height": tall})
+        _lab.quiet(page, 200)
+    try:
+        page.locator(sel).first.screenshot(path=str(OUT / f"{name}.png"))
+    finally:
+        if tall > size["height"]:
+            page.set_viewport_size(size)
+            _lab.quiet(page, 200)
+
+
+def test_timeline_player_experts_view(lab):
+    """The experts' trajectories in the player: in the dashboard's Timeline tab (one run, 3
+    experts), then in a player of two named runs (a panel each). Screenshots:
+    ``timeline_experts.png`` and ``timeline_experts_first_step.png`` (the dashboard),
+    ``timeline_player_runs.png`` and ``timeline_player_runs_first_step.png`` (two runs)."""
+    page = lab.page
+    report = Report("timeline experts")
+    try:
+        titles = _lab.tab_titles(page).all_inner_texts()
+        open_tab(page, next(i for i, t in enumerate(titles) if "Timeline" in t))
+        _experts_checks(page, report, SCOPE, "Timeline", runs=1, experts=3, now_of="dash.timeline",
+                        shots="timeline_experts", dash=DASH)
+        open_tab(page, 0)
+    except Exception:
+        _save_failure(page, "timeline_experts")
+        raise
+    # Two runs: a notebook of their own, written through the server's contents API.
+    import urllib.request
+
+    nb = OUT / "_player.ipynb"
+    _lab.write_notebook(nb, [PLAYER], hide_sources=True)
+    body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nb.read_text())}).encode()
+    nb.unlink()
+    urllib.request.urlopen(urllib.request.Request(f"{lab.url}/api/contents/player.ipynb", data=body, method="PUT",
+                                                  headers={"Content-Type": "application/json"}), timeout=30)
+    player = lab.browser.new_page(viewport={"width": 1280, "height": 720})
+    try:
+        # A workspace of its own: JupyterLab would otherwise reopen the dashboard beside it.
+        player.goto(f"{lab.url}/lab/workspaces/player/tree/player.ipynb?reset")
+        player.wait_for_selector(".jp-Notebook", timeout=90_000)
+        player.wait_for_selector(_lab.IDLE, timeout=90_000)
+        player.click("li.lm-MenuBar-item:has-text('Run')")
+        player.click("li.lm-Menu-item:has-text('Run All Cells')")
+        printed = player.wait_for_selector(".jp-OutputArea-output:has-text('PLAYER')", timeout=300_000).inner_text()
+        assert printed.split()[-1] == str(2 * 3 + 2), printed
+        player.wait_for_selector(f"{PLAYER_SCOPE} .js-plotly-plot .main-svg", timeout=90_000)
+        state = _lab.install(player, PLAYER_SCOPE)
+        assert state["ok"] and state["kernel"], state
+        _lab.quiet(player, 500)
+        _lab.fitted(player, PLAYER_SCOPE)
+        _experts_checks(player, report, PLAYER_SCOPE, "player of two runs", runs=2, experts=3, now_of="player",
+                        shots="timeline_player_runs", dash=PLAYER_SCOPE)
+        fig = player.evaluate(EXPERTS_FIGURE, PLAYER_SCOPE)
+        assert fig["panels"] == PLAYER_RUNS, fig["panels"]  # the HTML run name as its characters
+        assert fig["boldInPanels"] == 0
+        assert player.evaluate("window.__xss") is None
+    except Exception:
+        _save_failure(player, "timeline_player")
+        raise
+    finally:
+        player.close()
+    report.assert_clean()

@@ -85,6 +85,13 @@ def x(tiny_bert, tmp_path_factory):
     return ns
 
 
+def _no_banks(x):
+    """A timeline observed with ``track_experts=False``: routings, no copies of the banks."""
+    t = ll.Timeline(x.batch, track_experts=False)
+    t.observe(x.model, 0)
+    return t
+
+
 def _enter(cm):
     """Enter and leave a context manager (``record_routing`` checks its arguments on entry)."""
     with cm:
@@ -166,6 +173,16 @@ CASES = [
      ("timeline_metrics", "timeline must be")),
     ("timeline_expert_similarity: not a timeline", lambda x: ll.timeline_expert_similarity([]), T,
      ("timeline_expert_similarity", "timeline")),
+    ("timeline_expert_trajectories: not a timeline", lambda x: ll.timeline_expert_trajectories(x.routing), T,
+     ("timeline_expert_trajectories", "timelines must be a lily_lab.Timeline or a dict", "Routing")),
+    ("timeline_expert_trajectories: a run is not a timeline",
+     lambda x: ll.timeline_expert_trajectories({"run": x.timeline, "other": x.usage}), T, ("timelines['other']", "DataFrame")),
+    ("timeline_expert_trajectories: unknown group",
+     lambda x: ll.timeline_expert_trajectories(x.timeline, group="keys:32x32"), V, ("group='keys:32x32'", "'query:32x32'")),
+    ("timeline_expert_trajectories: no banks kept", lambda x: ll.timeline_expert_trajectories(_no_banks(x)), V,
+     ("no expert banks", "track_experts=True")),
+    ("timeline_expert_trajectories: components=0", lambda x: ll.timeline_expert_trajectories(x.timeline, components=0),
+     V, ("components must be", "0")),
     ("delta_spectra: no adapter", lambda x: ll.delta_spectra(x.plain), V, ("no adapter sites",)),
     ("delta_spectra: mixture is text", lambda x: ll.delta_spectra(x.model, "uniform"), T, ("mixture must be", "str")),
     ("delta_spectra: by='site'", lambda x: ll.delta_spectra(x.model, x.routing, by="site"), V, ("by", "'site'")),
@@ -236,6 +253,10 @@ CASES = [
      ("['rank']", "rank_summary")),
     ("plots.plot_expert_similarity: unknown group", lambda x: plots.plot_expert_similarity(x.similarity, "nope"), V,
      ("group='nope'",)),
+    ("plots.plot_expert_trajectories: missing columns", lambda x: plots.plot_expert_trajectories(x.usage), V,
+     ("plot_expert_trajectories", "'run'", "timeline_expert_trajectories")),
+    ("plots.plot_expert_trajectories: step is text", lambda x: plots.plot_expert_trajectories(
+        ll.timeline_expert_trajectories(x.timeline), step="last"), V, ("step must be", "'last'")),
     ("plots.plot_diagnosis: not the findings frame", lambda x: plots.plot_diagnosis(x.usage), V,
      ("plot_diagnosis", "'kind'", "to_frame")),
     ("plots.plot_sharing_diagram: missing columns", lambda x: plots.plot_sharing_diagram(x.usage), V,
@@ -261,6 +282,8 @@ CASES = [
      V, ("thresholds", "'x'")),
     ("widgets.TimelinePlayer: not a timeline", lambda x: widgets.TimelinePlayer(x.routing), T,
      ("TimelinePlayer", "timeline", "Routing")),
+    ("widgets.TimelinePlayer: a run is not a timeline", lambda x: widgets.TimelinePlayer({"run": x.routing}), T,
+     ("TimelinePlayer", "timeline['run']", "Routing")),
     ("widgets.BudgetCalculator: d_in=0", lambda x: widgets.BudgetCalculator(d_in=0), V, ("d_in", "0")),
     # ---- lily_lab.llm
     ("llm.load_smollm2: cache_dir is a number", lambda x: llm.load_smollm2(cache_dir=5), T, ("cache_dir", "int")),

@@ -9,7 +9,7 @@ from .merge import merge_at, merge_error
 from .modes import mixture_modes
 from .routing import METRIC_COLUMNS, expert_layer_profile, router_metrics, site_metrics, specialization, top_tokens
 from .spectra import delta_spectra, factor_singular_values, lora_equivalent_rank, rank_summary, spectrum_ranks
-from .timeline import timeline_expert_similarity, timeline_metrics
+from .timeline import timeline_expert_similarity, timeline_expert_trajectories, timeline_metrics
 
 __all__ = [
     "router_metrics", "specialization", "expert_layer_profile", "top_tokens", "site_metrics", "METRIC_COLUMNS",
@@ -17,6 +17,6 @@ __all__ = [
     "delta_spectra", "rank_summary", "spectrum_ranks", "lora_equivalent_rank", "factor_singular_values",
     "intruder_dimensions", "merge_at", "merge_error", "mixture_modes",
     "diagnose", "Diagnosis", "Finding", "Thresholds", "KINDS", "causal_consistency", "CausalConsistencyError",
-    "timeline_metrics", "timeline_expert_similarity",
+    "timeline_metrics", "timeline_expert_similarity", "timeline_expert_trajectories",
     "sharing_layout", "sharing_layout_from_config", "parameter_budget", "lily_group_parameters",
 ]

@@ -25,6 +25,16 @@ class Timeline:
     ``probe`` is the batch every observation runs: a dict of model inputs (a ``labels`` entry is
     used as annotation, not passed to the model) or a tensor. Observations run in eval mode
     without gradients and put the model's mode back afterwards.
+
+    Attributes, one entry per observation, in the order observed:
+
+    - ``steps``: the training step of each observation (``int``).
+    - ``routings``: the :class:`~lily_lab.Routing` recorded at each step.
+    - ``banks``: with ``track_experts=True`` (the default), a copy of every bank at each step —
+      a dict ``{group: np.ndarray of shape (E, r, d_out)}`` (float32, on the CPU; ``banks[i]
+      [group][e]`` is expert ``B_e`` of that group at ``steps[i]``). Empty with
+      ``track_experts=False``. ``lily_lab.timeline_expert_similarity`` and
+      ``lily_lab.timeline_expert_trajectories`` read it.
     """
 
     def __init__(self, probe: Any = None, *, track_experts: bool = True, max_tokens: int = 2048):

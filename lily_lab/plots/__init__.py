@@ -11,7 +11,8 @@ escapes every text that comes from the data.
 from ._common import bank_label, escape, site_label
 from .findings import (FINDING_CSS, KIND_TITLES, count_label, evidence_html, finding_html, number_label,
                        place_label)
-from .experts import plot_diagnosis, plot_expert_similarity, plot_rank_by_layer, plot_spectra
+from .experts import (plot_diagnosis, plot_expert_similarity, plot_expert_trajectories, plot_rank_by_layer,
+                      plot_spectra)
 from .routing import (plot_expert_profile, plot_label_usage, plot_metric_timeline, plot_mixture_modes, plot_usage_bars,
                       plot_usage_heatmap)
 from .teaching import plot_parameter_budget, plot_sharing_diagram
@@ -25,7 +26,7 @@ __all__ = [
     # token views
     "plot_token_probs", "plot_top_tokens", "plot_token_text", "plot_token_routes", "prediction_for",
     # adapter views
-    "plot_spectra", "plot_rank_by_layer", "plot_expert_similarity", "plot_diagnosis",
+    "plot_spectra", "plot_rank_by_layer", "plot_expert_similarity", "plot_diagnosis", "plot_expert_trajectories",
     # teaching views
     "plot_sharing_diagram", "plot_parameter_budget",
     # theme

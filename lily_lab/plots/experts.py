@@ -1,7 +1,8 @@
 """Adapter views that need no recording: ΔW spectra, rank by layer, expert similarity, diagnosis.
 
 Inputs are the frames of ``delta_spectra``, ``rank_summary``, ``expert_similarity`` and
-``Diagnosis.to_frame()``.
+``Diagnosis.to_frame()``; and, from a training ``Timeline``'s copies of the banks,
+``timeline_expert_trajectories`` (``plot_expert_trajectories``: the experts over training).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..core.errors import InputError
 from ._common import (bank_label, escape, figure, first, fmt, layers, message_figure, modules, pick, require,
                       site_label)
 from .findings import count_label
-from .theme import NEUTRAL, SEVERITY_COLORS, TEMPLATE, severity_color
+from .theme import NEUTRAL, SEVERITY_COLORS, TEMPLATE, expert_color, severity_color
 
 _DASHES = ["solid", "dot", "dashdot", "longdashdot", "longdash"]  # "dash" is kept for baselines and bounds
 
@@ -257,7 +258,10 @@ def plot_expert_similarity(similarity: pd.DataFrame, group: str | None = None, v
              for i in experts]
     # The bank and the measure in the title, the mean in the subtitle: one line that fits half a screen.
     fig = figure(escape(title) if title else f"{bank_label(group)}: {what}", height=max(320, 160 + 40 * E))
-    fig.layout.title.subtitle.text = f"mean over the {len(off)} pairs of experts: {fmt(mean, 2)}"
+    undefined = int(np.isnan(off).sum())  # pairs with an all-zero expert: no cosine
+    fig.layout.title.subtitle.text = (
+        f"mean over the {len(off)} pairs of experts: {fmt(mean, 2)}" if not undefined else
+        f"mean over {len(off) - undefined} of {len(off)} pairs: {fmt(mean, 2)}; {undefined} undefined (an all-zero expert)")
     fig.layout.margin.t = 84
     fig.add_heatmap(z=M, x=experts, y=experts, zmin=-1 if value != "subspace_overlap" else 0, zmax=1,
                     colorscale="RdBu_r" if value != "subspace_overlap" else "Reds", texttemplate="%{z:.2f}",
@@ -310,5 +314,167 @@ def plot_diagnosis(findings: pd.DataFrame, *, title: str | None = None) -> go.Fi
     return fig
 
 
-__all__ = ["plot_spectra", "plot_rank_by_layer", "plot_expert_similarity", "plot_diagnosis", "RANK_TITLES",
-           "SIMILARITY_TITLES"]
+TRAJECTORIES = "lily_lab.timeline_expert_trajectories(timelines)"
+
+
+def _spread_title(axis: str, attrs: dict, k: int) -> str:
+    """``PC1 (24 % of the spread)`` from a trajectories frame's ``attrs["explained"]``."""
+    try:
+        share = float(attrs["explained"][k])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return axis
+    if not np.isfinite(share):
+        return f"{axis} (no spread)"
+    return f"{axis} ({_percent(share)} % of the spread)"
+
+
+def _percent(share: float) -> str:
+    """A share as a whole percentage that never rounds to 0 or 100 when it is neither."""
+    pct = 100 * share
+    return "<1" if 0 < pct < 0.5 else ">99" if 99.5 <= pct < 100 else f"{pct:.0f}"
+
+
+def _expert_name(e) -> str:
+    return f"expert {escape(e)}"
+
+
+def _expert_colors(experts: list) -> dict:
+    """Expert ``e`` in ``expert_color(e)``; experts that are no index take colours in order."""
+    out = {}
+    for i, e in enumerate(experts):
+        try:
+            out[e] = expert_color(int(e)) if float(e) == int(e) else expert_color(i)
+        except (TypeError, ValueError, InputError):
+            out[e] = expert_color(i)
+    return out
+
+
+def _runs_and_experts(traj: pd.DataFrame) -> tuple[list, list]:
+    """A trajectories frame's runs (in frame order) and experts (by index, else by name): the
+    panels and the lines of ``plot_expert_trajectories``."""
+    runs = list(dict.fromkeys(traj["run"]))
+    experts = list(dict.fromkeys(traj["expert"]))
+    indices = all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in experts)
+    return runs, sorted(experts, key=int) if indices else sorted(experts, key=str)
+
+
+def trajectory_now(traj: pd.DataFrame, step: int, runs: list | None = None, experts: list | None = None) -> list[dict]:
+    """The "now" markers of ``plot_expert_trajectories``: per run, a trace's ``x``, ``y``,
+    ``hovertext``, ``marker.color`` and ``name`` at ``step`` (each run at its latest observed
+    step ≤ ``step``; none for a run observed only later). The player moves them in place."""
+    if runs is None or experts is None:
+        runs, experts = _runs_and_experts(traj)
+    colors = _expert_colors(experts)
+    out = []
+    for run in runs:
+        part = traj[(traj["run"] == run) & (traj["step"] <= step)]
+        xs, ys, hover, cs = [], [], [], []
+        if not part.empty:
+            at = part["step"].max()
+            part = part[part["step"] == at]
+            for e in experts:
+                row = part[part["expert"] == e]
+                if row.empty:
+                    continue
+                x, y = float(row["PC1"].iloc[0]), float(row["PC2"].iloc[0])
+                xs.append(x)
+                ys.append(y)
+                cs.append(colors[e])
+                hover.append(f"run: {escape(run)}<br>{_expert_name(e)}<br>now: step {escape(at)}"
+                             + ("" if at == step else f" (the run's last before step {escape(step)})")
+                             + f"<br>PC1 {fmt(x)}<br>PC2 {fmt(y)}")
+        out.append(dict(x=xs, y=ys, hovertext=hover, marker=dict(color=cs), name=f"now: step {escape(step)}"))
+    return out
+
+
+def plot_expert_trajectories(traj: pd.DataFrame, *, step: int | None = None, title: str | None = None) -> go.Figure:
+    """Each expert's path over training, on the top two principal components of all the experts
+    of all runs and steps (the frame of ``lily_lab.timeline_expert_trajectories``).
+
+    One panel per run (all on the same scale, with equal units on both axes, so distances on
+    the plane read true), one line per expert in its colour, through its steps in order from a
+    hollow marker at the first step. ``step`` (a player's "now") puts a larger marker on every
+    expert of every run at that step (a run observed on another schedule: at its latest step
+    before it).
+
+    How to read it: distinct experts trace separate paths; **collapse** is the experts' lines
+    running together into one (the experts became copies of one another). The axes say how much
+    of the spread each component keeps (``attrs["explained"]``): a projection can hide distance,
+    so experts that overlap here may still differ in the directions left out — the smaller that
+    share, the less an overlap proves.
+    """
+    fn = "plot_expert_trajectories"
+    require(traj, ["run", "step", "expert", "PC1", "PC2"], fn, TRAJECTORIES)
+    if step is not None and (isinstance(step, bool) or not hasattr(step, "__index__")):
+        raise InputError(f"{fn}: step must be an integer (a training step in the frame) or None, got {step!r}")
+    attrs = traj.attrs or {}
+    group = attrs.get("group")
+    head = f"{bank_label(group)}: the experts over training" if group is not None else "The experts over training"
+    if traj.empty:
+        return message_figure(title or "The experts over training", "no observed steps in this frame")
+    runs, experts = _runs_and_experts(traj)
+    colors = _expert_colors(experts)
+    n = len(runs)
+    ncols = 1 if n == 1 else 2 if n in (2, 4) else 3
+    nrows = -(-n // ncols)
+    # The same range on every panel (and equal units: scaleanchor), so panels compare at a glance.
+    values = traj[["PC1", "PC2"]].to_numpy(dtype=float)
+    lo, hi = np.nanmin(values), np.nanmax(values)
+    span = hi - lo if np.isfinite(hi - lo) and hi > lo else 2.0
+    mid = (hi + lo) / 2 if np.isfinite(hi + lo) else 0.0
+    half = span / 2 * 1.12
+    rng = [mid - half, mid + half]
+    x_title, y_title = _spread_title("PC1", attrs, 0), _spread_title("PC2", attrs, 1)
+    top_px, row_px, gap_px, legend_px = 104 if n > 1 else 84, 360, 70, 64
+    plot_px = nrows * row_px + (nrows - 1) * gap_px
+    height = top_px + plot_px + legend_px + 56
+    hgap = 0.1
+    width = (1 - hgap * (ncols - 1)) / ncols
+    layout: dict = dict(height=height, margin=dict(t=top_px, b=legend_px + 56),
+                        legend=dict(orientation="h", x=0, y=-(56 + 8) / plot_px, yanchor="top",
+                                    title=dict(text="colour: expert")))
+    annotations = []
+    for i, run in enumerate(runs):
+        r, c = divmod(i, ncols)
+        x0 = c * (width + hgap)
+        y1 = 1 - r * (row_px + gap_px) / plot_px
+        y0 = y1 - row_px / plot_px
+        sx = str(i + 1) if i else ""
+        layout[f"xaxis{sx}"] = dict(domain=[x0, x0 + width], anchor=f"y{sx}", range=list(rng), title=dict(text=x_title),
+                                    zeroline=False)
+        layout[f"yaxis{sx}"] = dict(domain=[max(y0, 0.0), min(y1, 1.0)], anchor=f"x{sx}", range=list(rng),
+                                    scaleanchor=f"x{sx}", scaleratio=1, title=dict(text=y_title), zeroline=False)
+        if n > 1:
+            annotations.append(dict(text=escape(run), x=x0 + width / 2, y=min(y1, 1.0), xref="paper", yref="paper",
+                                    xanchor="center", yanchor="bottom", yshift=6, showarrow=False,
+                                    font=dict(size=14)))
+    layout["annotations"] = annotations
+    fig = figure(escape(title) if title else head, **layout)
+    shares = [s for s in (attrs.get("explained") or [])[:2] if isinstance(s, (int, float)) and np.isfinite(s)]
+    kept = f" ({_percent(sum(shares))} % of the spread)" if len(shares) == 2 else ""
+    fig.layout.title.subtitle.text = f"each expert's path on PC1–PC2{kept} · lines that run together: collapsed experts"
+    traces = []
+    for i, run in enumerate(runs):
+        sx = str(i + 1) if i else ""
+        part = traj[traj["run"] == run]
+        for e in experts:
+            sub = part[part["expert"] == e].sort_values("step", kind="stable")
+            symbols = ["circle-open"] + ["circle"] * (len(sub) - 1)
+            traces.append(dict(
+                type="scatter", x=sub["PC1"].tolist(), y=sub["PC2"].tolist(), mode="lines+markers",
+                name=_expert_name(e), legendgroup=f"expert {e}", showlegend=i == 0, xaxis=f"x{sx}", yaxis=f"y{sx}",
+                line=dict(color=colors[e], width=2), marker=dict(size=7, symbol=symbols, color=colors[e]),
+                hovertext=[f"run: {escape(run)}<br>{_expert_name(e)}<br>step {escape(s)}<br>PC1 {fmt(a)}<br>PC2 {fmt(b)}"
+                           for s, a, b in zip(sub["step"], sub["PC1"], sub["PC2"])], hoverinfo="text"))
+    if step is not None:
+        for i, now in enumerate(trajectory_now(traj, step, runs, experts)):
+            sx = str(i + 1) if i else ""
+            traces.append(dict(
+                type="scatter", mode="markers", legendgroup="now", showlegend=i == 0, xaxis=f"x{sx}", yaxis=f"y{sx}",
+                hoverinfo="text", **{**now, "marker": dict(size=15, line=dict(color="#222", width=2), **now["marker"])}))
+    fig.add_traces(traces)
+    return fig
+
+
+__all__ = ["plot_spectra", "plot_rank_by_layer", "plot_expert_similarity", "plot_diagnosis", "plot_expert_trajectories",
+           "RANK_TITLES", "SIMILARITY_TITLES"]
