@@ -97,9 +97,11 @@ def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> p
     token id (``by="token"``).
 
     One row per site × value × expert: ``usage`` = mean router probability of the expert over
-    that value's tokens, ``n_tokens`` of the value, ``load_entropy`` of the value's usage vector
+    that value's tokens (the router's ``p_t``: under batch or sequence routing a preference the
+    layer does not apply), ``n_tokens`` of the value, ``load_entropy`` of the value's usage vector
     (``H(u_v) / ln E``, as ``router_metrics`` for the whole site), and per site (repeated on its rows)
-    ``mutual_information`` I(value; expert) in nats, ``normalized_mi`` (÷ ln E) and
+    ``mutual_information`` I(value; expert) in nats, ``normalized_mi`` (÷ ln E, so at most
+    ``min(ln(number of values), ln E) / ln E``: 0.5 for 2 labels and 4 experts) and
     ``js_divergence``, the mean pairwise Jensen–Shannon divergence (bits) between the values'
     usage vectors. Values seen fewer than ``min_count`` times are left out of the rows, not the MI.
     """

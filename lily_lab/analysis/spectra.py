@@ -116,6 +116,10 @@ def delta_spectra(model: nn.Module | str | os.PathLike | list[Site], mixture: An
     per label's mean distribution, with ``by="token"`` one per sampled token, at most
     ``max_samples``), or ``{site_name: vector}``. Columns: site, module, group, index, layer,
     kind, mixture, r, k (0-based), sigma.
+
+    Per-label and per-token mixtures are the router's distributions ``p``: under batch or sequence
+    routing the layer never applies them (it applies the call's or the sequence's mean), so those
+    spectra show the update the router *would* pick for that label or token, not one it made.
     """
     sites = _sites_of(model)
     if not sites:

@@ -324,7 +324,9 @@ class Routing:
         return view
 
     def mean_mixture(self, site: str) -> np.ndarray:
-        """The applied mixture averaged over the real tokens it was applied to (exact)."""
+        """The applied mixture averaged over the recorded (non-padding) tokens, each token weighted
+        once (exact): under batch routing, the calls' mixtures weighted by their real tokens. The
+        layer's own batch mixture also averages over padding positions; this mean does not."""
         rec = self.record(site)
         return rec.sum_mixture / max(rec.n_tokens, 1)
 

@@ -122,7 +122,11 @@ def plot_token_text(tokens: pd.DataFrame, site: str, sequence: int, *, width: in
                     title: str | None = None) -> go.Figure:
     """The sampled tokens of one sequence in order, each tinted by its top expert (stronger colour:
     a more decisive router); hover shows the token's whole distribution. ``width``: characters per
-    line. One bar trace per expert, so the legend maps colours to experts."""
+    line. One bar trace per expert, so the legend maps colours to experts.
+
+    The colours are the router's per-token distribution ``p_t``. Under batch or sequence routing the
+    layer does not apply ``p_t`` (every token of the call or sequence gets one mean mixture): the
+    view then shows which expert the router would prefer for each token, not where it sent it."""
     fn = "plot_token_text"
     require(tokens, ["site", "sequence", "position", "top_expert"], fn, TOKEN_TABLE)
     _require_probs(tokens, fn)
