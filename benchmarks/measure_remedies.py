@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         generator = torch.Generator().manual_seed(args.seed)
         torch.manual_seed(args.seed)
         model.train()
-        for index in demo._batches(len(train_y), 32, steps, generator):
-            loss = model(**demo._rows(train_x, index), labels=train_y[index]).loss
+        for index in demo.batch_indices(len(train_y), 32, steps, generator):
+            loss = model(**demo.take_rows(train_x, index), labels=train_y[index]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

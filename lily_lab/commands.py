@@ -45,7 +45,7 @@ def _record(model, enc, labels, names):
         model.eval()
         order = torch.argsort(enc["attention_mask"].sum(dim=1), stable=True)
         for index in order.split(64):
-            batch = D._rows(enc, index)
+            batch = D.take_rows(enc, index)
             model(**batch)
             if labels is not None:
                 rec.annotate(labels=[names[i] for i in labels[index].tolist()])
@@ -189,10 +189,10 @@ def _run_encoder_demo(*, steps, routing, r, stride_A, num_B, seed, out_dir, out,
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    bar = tqdm(D._batches(len(train_y), batch_size, steps, generator), total=steps, desc="training", unit="step")
+    bar = tqdm(D.batch_indices(len(train_y), batch_size, steps, generator), total=steps, desc="training", unit="step")
     t0 = time.perf_counter()
     for index in bar:
-        loss = model(**D._rows(train_x, index), labels=train_y[index]).loss
+        loss = model(**D.take_rows(train_x, index), labels=train_y[index]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

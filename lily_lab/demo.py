@@ -154,8 +154,16 @@ def tokenize(tokenizer, texts: Iterable[str], max_length: int = 64) -> dict[str,
     return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
-def _rows(encodings: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
-    """The rows `index` of `encodings`, cut to the longest real sequence among them (right padding)."""
+def take_rows(encodings: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+    """The rows `index` of a tokenized dataset (`tokenize`'s dict of `(n, length)` tensors), cut to
+    the longest real sequence among them (right padding): one batch, ready for `model(**batch)`.
+
+    `index` is anything a tensor can be indexed with (a tensor of row numbers from
+    `batch_indices`, a list, a slice)."""
+    if not isinstance(encodings, dict) or "attention_mask" not in encodings:
+        got = sorted(encodings) if isinstance(encodings, dict) else type(encodings).__name__
+        raise InputError(f"take_rows: encodings must be a tokenized dataset with an 'attention_mask' "
+                         f"(demo.tokenize(tokenizer, texts)), got {got}")
     batch = {k: v[index] for k, v in encodings.items()}
     width = int(batch["attention_mask"].sum(dim=1).max())
     return {k: v[:, :width] for k, v in batch.items()}
@@ -475,11 +483,26 @@ def load_head(model, directory: str | Path, names: Iterable[str] | None = None):
     return model
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """`steps` batches of row indices; each pass over the `n` rows is a fresh seeded permutation."""
+def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """`steps` batches of `batch_size` row numbers out of `n`, for a training loop; each pass over
+    the `n` rows is a fresh permutation drawn from `generator`, so a seeded generator gives the
+    same batches on every run. Use with `take_rows(encodings, index)`."""
+    for name, value in (("n", n), ("batch_size", batch_size), ("steps", steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "steps" else 1):
+            raise InputError(f"batch_indices: {name} must be an integer ≥ {0 if name == 'steps' else 1}, got {value!r}")
+    if not isinstance(generator, torch.Generator):
+        raise LilyLabTypeError(f"batch_indices: generator must be a torch.Generator "
+                               f"(torch.Generator().manual_seed(0)), got {type(generator).__name__}")
+    return _permuted_batches(n, batch_size, steps, generator)  # checked now, drawn lazily
+
+
+def _permuted_batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
         if len(order) < batch_size:
             order = torch.cat([order, torch.randperm(n, generator=generator)])
         yield order[:batch_size]
         order = order[batch_size:]
+
+
+_rows, _batches = take_rows, batch_indices  # the names these had before they were public

@@ -7,8 +7,8 @@ import torch
 
 from lily_lab import demo
 from lily_lab.demo import (
-    _batches,
-    _rows,
+    batch_indices,
+    take_rows,
     load_tweets,
     predict_logits,
     lora_parameter_count,
@@ -109,18 +109,18 @@ def test_lora_rank_needs_sites():
 
 
 def test_batches_cover_every_row_once_per_pass_and_repeat_for_a_seed():
-    batches = list(_batches(10, 4, 5, torch.Generator().manual_seed(0)))
+    batches = list(batch_indices(10, 4, 5, torch.Generator().manual_seed(0)))
     assert [len(b) for b in batches] == [4] * 5
     first_pass = torch.cat(batches)[:10]
     assert sorted(first_pass.tolist()) == list(range(10))
-    again = list(_batches(10, 4, 5, torch.Generator().manual_seed(0)))
+    again = list(batch_indices(10, 4, 5, torch.Generator().manual_seed(0)))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
 
 
 def test_rows_trim_padding_to_the_longest_sequence_in_the_batch():
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     encodings = {"input_ids": torch.arange(15).reshape(3, 5) * mask, "attention_mask": mask}
-    batch = _rows(encodings, torch.tensor([1, 0]))
+    batch = take_rows(encodings, torch.tensor([1, 0]))
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 1, 0]]
 

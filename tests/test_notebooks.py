@@ -27,6 +27,37 @@ def test_the_notebooks_are_the_documented_ones():
     assert all(f"`{n}`" in readme for n in names)
 
 
+def _private_names(source: str) -> set[str]:
+    """Underscore names a code cell takes from lily_lab: ``ll._x``, ``demo._x`` (any lily_lab module
+    imported under a name) and ``from lily_lab… import _x``."""
+    import ast
+
+    tree = ast.parse(source)
+    modules = {"ll", "lily_lab"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lily_lab"):
+            modules |= {a.asname or a.name for a in node.names}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lily_lab"):
+            found |= {a.name for a in node.names if a.name.startswith("_")}
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+              and isinstance(node.value, ast.Name) and node.value.id in modules):
+            found.add(f"{node.value.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_use_public_names_only(path):
+    """A notebook teaches the API a user has: no private lily_lab name (they may change unannounced)."""
+    nbformat = pytest.importorskip("nbformat")
+    cells = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    used = set().union(*(_private_names("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
+                         for src in cells))
+    assert not used, f"{path.name} uses private lily_lab names: {sorted(used)}"
+    assert _private_names("from lily_lab.demo import _rows\nfrom lily_lab import demo\ndemo._x(1)") == {"_rows", "demo._x"}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")

@@ -38,8 +38,8 @@ def test_minilm_lily_trains_20_steps_on_256_tweets_and_the_loss_falls(routing):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     g = torch.Generator().manual_seed(0)
-    for index in demo._batches(len(labels), 16, 20, g):
-        batch = demo._rows(enc, index)
+    for index in demo.batch_indices(len(labels), 16, 20, g):
+        batch = demo.take_rows(enc, index)
         loss = F.cross_entropy(model(**batch).logits, labels[index])
         opt.zero_grad()
         loss.backward()
