@@ -1,6 +1,6 @@
 """lily_lab: Lily adapters, and tools to see what their routers and experts learned.
 
-The public API (DESIGN §4) is importable from here; see ``__all__``.
+The public API (docs/architecture.md) is importable from here; see ``__all__``.
 """
 
 from .analysis import (

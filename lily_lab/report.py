@@ -1,6 +1,6 @@
 """``report``: one self-contained HTML file with every plot, the metrics tables and the diagnosis.
 
-Analysis and plots meet here (DESIGN §3). By default plotly.js is inlined, so the file opens
+Analysis and plots meet here (docs/architecture.md). By default plotly.js is inlined, so the file opens
 offline, anywhere; ``include_plotlyjs="cdn"`` (plotly's own choice of host) or a path/URL of
 your own copy of plotly.js makes the file ~5 MB smaller. Every text from the model or the data
 (site names, labels, tokens) is HTML-escaped.

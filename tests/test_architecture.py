@@ -1,4 +1,4 @@
-"""The layering of DESIGN §3, checked on the source: each package imports only those below it."""
+"""The layering of docs/architecture.md, checked on the source: each package imports only those below it."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def test_peft_sharing_layout_matches_ours():
 
 
 def naive_delta(x, A, B, R, s, mode, mask=None, tau=1.0, k=None):
-    """A per-token, per-sequence reference written from DESIGN §2 with plain loops."""
+    """A per-token, per-sequence reference written from docs/lily.md with plain loops."""
     h = x @ A.T
     p = torch.softmax(h @ R.T / tau, dim=-1)
     if k is not None:

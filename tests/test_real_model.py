@@ -1,4 +1,5 @@
-"""The real pretrained MiniLM (DESIGN §6) with Lily on query/value learns tweet sentiment."""
+"""The real pretrained MiniLM (lily_lab.demo's packaged model, docs/architecture.md) with Lily on
+query/value learns tweet sentiment."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``diagnose``: is this routed adapter collapsed, where, and what to try (DESIGN §5).
+"""``diagnose``: is this routed adapter collapsed, where, and what to try (docs/diagnosis.md).
 
 Each finding says what is wrong (``kind``, ``severity``), where (``sites``: site names, or group
 keys for bank-level findings), the numbers that triggered it (``evidence``) and a ``remedy`` in
@@ -32,7 +32,7 @@ KINDS = ("dominant_expert", "dead_expert", "input_blind_router", "redundant_expe
 
 @dataclass
 class Thresholds:
-    """When each finding fires (DESIGN §5 defaults)."""
+    """When each finding fires (the defaults, and what each means: docs/diagnosis.md)."""
 
     dominant_usage: float = 0.9  # max_usage ≥ this → dominant_expert
     dominant_critical: float = 0.99

@@ -1,7 +1,7 @@
 """How a Lily adapter is wired and what it costs: the sharing layout and the parameter budget.
 
 Both work from a model or from a config alone (for teaching: no model needed). The parameter
-formula is DESIGN §2's: one group of ``L`` sites of shape ``d_out × d_in`` trains
+formula is docs/lily.md's: one group of ``L`` sites of shape ``d_out × d_in`` trains
 ``⌈L/stride_A⌉·r·d_in`` (the shared ``A``s) ``+ E·r·d_out`` (the bank) ``+ L·r·E`` (the routers).
 """
 
@@ -67,7 +67,7 @@ def sharing_layout_from_config(config: LilyConfig, layers: int, d_in: int, d_out
 
 
 def lily_group_parameters(layers: int, d_in: int, d_out: int, r: int, stride_A: int, num_B: int) -> int:
-    """Trainable parameters of one group (DESIGN §2): ``⌈L/stride_A⌉·r·d_in + E·r·d_out + L·r·E``."""
+    """Trainable parameters of one group (docs/lily.md): ``⌈L/stride_A⌉·r·d_in + E·r·d_out + L·r·E``."""
     return math.ceil(layers / stride_A) * r * d_in + num_B * r * d_out + layers * r * num_B
 
 

@@ -1,4 +1,4 @@
-"""Routing → metrics (DESIGN §5): pure functions from a ``Routing`` to tidy DataFrames.
+"""Routing → metrics (docs/metrics.md): pure functions from a ``Routing`` to tidy DataFrames.
 
 All entropies are natural-log and, where the name says so, divided by ``ln E`` to lie in [0, 1].
 Every metric comes from the recording's exact sums, never from its token sample.
@@ -34,7 +34,7 @@ def require_routing(routing, fn: str, arg: str = "routing") -> None:
 
 
 def site_metrics(rec: SiteRecord) -> dict[str, float]:
-    """The §5 metrics of one site's sums (``n_tokens`` > 0, ``num_B`` ≥ 2)."""
+    """The router metrics (docs/metrics.md) of one site's sums (``n_tokens`` > 0, ``num_B`` ≥ 2)."""
     E, n = rec.num_B, rec.n_tokens
     u = rec.sum_probs / n
     H_u = float(_entropy(u))
@@ -60,7 +60,7 @@ def _site_columns(rec: SiteRecord) -> dict:
 
 def router_metrics(routing: Routing) -> pd.DataFrame:
     """One row per routed site (``E ≥ 2``): site, module, group, index, layer, ``n_tokens``,
-    ``nonfinite`` and every metric of DESIGN §5. Sites that saw no token have NaN metrics."""
+    ``nonfinite`` and every router metric of docs/metrics.md. Sites that saw no token have NaN metrics."""
     require_routing(routing, "router_metrics")
     rows = []
     for name in routing.sites:
@@ -130,7 +130,7 @@ def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> p
         for v, c, uv, keep in zip(values, counts, usage, frequent):
             if not keep:
                 continue
-            H_v = float(_entropy(uv) / np.log(rec.num_B))  # the value's own load entropy (§5)
+            H_v = float(_entropy(uv) / np.log(rec.num_B))  # the value's own load entropy (docs/metrics.md)
             for e in range(rec.num_B):
                 rows.append({**_site_columns(rec), "value": v, "expert": e, "usage": float(uv[e]),
                              "n_tokens": int(c), "load_entropy": H_v, "mutual_information": mi,

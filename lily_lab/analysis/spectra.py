@@ -1,4 +1,4 @@
-"""Singular values of ΔW from the factors, and rank metrics (DESIGN §2, §5).
+"""Singular values of ΔW from the factors, and rank metrics (docs/lily.md, docs/metrics.md).
 
 ``ΔW(π) = s · B_πᵀ A_j`` with ``B_π = Σ_e π_e B_e``. With ``A_jᵀ = Q_a R_a`` and ``B_πᵀ = Q_b R_b``
 (reduced QR), ``ΔW = s · Q_b (R_b R_aᵀ) Q_aᵀ``: its singular values are ``s`` times those of the
@@ -153,7 +153,7 @@ def delta_spectra(model: nn.Module | str | os.PathLike | list[Site], mixture: An
 
 
 def spectrum_ranks(sigma: np.ndarray, tol: float = 1e-6) -> dict[str, float]:
-    """effective, stable and numerical rank of one spectrum (DESIGN §5), and energy shares."""
+    """effective, stable and numerical rank of one spectrum (docs/metrics.md), and energy shares."""
     s = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
     if len(s) == 0 or s[0] <= 0:
         return {"effective_rank": 0.0, "stable_rank": 0.0, "numerical_rank": 0,

@@ -21,8 +21,8 @@ def _require_timeline(timeline, fn: str) -> None:
 
 
 def timeline_metrics(timeline: Timeline) -> pd.DataFrame:
-    """Long DataFrame ``step, site, module, group, index, layer, metric, value``: every §5 router
-    metric of every routed site at every observed step."""
+    """Long DataFrame ``step, site, module, group, index, layer, metric, value``: every router
+    metric (docs/metrics.md) of every routed site at every observed step."""
     _require_timeline(timeline, "timeline_metrics")
     frames = []
     for step, routing in zip(timeline.steps, timeline.routings):

@@ -106,7 +106,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def lily_parameter_formula(L: int, d_in: int, d_out: int, r: int, stride_A: int, num_B: int) -> int:
-    """Trainable parameters of one group (DESIGN §2): ``⌈L/stride_A⌉·r·d_in + E·r·d_out + L·r·E``."""
+    """Trainable parameters of one group (docs/lily.md): ``⌈L/stride_A⌉·r·d_in + E·r·d_out + L·r·E``."""
     return math.ceil(L / stride_A) * r * d_in + num_B * r * d_out + L * r * num_B
 
 

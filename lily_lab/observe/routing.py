@@ -1,6 +1,6 @@
 """``Routing``: what the routers of a model did over some forward calls, kept in bounded memory.
 
-Per site it keeps exact running sums of everything DESIGN §5 needs (so metrics are exact however
+Per site it keeps exact running sums of everything docs/metrics.md needs (so metrics are exact however
 many tokens went by), and a uniform reservoir sample of tokens for token-level views.
 """
 
@@ -331,7 +331,7 @@ class Routing:
         return rec.sum_mixture / max(rec.n_tokens, 1)
 
     def usage(self):
-        """DataFrame ``site, module, group, index, expert, usage`` — exact ``u_e`` of §5."""
+        """DataFrame ``site, module, group, index, expert, usage`` — the exact usage ``u_e`` (docs/metrics.md)."""
         import pandas as pd
 
         rows = []

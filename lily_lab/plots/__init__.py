@@ -1,7 +1,7 @@
 """Analysis results (DataFrames) → plotly ``go.Figure``s. Pure functions that never display anything.
 
 ``plots`` knows DataFrame columns only and imports nothing else from lily_lab but its exceptions
-(``lily_lab.core.errors``; DESIGN §3): give each function the frame named in its doc string. A wrong
+(``lily_lab.core.errors``; docs/architecture.md): give each function the frame named in its doc string. A wrong
 frame raises :class:`~lily_lab.InputError` (a ``ValueError``) naming the missing columns or the
 unknown site, a value that is no DataFrame :class:`~lily_lab.LilyLabTypeError` (a ``TypeError``).
 Every figure uses the ``"lily_lab"`` template, colours expert ``e`` with ``expert_color(e)`` and

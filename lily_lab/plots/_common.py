@@ -1,6 +1,6 @@
 """Helpers every plot function shares: column checks, HTML escaping, layer numbers, site labels.
 
-``plots`` knows DataFrame columns only (DESIGN §3): nothing here imports the rest of lily_lab.
+``plots`` knows DataFrame columns only (docs/architecture.md): nothing here imports the rest of lily_lab.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from ..core.errors import InputError
 from ._common import bank_label, escape, figure, first, fmt, layers, message_figure, modules, pick, require, site_label
 from .theme import NEUTRAL, SEVERITY_COLORS, expert_color, usage_colorscale
 
-#: Axis titles for the router metrics of DESIGN §5, in words a user reads without the paper.
+#: Axis titles for the router metrics (docs/metrics.md), in words a user reads without the paper.
 METRIC_TITLES = {
     "load_entropy": "load entropy (1 balanced, 0 one expert)",
     "token_entropy": "token entropy (mean per-token, 0 decisive)",
