@@ -24,6 +24,12 @@ FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
 
 #: Config fields that weight the optional router losses gathered by ``lily_aux_loss``.
 AUX_LOSS_FIELDS = ("balance_loss_weight", "router_z_loss_weight", "router_entropy_weight")
+#: The options a LilyLayer reads from its config at run time, one attribute each.
+LAYER_OPTIONS = ("scaling", "routing", "router_temperature", "router_top_k")
+#: The config fields that change what an adapter computes but none of its tensors: the only ones
+#: ``set_lily_options`` accepts, ``LilyLayer.apply_config`` takes and a failed load puts back.
+#: Declared here once; the layer, injection and checkpoint code all read them from here.
+RUNTIME_FIELDS = LAYER_OPTIONS + AUX_LOSS_FIELDS
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AUX_LOSS_FIELDS, LilyConfig
+from .config import AUX_LOSS_FIELDS, LAYER_OPTIONS, RUNTIME_FIELDS, LilyConfig
 from .errors import LilyConfigError, LilyLabTypeError, TargetError, TargetTypeError
 from .layer import CallContext, LilyLayer, base_dims, is_conv1d, require_module, scaling_overflow
 
@@ -148,7 +148,7 @@ def remove_lily(model: nn.Module) -> nn.Module:
     return model
 
 
-RUNTIME_OPTIONS = ("scaling", "routing", "router_temperature", "router_top_k") + AUX_LOSS_FIELDS
+RUNTIME_OPTIONS = RUNTIME_FIELDS  # the name this had here before config.py declared it
 
 
 def set_lily_options(model: nn.Module, **options) -> nn.Module:
@@ -221,10 +221,7 @@ def _build_layers(groups: list[GroupPlan], config: LilyConfig, context: CallCont
                     A=As[i // config.stride_A],
                     B=B,
                     router=router,
-                    scaling=config.scaling,
-                    routing=config.routing,
-                    router_temperature=config.router_temperature,
-                    router_top_k=config.router_top_k,
+                    **{k: getattr(config, k) for k in LAYER_OPTIONS},  # the runtime options
                     aux_weights=tuple(getattr(config, f) for f in AUX_LOSS_FIELDS),
                     target=g.target,
                     group=g.key,

@@ -164,15 +164,19 @@ class LilyLayer(nn.Module):
         self.d_in, self.d_out = base_dims(base_layer)
 
     def options(self) -> dict:
-        """The runtime options a config sets (not weights): see :meth:`apply_config`."""
-        return {k: getattr(self, k) for k in ("scaling", "routing", "router_temperature", "router_top_k", "aux_weights")}
+        """The runtime options a config sets (not weights), as attributes: ``config.LAYER_OPTIONS``
+        and ``aux_weights`` (the ``AUX_LOSS_FIELDS`` as a tuple). See :meth:`apply_config`."""
+        from .config import LAYER_OPTIONS
+
+        return {**{k: getattr(self, k) for k in LAYER_OPTIONS}, "aux_weights": self.aux_weights}
 
     def apply_config(self, config) -> None:
-        """Take scaling, routing mode, temperature, top-k and aux-loss weights from ``config``."""
-        from .config import AUX_LOSS_FIELDS
+        """Take the runtime options (``config.RUNTIME_FIELDS``: scaling, routing mode, temperature,
+        top-k, aux-loss weights) from ``config``."""
+        from .config import AUX_LOSS_FIELDS, LAYER_OPTIONS
 
-        self.scaling, self.routing = config.scaling, config.routing
-        self.router_temperature, self.router_top_k = config.router_temperature, config.router_top_k
+        for k in LAYER_OPTIONS:
+            setattr(self, k, getattr(config, k))
         self.aux_weights = tuple(getattr(config, f) for f in AUX_LOSS_FIELDS)
 
     @property
