@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -410,17 +409,11 @@ def _document(page: _Page, title: str, routing: Routing | None) -> str:
 
 
 def _write(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a temporary file beside it, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (``core.files.atomic_write``): a reader or a crash never
+    leaves half a report, and the file gets the usual permissions (0o666 less the umask)."""
+    from .core.files import atomic_write
+
+    atomic_write(path, text.encode("utf-8"))
     return path
 
 

@@ -26,15 +26,13 @@ otherwise load the older adapter.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import secrets
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +40,7 @@ from torch import nn
 from .config import LilyConfig
 from .errors import CheckpointError, LilyLabError, LilyLabTypeError
 from .inject import add_lily, get_state, plan_groups, remove_lily
+from .files import atomic_write as _atomic_write, directory_lock
 from .layer import LilyLayer, require_module, scaling_overflow
 from . import peft_format
 
@@ -115,33 +114,6 @@ def _remove_stale_peft_lily(directory: Path) -> None:
     if kind == "LILY":
         config.unlink(missing_ok=True)
         (directory / peft_format.PEFT_WEIGHTS).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def directory_lock(directory: Path, shared: bool = False) -> Iterator[None]:
-    """Hold an advisory ``flock`` on ``directory`` (exclusive for a save, shared for a load).
-
-    Where the platform has no ``flock`` (Windows), or the directory cannot be opened for it, this
-    is a no-op: the atomic renames still leave one complete adapter from an interrupted save.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some network mounts)
-            pass
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _lily_files(state, layers: dict[str, list[tuple[str, LilyLayer]]]) -> list[tuple[str, bytes]]:
@@ -486,30 +458,3 @@ def _layers_by_group(model: nn.Module) -> dict[str, list[tuple[str, LilyLayer]]]
         if isinstance(mod, LilyLayer):
             layers.setdefault(mod.group, []).append((name, mod))
     return layers
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
-
-    The file is created with mode 0o666 less the umask, as ``open`` would (``tempfile.mkstemp``
-    gives 0o600, which would leave a shared checkpoint readable by its owner only).
-    """
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass

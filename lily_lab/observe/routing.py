@@ -454,7 +454,7 @@ class Routing:
 
     def save(self, path: str | Path) -> Path:
         """Write the recording to one ``.npz`` file (arrays + a JSON header; no pickle)."""
-        from ..core.checkpoint import _atomic_write
+        from ..core.files import atomic_write as _atomic_write
 
         data = self._npz_bytes()
         path = Path(path)
