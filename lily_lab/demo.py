@@ -242,11 +242,11 @@ def paired_accuracy_test(logits_a: torch.Tensor, logits_b: torch.Tensor, labels:
 
 def lora_rank_for_budget(adapter_params: int, dims: Iterable[tuple[int, int]]) -> int:
     """The LoRA rank with the same budget: ⌊adapter_params / Σ (d_in + d_out)⌋ over the sites
-    `dims = [(d_in, d_out), ...]` — a rank-r LoRA costs r·(d_in + d_out) per site. May be 0."""
-    per_rank = sum(d_in + d_out for d_in, d_out in dims)
-    if per_rank <= 0:
-        raise InputError("dims must name at least one site with d_in + d_out > 0, e.g. [(384, 384)]")
-    return adapter_params // per_rank
+    `dims = [(d_in, d_out), ...]` — a rank-r LoRA costs r·(d_in + d_out) per site. May be 0.
+    (`lily_lab.analysis.layout.lora_rank_for_budget`, the one definition.)"""
+    from .analysis.layout import lora_rank_for_budget as definition
+
+    return definition(adapter_params, dims)
 
 
 def lora_parameter_count(rank: int, dims: Iterable[tuple[int, int]]) -> int:

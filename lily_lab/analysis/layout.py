@@ -71,6 +71,16 @@ def lily_group_parameters(layers: int, d_in: int, d_out: int, r: int, stride_A: 
     return math.ceil(layers / stride_A) * r * d_in + num_B * r * d_out + layers * r * num_B
 
 
+def lora_rank_for_budget(adapter_params: int, dims: Iterable[tuple[int, int]]) -> int:
+    """The LoRA rank with the same budget: ``⌊adapter_params / Σ (d_in + d_out)⌋`` over the sites
+    ``dims = [(d_in, d_out), ...]`` — a rank-r LoRA costs ``r·(d_in + d_out)`` per site. May be 0.
+    The one definition behind ``parameter_budget``, ``lora_equivalent_rank`` and the demo."""
+    per_rank = sum(d_in + d_out for d_in, d_out in dims)
+    if per_rank <= 0:
+        raise InputError("dims must name at least one site with d_in + d_out > 0, e.g. [(384, 384)]")
+    return adapter_params // per_rank
+
+
 def parameter_budget(d_in: int, d_out: int, layers: int, r_values: Iterable[int], stride_A: int = 1,
                      num_B: int = 2, *, groups: int = 1) -> pd.DataFrame:
     """Lily against LoRA on the same ``layers`` sites of shape ``d_out × d_in``, one row per ``r``.
@@ -99,7 +109,7 @@ def parameter_budget(d_in: int, d_out: int, layers: int, r_values: Iterable[int]
     for r in r_values:
         lily = groups * lily_group_parameters(layers, d_in, d_out, r, stride_A, num_B)
         per_rank = groups * layers * (d_in + d_out)  # LoRA parameters per unit of rank
-        equivalent = lily // per_rank
+        equivalent = lora_rank_for_budget(lily, [(d_in, d_out)] * (groups * layers))
         rows.append({"r": r, "layers": layers, "d_in": d_in, "d_out": d_out, "stride_A": stride_A, "num_B": num_B,
                      "groups": groups, "n_A": math.ceil(layers / stride_A), "lily_params": lily,
                      "lora_params_same_r": per_rank * r, "lora_equivalent_rank": equivalent,

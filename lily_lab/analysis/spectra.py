@@ -201,8 +201,9 @@ def lora_equivalent_rank(model: nn.Module) -> int:
     if not sites:
         raise InputError("lora_equivalent_rank: no adapter sites in this model; pass a model with a Lily or LoRA "
                          "adapter (lily_lab.add_lily, load_adapter or PEFT)")
-    per_rank = sum(s.d_in + s.d_out for s in sites)
-    return count_parameters(model)["adapter"] // per_rank
+    from .layout import lora_rank_for_budget
+
+    return lora_rank_for_budget(count_parameters(model)["adapter"], [(s.d_in, s.d_out) for s in sites])
 
 
 def dense_delta(site: Site, pi: np.ndarray | None = None) -> torch.Tensor:
