@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from . import plots
-from .plots import FINDING_CSS, finding_html, number_label
+from .plots import FINDING_CSS, SEVERITY_COLORS, finding_html, number_label
 from .plots._common import message_figure
 from .plots.experts import RANK_TITLES
 from .plots.routing import METRIC_TITLES
@@ -48,7 +48,7 @@ table.metrics td:first-child, table.metrics th:first-child, table.metrics td.tex
 table.metrics [title] { cursor: help; }
 details.all-columns { margin: -1em 0 1.5em; font-size: 12px; } details.all-columns summary { color: #555; cursor: pointer; }
 p.caption { color: #444; font-size: 13px; margin: -.2em 0 1.6em; max-width: 60em; }
-.ok { color: #1e8449; font-weight: bold; } code { font-size: 12px; }
+.ok { color: """ + SEVERITY_COLORS["ok"] + """; font-weight: bold; } code { font-size: 12px; }
 """ + FINDING_CSS  # the diagnosis cards: the same look as in the Diagnosis widget
 
 _PLOTLYJS_CHOICES = "'inline' (default, opens offline), 'cdn', a path or URL of plotly.js, or False"
