@@ -32,6 +32,11 @@ FORBIDDEN_THIRD_PARTY = {
 SHARED = {"lily_lab.core.errors"}
 
 
+def _is_module(name: str) -> bool:
+    """Whether ``lily_lab.<name>`` is a package or module (not a function or class of lily_lab)."""
+    return (ROOT / name / "__init__.py").exists() or (ROOT / f"{name}.py").exists()
+
+
 def imports_of(path: Path, package: str) -> set[str]:
     """Top-level names imported by a module: lily_lab subpackages as 'lily_lab.<sub>'."""
     tree = ast.parse(path.read_text())
@@ -40,13 +45,18 @@ def imports_of(path: Path, package: str) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against lily_lab.<package>
-                parts = ["lily_lab", package]
+            if node.level:  # relative: resolve against lily_lab.<package> (lily_lab for a top-level module)
+                parts = ["lily_lab", package] if package else ["lily_lab"]
                 base = parts[: len(parts) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
-                found.add(mod)
+                if node.module is None:  # `from .. import plots`: the names that are modules of lily_lab
+                    found |= {f"{mod}.{a.name}" for a in node.names if mod != "lily_lab" or _is_module(a.name)}
+                else:
+                    found.add(mod)
             elif node.module:
                 found.add(node.module)
+                if node.module == "lily_lab":  # `from lily_lab import demo`
+                    found |= {f"lily_lab.{a.name}" for a in node.names if _is_module(a.name)}
     return found
 
 
@@ -64,9 +74,27 @@ def test_layers_import_one_way(layer):
 
 def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from ..analysis import router_metrics\nimport plotly\n")
+    bad.write_text("from ..analysis import router_metrics\nimport plotly\nfrom .. import demo\n")
     names = imports_of(bad, "core")
-    assert "lily_lab.analysis" in names and "plotly" in names
+    assert "lily_lab.analysis" in names and "plotly" in names and "lily_lab.demo" in names
+
+
+# The application layer: the modules at the top of the package. They may use every package; no
+# package may import them (a library function must not reach up into the command line or the demo).
+APP = {"cli", "commands", "demo", "llm", "report"}
+
+
+def test_every_top_level_module_is_classified():
+    top = {p.stem for p in ROOT.glob("*.py")} - {"__init__", "__main__"}
+    assert top == APP, f"top-level modules not in APP (or gone): {sorted(top ^ APP)}"
+    assert {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(ORDER)
+
+
+@pytest.mark.parametrize("layer", ORDER)
+def test_no_package_imports_the_application_layer(layer):
+    for path in sorted((ROOT / layer).glob("*.py")):
+        app = {n for n in imports_of(path, layer) if n.split(".")[:2] in [["lily_lab", a] for a in APP]}
+        assert not app, f"{layer}/{path.name} imports the application layer: {sorted(app)}"
 
 
 def test_public_api_is_explicit():
