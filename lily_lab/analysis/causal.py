@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core import ROUTING_MODES, adapter_sites, set_lily_options
-from ..core.errors import LilyConfigError, LilyLabError, LilyLabTypeError, TargetError
+from ..core.errors import CausalConsistencyError, LilyConfigError, LilyLabTypeError, TargetError
 from ..core.inject import get_state
 from ..observe.record import device_of, evaluating
 
@@ -37,10 +37,6 @@ COLUMNS = ["routing", "future_leak", "generation_drift", "future_leak_base", "ge
 
 #: Routing modes whose mixture is per sequence or finer: the two leak inputs can share one call.
 _PER_SEQUENCE = frozenset({"sequence", "causal", "token"})
-
-
-class CausalConsistencyError(LilyLabError, ValueError):
-    """``causal_consistency`` cannot measure this input (too short, wrong shape, a mode PEFT lacks)."""
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -4,7 +4,8 @@ Every error lily_lab raises on bad input is a :class:`LilyLabError`. The subclas
 builtin exception a Python user would expect (``ValueError`` for a wrong value, ``TypeError`` for a
 wrong kind of argument, ``FileNotFoundError`` for a missing file), so ``except ValueError`` keeps
 working. :class:`InputError`, :class:`LilyLabTypeError` and :class:`LilyLabFileError` are the general
-ones; the others say which part of lily_lab refused.
+ones; the others say which part of lily_lab refused. Every one of them is defined here (the
+modules that raise them re-export theirs: ``lily_lab.llm.ChatTemplateError`` is this class).
 
 This module imports nothing, so every layer may raise these (``plots`` included: tests/test_architecture.py).
 """
@@ -58,3 +59,23 @@ class NonFiniteWeightsError(LilyLabError, ValueError):
 class MixtureError(LilyLabError, ValueError):
     """A mixture given to an analysis (``delta_spectra``, ``merge_at``, …) has the wrong size or
     holds NaN or infinite weights."""
+
+
+class RoutingError(LilyLabError, ValueError):
+    """A recording was asked for something it does not hold, or a routing file is unreadable."""
+
+
+class FSDPLayoutError(LilyLabError, ValueError):
+    """An FSDP layout lily_lab cannot plan or check: no Lily sites, unknown modules or layers."""
+
+
+class FSDPSplitError(FSDPLayoutError):
+    """An FSDP layout puts the sites sharing one ``A`` or ``B`` in different units."""
+
+
+class CausalConsistencyError(LilyLabError, ValueError):
+    """``causal_consistency`` cannot measure this input (too short, wrong shape, a mode PEFT lacks)."""
+
+
+class ChatTemplateError(LilyLabError, ValueError):
+    """The tokenizer has no chat template, or its template cannot frame the question and answer."""

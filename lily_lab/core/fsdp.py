@@ -29,16 +29,8 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from .errors import LilyLabError
+from .errors import FSDPLayoutError, FSDPSplitError
 from .layer import LilyLayer
-
-
-class FSDPLayoutError(LilyLabError, ValueError):
-    """An FSDP layout lily_lab cannot plan or check: no Lily sites, unknown modules or layers."""
-
-
-class FSDPSplitError(FSDPLayoutError):
-    """An FSDP layout puts the sites sharing one ``A`` or ``B`` in different units."""
 
 
 def lily_fsdp_units(model: nn.Module, layer_cls=None) -> list[list[str]]:

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..core.errors import LilyLabError, LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError
+from ..core.errors import LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError, RoutingError
 from .tokens import token_texts
 
 FORMAT = "lily_lab-routing"
@@ -26,10 +26,6 @@ _NO_LABEL = -1  # label code of an unlabelled token
 PHASES = (None, "prefill", "decode")
 _PHASE_CODES = {None: -1, "prefill": 0, "decode": 1}
 _PHASE_NAMES = {-1: None, 0: "prefill", 1: "decode"}
-
-
-class RoutingError(LilyLabError, ValueError):
-    """A recording was asked for something it does not hold, or a routing file is unreadable."""
 
 
 def _is_missing(value) -> bool:
