@@ -16,7 +16,7 @@ from ..core.errors import InputError, NonFiniteWeightsError
 from ..core.layer import is_conv1d, require_module
 from .finite import require_finite
 from .routing import layer_of
-from .spectra import _mixtures_for, dense_delta
+from .spectra import mixtures_for, dense_delta
 
 FULL_SVD_LIMIT = 2048  # min(d_out, d_in) above which partial (randomised) SVDs are used
 
@@ -79,7 +79,7 @@ def intruder_dimensions(model: nn.Module, mixture: Any = None, k: int = 10,
                 raise NonFiniteWeightsError(
                     f"intruder_dimensions cannot run: the base weight of site {s.name!r} holds NaN or infinite "
                     "values; the base model itself is broken (reload it)")
-            ((label, pi),) = _mixtures_for(s, mixture, None, 1)
+            ((label, pi),) = mixtures_for(s, mixture, None, 1)
             W_ft = W + dense_delta(s, pi)
             large = min(W.shape) > FULL_SVD_LIMIT
             U0, _ = _left_vectors(W, max(4 * k, 256) if large and base_vectors is None else base_vectors)

@@ -17,7 +17,7 @@ from ..core import adapter_sites, remove_lily
 from ..core.errors import InputError
 from ..core.layer import LilyLayer, is_conv1d, require_module
 from .finite import require_finite
-from .spectra import _mixtures_for, dense_delta
+from .spectra import mixtures_for, dense_delta
 
 
 def merge_at(model: nn.Module, mixture: Any = None) -> nn.Module:
@@ -34,7 +34,7 @@ def merge_at(model: nn.Module, mixture: Any = None) -> nn.Module:
     require_finite(sites, "merge_at", ("A", "B"))
     deltas = {}
     for s in sites:
-        ((_, pi),) = _mixtures_for(s, mixture, None, 1)
+        ((_, pi),) = mixtures_for(s, mixture, None, 1)
         deltas[s.name] = dense_delta(s, pi)
     merged = copy.deepcopy(model)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import LilyLabTypeError
-from ..observe.routing import Routing, RoutingError, SiteRecord, _entropy
+from ..observe.routing import Routing, RoutingError, SiteRecord, entropy
 from ..observe.tokens import token_texts
 
 METRIC_COLUMNS = ["load_entropy", "token_entropy", "routing_mi", "effective_experts", "max_usage", "cv2",
@@ -37,7 +37,7 @@ def site_metrics(rec: SiteRecord) -> dict[str, float]:
     """The router metrics (docs/metrics.md) of one site's sums (``n_tokens`` > 0, ``num_B`` ≥ 2)."""
     E, n = rec.num_B, rec.n_tokens
     u = rec.sum_probs / n
-    H_u = float(_entropy(u))
+    H_u = float(entropy(u))
     mean_H = rec.sum_token_entropy / n
     f = rec.argmax_counts / n
     mean_u = u.mean()
@@ -84,11 +84,11 @@ def _js_divergence(dists: np.ndarray) -> float:
     n = len(dists)
     if n < 2:
         return float("nan")
-    H = _entropy(dists)
+    H = entropy(dists)
     total = 0.0
     for i in range(n - 1):
         m = (dists[i] + dists[i + 1:]) / 2
-        total += float((_entropy(m) - (H[i] + H[i + 1:]) / 2).sum())
+        total += float((entropy(m) - (H[i] + H[i + 1:]) / 2).sum())
     return total / (n * (n - 1) / 2) / np.log(2)
 
 
@@ -123,14 +123,14 @@ def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> p
         usage = np.array([sums[k][1] for k in keys]) / np.maximum(counts, 1)[:, None]
         N = counts.sum()
         u = (usage * counts[:, None]).sum(axis=0) / N
-        mi = float(_entropy(u) - (counts / N * _entropy(usage)).sum())
+        mi = float(entropy(u) - (counts / N * entropy(usage)).sum())
         frequent = counts >= min_count
         js = _js_divergence(usage[frequent])
         values = [routing.labels[k] if by == "label" else k for k in keys]
         for v, c, uv, keep in zip(values, counts, usage, frequent):
             if not keep:
                 continue
-            H_v = float(_entropy(uv) / np.log(rec.num_B))  # the value's own load entropy (docs/metrics.md)
+            H_v = float(entropy(uv) / np.log(rec.num_B))  # the value's own load entropy (docs/metrics.md)
             for e in range(rec.num_B):
                 rows.append({**_site_columns(rec), "value": v, "expert": e, "usage": float(uv[e]),
                              "n_tokens": int(c), "load_entropy": H_v, "mutual_information": mi,
@@ -162,7 +162,7 @@ def expert_layer_profile(routing: Routing) -> pd.DataFrame:
         share = U / np.where(U.sum(axis=0) > 0, U.sum(axis=0), 1)
         L = len(recs)
         for e in range(U.shape[1]):
-            H = float(_entropy(share[:, e]) / np.log(L)) if L > 1 else float("nan")
+            H = float(entropy(share[:, e]) / np.log(L)) if L > 1 else float("nan")
             for i, rec in enumerate(recs):
                 rows.append({"group": group, "expert": e, "site": rec.name, "index": rec.index,
                              "layer": layer_of(rec.name, rec.index), "usage": float(U[i, e]),

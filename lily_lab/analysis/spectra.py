@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core import Site, adapter_sites
+from ..core.layer import mix_experts
 from ..core.errors import InputError, LilyLabTypeError, MixtureError
 from ..core.offline import sites_from_directory
 from ..observe.routing import Routing, RoutingError
@@ -35,7 +36,7 @@ def factor_singular_values(A: torch.Tensor, B_mix: torch.Tensor, scaling: float)
     return abs(scaling) * torch.linalg.svdvals(core)
 
 
-def _mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int) -> list[tuple[str, np.ndarray]]:
+def mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int) -> list[tuple[str, np.ndarray]]:
     """``[(label, π)]`` for one site from the ``mixture`` argument of :func:`delta_spectra`; every
     ``π`` has the bank's ``E`` entries, all finite, else :class:`MixtureError`."""
     out = _raw_mixtures_for(site, mixture, by, max_samples)
@@ -127,7 +128,7 @@ def delta_spectra(model: nn.Module | str | os.PathLike | list[Site], mixture: An
     require_finite(sites, "delta_spectra", ("A", "B"))
     jobs = []  # (site, label, π)
     for s in sites:
-        for label, pi in _mixtures_for(s, mixture, by, max_samples):
+        for label, pi in mixtures_for(s, mixture, by, max_samples):
             jobs.append((s, label, pi))
     # Batch the QR/SVD over jobs of equal shapes.
     by_shape: dict[tuple, list[int]] = {}
@@ -138,7 +139,7 @@ def delta_spectra(model: nn.Module | str | os.PathLike | list[Site], mixture: An
         for (r, d_in, d_out, scaling), idx in by_shape.items():
             A = torch.stack([jobs[i][0].A.detach().double().cpu() for i in idx])
             B_mix = torch.stack([
-                torch.einsum("e,erd->rd", torch.from_numpy(jobs[i][2]), jobs[i][0].B.detach().double().cpu())
+                mix_experts(torch.from_numpy(jobs[i][2]), jobs[i][0].B.detach().double().cpu())
                 for i in idx])
             sv = factor_singular_values(A, B_mix, scaling).numpy()
             for row, i in enumerate(idx):
@@ -211,7 +212,7 @@ def dense_delta(site: Site, pi: np.ndarray | None = None) -> torch.Tensor:
     For tests, merging and small layers; spectra never need it."""
     E = site.num_B
     pi = np.full(E, 1 / E) if pi is None else np.asarray(pi, dtype=np.float64)
-    B_mix = torch.einsum("e,erd->rd", torch.from_numpy(pi), site.B.detach().double().cpu())
+    B_mix = mix_experts(torch.from_numpy(pi), site.B.detach().double().cpu())
     return site.scaling * B_mix.T @ site.A.detach().double().cpu()
 
 

@@ -355,10 +355,15 @@ def _uniform_where_empty(mixture: torch.Tensor, count) -> torch.Tensor:
     return torch.where(count > 0, mixture, torch.full_like(mixture, 1 / mixture.shape[-1]))
 
 
+def mix_experts(mixture: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``B_π = Σ_e π_e B_e``: one mixture ``(E,)`` of a bank ``(E, r, d_out)`` → ``(r, d_out)``."""
+    return torch.einsum("e,erd->rd", mixture, B)
+
+
 def _mix_batch(h, probs, B, token_mask):
     flat = probs.reshape(-1, probs.shape[-1])
     mixture = _uniform_where_empty(flat.mean(dim=0), flat.shape[0])  # (E,) every token, padding included
-    B_mix = torch.einsum("e,erd->rd", mixture, B)  # (r, d_out)
+    B_mix = mix_experts(mixture, B)  # (r, d_out)
     return h, B_mix, mixture
 
 

@@ -56,7 +56,7 @@ def check_labels(labels: list, where: str = "annotate") -> None:
             "series.fillna('unknown')) before annotating")
 
 
-def _entropy(p: np.ndarray) -> np.ndarray:
+def entropy(p: np.ndarray) -> np.ndarray:
     """Natural-log entropy along the last axis; 0·log 0 = 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=-1)
