@@ -330,12 +330,12 @@ def _load_demo_causal_lm(model_dir):
 def _max_prompt_logit_diff(a, b, prompts, pad, batch_size=16) -> float:
     """Largest |logit difference| of models ``a`` and ``b`` over every real position of ``prompts``
     (right-padded batches, compared batch by batch: the full logits of all prompts would not fit)."""
-    from .llm import _pad
+    from .llm import pad_batch
 
     a.eval(), b.eval()
     worst = 0.0
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _pad(prompts[start:start + batch_size], pad)
+        ids, mask = pad_batch(prompts[start:start + batch_size], pad)
         real = mask.bool()
         la, lb = a(input_ids=ids, attention_mask=mask).logits, b(input_ids=ids, attention_mask=mask).logits
         worst = max(worst, (la[real] - lb[real]).abs().max().item())

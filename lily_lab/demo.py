@@ -386,26 +386,26 @@ def _head_error(path: Path, problem: str):
 
 def _head_names(names, most: int = 4) -> str:
     """``names`` for a one-line message: each cut to a readable length, at most ``most`` of them."""
-    from .core.safetensors_header import _short
+    from .core.safetensors_header import shorten
 
     names = list(names)
-    shown = ", ".join(map(_short, names[:most]))
+    shown = ", ".join(map(shorten, names[:most]))
     return shown + (f" and {len(names) - most:,} more" if len(names) > most else "")
 
 
 def _head_entries(path: Path) -> dict:
     """The head file's checked header: every tensor a non-empty float vector or matrix."""
-    from .core.safetensors_header import FLOAT_DTYPES, _short, read_header
+    from .core.safetensors_header import FLOAT_DTYPES, shorten, read_header
 
     entries = read_header(path, HEAD_FIX, max_header=HEAD_MAX_HEADER)
     if not entries:
         raise _head_error(path, "it holds no tensors")
     for name, e in sorted(entries.items()):
         if e.dtype not in FLOAT_DTYPES:
-            raise _head_error(path, f"{_short(name)} has dtype {e.dtype}; a head holds floats "
+            raise _head_error(path, f"{shorten(name)} has dtype {e.dtype}; a head holds floats "
                                     f"({', '.join(FLOAT_DTYPES)})")
         if len(e.shape) not in (1, 2) or 0 in e.shape:  # an empty shape's sizes are unbounded: shown cut
-            raise _head_error(path, f"{_short(name)} has shape {_short(list(e.shape))}; a head holds non-empty "
+            raise _head_error(path, f"{shorten(name)} has shape {shorten(list(e.shape))}; a head holds non-empty "
                                     "vectors and matrices")
     return entries
 

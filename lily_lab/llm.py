@@ -269,7 +269,7 @@ def _labels(labels, n: int, k: int) -> list[int]:
     return labels
 
 
-def _pad(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)``: ``rows`` padded with ``value`` to the longest, on the right (or the left)."""
     width = max((len(r) for r in rows), default=0)
     ids = torch.full((len(rows), width), value, dtype=torch.long)
@@ -298,7 +298,7 @@ def chat_examples(tokenizer, texts, labels, names, *, max_length: int = 128,
     answers = answer_ids(tokenizer, names)
     prompts = chat_prompts(tokenizer, texts, names, max_length=max_length, question=question)
     rows = [p + answers[y] for p, y in zip(prompts, labels)]
-    ids, mask = _pad(rows, pad_id(tokenizer))
+    ids, mask = pad_batch(rows, pad_id(tokenizer))
     targets = torch.full_like(ids, IGNORE_INDEX)
     for i, (p, y) in enumerate(zip(prompts, labels)):
         targets[i, len(p):len(p) + len(answers[y])] = torch.tensor(answers[y])
@@ -386,7 +386,7 @@ def _forward_params(model) -> set[str]:
 def _left_batch(rows: list[list[int]], pad: int, params: set[str]) -> dict[str, torch.Tensor]:
     """Left-padded inputs with each row's own positions 0, 1, … from its first real token (transformers'
     Llama counts positions from the start of the padded row unless told)."""
-    ids, mask = _pad(rows, pad, left=True)
+    ids, mask = pad_batch(rows, pad, left=True)
     batch = {"input_ids": ids, "attention_mask": mask}
     if "position_ids" in params:
         batch["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -480,7 +480,7 @@ def generate_answers(model, tokenizer, texts, names, *, max_new_tokens: int = 4,
     try:
         for start in range(0, len(prompts), batch_size):
             current = list(range(start, min(start + batch_size, len(prompts))))
-            ids, mask = _pad([prompts[i] for i in current], pad, left=True)
+            ids, mask = pad_batch([prompts[i] for i in current], pad, left=True)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stops),
                                  temperature=None, top_p=None, top_k=None)

@@ -97,6 +97,49 @@ def test_no_package_imports_the_application_layer(layer):
         assert not app, f"{layer}/{path.name} imports the application layer: {sorted(app)}"
 
 
+def private_imports(path: Path, package: str) -> set[str]:
+    """``module._name`` for each underscore name ``path`` imports from *another* lily_lab package
+    (or, for a top-level module, from any package)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = ["lily_lab", package] if package else ["lily_lab"]
+            mod = ".".join(base[: len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+            parts = mod.split(".")
+            other = len(parts) > 1 and (not package or parts[1] != package)
+            if other:
+                found |= {f"{mod}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")}
+    return found
+
+
+def test_no_private_name_crosses_a_package():
+    """What one package uses of another is public there (no underscore): a newcomer can rename a
+    private helper without reading the whole project."""
+    crossing = {}
+    for layer in ORDER:
+        for path in sorted((ROOT / layer).glob("*.py")):
+            if found := private_imports(path, layer):
+                crossing[f"{layer}/{path.name}"] = sorted(found)
+    for name in sorted(APP):
+        if found := private_imports(ROOT / f"{name}.py", ""):
+            crossing[f"{name}.py"] = sorted(found)
+    assert not crossing, crossing
+    # the checker itself sees one:
+    assert private_imports_of_text("from ..core.inject import _x, y", "observe") == {"lily_lab.core.inject._x"}
+
+
+def private_imports_of_text(text: str, package: str) -> set[str]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(text)
+    try:
+        return private_imports(Path(f.name), package)
+    finally:
+        Path(f.name).unlink()
+
+
 def test_public_api_is_explicit():
     for name in lily_lab.__all__:
         assert getattr(lily_lab, name) is not None, name

@@ -259,13 +259,13 @@ class _MaskCapture:
         mask = kwargs.get("attention_mask")
         if mask is None and self.position is not None and len(args) > self.position:
             mask = args[self.position]
-        self.context.push(mask if isinstance(mask, torch.Tensor) else None, _past_length(kwargs))
+        self.context.push(mask if isinstance(mask, torch.Tensor) else None, past_length_of(kwargs))
 
     def post(self, module, args, kwargs, output):
         self.context.pop()
 
 
-def _kv_cache(kwargs: dict):
+def kv_cache_of(kwargs: dict):
     """The KV cache object a transformers call was given (``past_key_values``, or ``cache`` as
     ``generate`` passes it): one with a ``get_seq_length`` method; ``None`` without one."""
     for key in ("past_key_values", "cache"):
@@ -275,10 +275,10 @@ def _kv_cache(kwargs: dict):
     return None
 
 
-def _past_length(kwargs: dict) -> int:
-    """Positions already in the KV cache of a transformers call (see :func:`_kv_cache`), before
+def past_length_of(kwargs: dict) -> int:
+    """Positions already in the KV cache of a transformers call (see :func:`kv_cache_of`), before
     this call adds its own; 0 without one."""
-    cache = _kv_cache(kwargs)
+    cache = kv_cache_of(kwargs)
     if cache is None:
         return 0
     try:

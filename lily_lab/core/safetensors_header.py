@@ -70,7 +70,7 @@ def read_header(path: str | os.PathLike, fix: str = "", max_header: int = MAX_HE
         del raw  # the bytes and the text and the parsed header are not all held at once
         header = json.loads(text, object_pairs_hook=_no_repeats)
     except _Repeated as err:
-        raise bad(f"its header names {_short(err.args[0])} more than once") from None
+        raise bad(f"its header names {shorten(err.args[0])} more than once") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise bad(f"its header is not JSON ({str(err).splitlines()[0][:120]})") from None
     if not isinstance(header, dict):
@@ -85,7 +85,7 @@ def read_header(path: str | os.PathLike, fix: str = "", max_header: int = MAX_HE
     at = 0
     for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if e.begin != at:
-            raise bad(f"tensor {_short(name)} starts at byte {e.begin:,} of the data, expected {at:,} (gap or overlap)")
+            raise bad(f"tensor {shorten(name)} starts at byte {e.begin:,} of the data, expected {at:,} (gap or overlap)")
         at = e.end
     if at != data_size:
         raise bad(f"the tensors cover {at:,} bytes of data, but the file holds {data_size:,}")
@@ -94,27 +94,27 @@ def read_header(path: str | os.PathLike, fix: str = "", max_header: int = MAX_HE
 
 def _entry(name: str, entry, data_size: int, bad) -> TensorEntry:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise bad(f"entry {_short(name)} is not an object of dtype, shape and data_offsets")
+        raise bad(f"entry {shorten(name)} is not an object of dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in ITEMSIZE:
-        raise bad(f"tensor {_short(name)} has dtype {_short(dtype)}, not one of {', '.join(ITEMSIZE)}")
+        raise bad(f"tensor {shorten(name)} has dtype {shorten(dtype)}, not one of {', '.join(ITEMSIZE)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise bad(f"tensor {_short(name)} has shape {_short(shape)}, not a list of non-negative integers")
+        raise bad(f"tensor {shorten(name)} has shape {shorten(shape)}, not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
             and offsets[0] <= offsets[1] <= data_size):
-        raise bad(f"tensor {_short(name)} has data_offsets {_short(offsets)}, not [begin, end] within the "
+        raise bad(f"tensor {shorten(name)} has data_offsets {shorten(offsets)}, not [begin, end] within the "
                   f"{data_size:,} bytes of data")
     nbytes = math.prod(shape) * ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != nbytes:
         # nbytes can have more digits than Python will format (``sys.get_int_max_str_digits()``):
         # a size beyond the data is said as such, not spelled out.
         size = f"{nbytes:,} bytes" if nbytes <= data_size else f"more than the {data_size:,} bytes of data"
-        raise bad(f"tensor {_short(name)} declares shape {_short(shape)} of {dtype} ({size}) but spans "
+        raise bad(f"tensor {shorten(name)} declares shape {shorten(shape)} of {dtype} ({size}) but spans "
                   f"{offsets[1] - offsets[0]:,} bytes")
     return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def _short(value, limit: int = 80) -> str:
+def shorten(value, limit: int = 80) -> str:
     """``repr(value)``, cut to about ``limit`` characters: a header's names and values go into a
     one-line message, and a hostile header can make them megabytes long (or integers with more
     digits than Python will format)."""

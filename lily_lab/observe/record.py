@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import adapter_sites
-from ..core.inject import _kv_cache, _past_length
+from ..core.inject import kv_cache_of, past_length_of
 from ..core.layer import LilyLayer, RoutingEvent, in_backward, require_module
 from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord, check_labels
 
@@ -204,8 +204,8 @@ class Recorder:
         if ids is None and ids_pos is not None and len(args) > ids_pos:
             ids = args[ids_pos]
         embeds = kwargs.get("inputs_embeds")
-        cache = _kv_cache(kwargs)
-        past = _past_length({"cache": cache}) if cache is not None else 0
+        cache = kv_cache_of(kwargs)
+        past = past_length_of({"cache": cache}) if cache is not None else 0
         phase = -1 if cache is None else 1 if past > 0 else 0
         mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         ids = ids.detach() if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
