@@ -6,23 +6,17 @@ Every metric comes from the recording's exact sums, never from its token sample.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pandas as pd
 
 from ..core.errors import LilyLabTypeError
+from ..core.names import layer_of  # noqa: F401 (spectra, layout and intruders import it from here)
 from ..observe.routing import Routing, RoutingError, SiteRecord, entropy
 from ..observe.tokens import token_texts
 
 METRIC_COLUMNS = ["load_entropy", "token_entropy", "routing_mi", "effective_experts", "max_usage", "cv2",
                   "switch_balance", "z_loss"]
-
-
-def layer_of(name: str, default: int) -> int:
-    """The layer number in a module path (``encoder.layer.3.attention.self.query`` → 3)."""
-    m = re.search(r"\.(\d+)(?:\.|$)", name)
-    return int(m.group(1)) if m else default
 
 
 def require_routing(routing, fn: str, arg: str = "routing") -> None:

@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..core.errors import InputError, LilyLabTypeError
+from ..core.names import layer_of
 from .theme import TEMPLATE
 
 
@@ -57,13 +58,6 @@ def first(frame: pd.DataFrame, column: str, value: Any = None) -> Any:
     return frame[column].iloc[0] if value is None else value
 
 
-_LAYER = re.compile(r"\.(\d+)(?:\.|$)")
-
-
-def layer_of(site: str, default: Any = None) -> Any:
-    """The layer number in a module path (``encoder.layer.3.attention.self.query`` → 3)."""
-    m = _LAYER.search(str(site))
-    return int(m.group(1)) if m else default
 
 
 def layers(frame: pd.DataFrame) -> pd.Series:
