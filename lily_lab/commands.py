@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 from pathlib import Path
@@ -71,6 +73,29 @@ ENCODER_DEFAULTS = ("batch", ("query", "value"), 5e-3, 16, 2048, 512)
 CAUSAL_DEFAULTS = ("causal", ("q_proj", "v_proj"), 2e-3, 8, 512, 128)
 
 
+def _threads_for_the_run(fn):
+    """Run ``fn`` with torch's intra-op thread count set to its ``threads`` argument, and put the
+    caller's count back afterwards: the command's choice (2 by default, what this project's small
+    CPU machines have) must not leak into a notebook or script that calls ``run_demo`` /
+    ``run_report``. The other thread choice, ``OMP_WAIT_POLICY``, is made once at the command
+    line's edge (``lily_lab.cli``), before torch loads."""
+    default = inspect.signature(fn).parameters["threads"].default
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        threads = kwargs.get("threads", default)
+        _positive(threads=threads)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+@_threads_for_the_run
 def run_demo(*, steps=30, routing=None, r=8, stride_A=2, num_B=4, seed=0, out_dir="lily_lab_demo_adapter",
              out="lily_lab_report.html", model_dir=None, data=None, text_column="text", label_column="label",
              targets=None, lr=None, batch_size=None, n_train=None, n_heldout=None, threads=2, causal_lm=None,
@@ -158,7 +183,6 @@ def _run_encoder_demo(*, steps, routing, r, stride_A, num_B, seed, out_dir, out,
                    save_adapter)
 
     started = time.perf_counter()
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     train, heldout, names = _data(data, text_column, label_column, n_train, n_heldout, seed)
     print(f"train {len(train):,}, held out {len(heldout):,} (seed {seed})")
@@ -240,7 +264,6 @@ def _run_causal_demo(*, steps, routing, r, stride_A, num_B, seed, out_dir, out, 
     from . import llm
 
     started = time.perf_counter()
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     train, heldout, names = _data(data, text_column, label_column, n_train, n_heldout, seed)
     print(f"train {len(train):,}, held out {len(heldout):,} (seed {seed})")
@@ -342,6 +365,7 @@ def _max_prompt_logit_diff(a, b, prompts, pad, batch_size=16) -> float:
     return worst
 
 
+@_threads_for_the_run
 def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", label_column=None, out="lily_lab_report.html",
                n_texts=512, seed=0, threads=2, causal_lm=False) -> int:
     """Analyse a saved adapter (lily_lab, PEFT Lily or PEFT LoRA) on data; write the HTML report.
@@ -355,7 +379,6 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
     from . import CheckpointError, load_adapter, report
 
     _positive(n_texts=n_texts, threads=threads)
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():

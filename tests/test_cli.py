@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+import lily_lab as ll
+
 from lily_lab.cli import build_parser
 
 
@@ -101,3 +103,30 @@ def test_running_now_counts_other_busy_processes():
     finally:
         for p in spinners:
             p.kill()
+
+
+@pytest.mark.parametrize("command", ["run_demo", "run_report"])
+def test_the_commands_use_their_thread_count_and_give_the_callers_back(command, monkeypatch, tmp_path):
+    """A notebook that calls run_demo / run_report keeps its own torch thread count afterwards,
+    also when the command fails; during the command, the command's count holds."""
+    import torch
+
+    from lily_lab import commands
+
+    seen = []
+
+    def out_path(out):
+        seen.append(torch.get_num_threads())
+        raise ll.InputError("stop here")
+
+    monkeypatch.setattr(commands, "check_out_path", out_path)
+    before = torch.get_num_threads()
+    mine = 1 if before != 1 else 2
+    torch.set_num_threads(mine)
+    try:
+        run = getattr(commands, command)
+        with pytest.raises(ll.InputError, match="stop here"):
+            run(threads=3) if command == "run_demo" else run(tmp_path, threads=3)
+        assert seen == [3] and torch.get_num_threads() == mine
+    finally:
+        torch.set_num_threads(before)
