@@ -5,7 +5,6 @@ import os
 import pytest
 
 import lily_lab as ll
-
 from lily_lab.cli import build_parser
 
 
