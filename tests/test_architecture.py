@@ -29,7 +29,7 @@ FORBIDDEN_THIRD_PARTY = {
 
 # lily_lab's exceptions: a module that imports nothing, which every layer may raise (plots too, so
 # that a bad frame is a LilyLabError like every other bad input).
-SHARED = {"lily_lab.core.errors", "lily_lab.core.names"}
+SHARED = {"lily_lab.core.errors", "lily_lab.core.names", "lily_lab.core.palette"}
 
 
 def _is_module(name: str) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 from ..core import LilyLayer, adapter_sites
 from ..core.errors import InputError, LilyLabError, LilyLabTypeError
 from ..core.inject import get_state
+from ..core.palette import SEVERITY_COLORS
 from ..core.layer import require_module
 from ..observe.routing import Routing
 from .causal import CausalConsistencyError, batch_of, causal_consistency, is_causal_lm, pad_token_id, \
@@ -107,14 +108,14 @@ class Diagnosis:
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        colour = {"critical": "#c0392b", "warning": "#d68910"}
+        colour = SEVERITY_COLORS
         rows = "".join(
             f"<tr><td style='color:{colour[f.severity]};font-weight:bold'>{f.severity}</td><td>{f.kind}</td>"
             f"<td>{html.escape(f.summary)}</td><td>{html.escape(', '.join(f.sites[:6]))}"
             f"{' …' if len(f.sites) > 6 else ''}</td><td>{html.escape(f.remedy)}</td></tr>"
             for f in self.findings)
         status = ("" if not self.ok else f"<p><b>{html.escape(self.headline)}</b></p>" if self.headline
-                  else "<p style='color:#1e8449'><b>No collapse found.</b></p>")
+                  else f"<p style='color:{SEVERITY_COLORS['ok']}'><b>No collapse found.</b></p>")
         notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in self.notes)
         return (f"<div><b>lily_lab diagnosis</b> — checked: {', '.join(self.checked)}{status}"
                 + (f"<table><tr><th>severity</th><th>kind</th><th>what</th><th>where</th><th>try</th></tr>{rows}</table>"

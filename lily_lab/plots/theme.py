@@ -11,6 +11,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.colors import qualitative
 
+from ..core.palette import SEVERITY_COLORS  # diagnosis severities, shared with analysis and the report
+
 TEMPLATE = "lily_lab"
 
 #: Expert ``e`` is drawn in ``EXPERT_COLORS[e]`` in every figure (Tableau 10, then Alphabet).
@@ -18,8 +20,6 @@ EXPERT_COLORS: list[str] = [
     "#4E79A7", "#F28E2B", "#59A14F", "#B07AA1", "#76B7B2", "#EDC948", "#FF9DA7", "#9C755F", "#BAB0AC", "#E15759",
 ] + list(qualitative.Alphabet)
 
-#: Diagnosis severities (the same colours as ``Diagnosis._repr_html_``); ``ok`` for "no findings".
-SEVERITY_COLORS: dict[str, str] = {"critical": "#c0392b", "warning": "#d68910", "ok": "#1e8449"}
 
 NEUTRAL = "#7f7f7f"  # structure that is not an expert: sites, edges, bounds
 ACCENT = "#2a3f5f"  # shared A projectors, reference lines
