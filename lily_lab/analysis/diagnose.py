@@ -201,27 +201,9 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
         _report_nonfinite(bad, d, routing is not None)
     banks = bank_summary(model)
     banks = banks[~banks.group.isin(list(bad))]
-    inactive = banks[banks.max_norm < t.inactive_norm]
-    if len(inactive):
-        d.findings.append(Finding(
-            "inactive_adapter", "warning", list(inactive.group),
-            {"max_norm": dict(zip(inactive.group, inactive.max_norm))},
-            "Train the adapter: B starts at zero (init_weights=True), so a fresh adapter changes nothing. If it "
-            "stays at zero after training, check that the adapter's parameters are in the optimizer "
-            "(count_parameters(model)['trainable']) and that the learning rate is not 0.",
-            f"{_plural(len(inactive), 'bank')} whose every expert is zero: the adapter has learned nothing yet"))
-    active = banks[(banks.max_norm >= t.inactive_norm) & (banks.num_B >= 2)]
-    redundant = active[active.mean_cosine >= t.redundant_cosine]
-    if len(redundant):
-        critical = bool((redundant.mean_cosine >= t.redundant_critical).any())
-        d.findings.append(Finding(
-            "redundant_experts", "critical" if critical else "warning", list(redundant.group),
-            {"mean_cosine": dict(zip(redundant.group, redundant.mean_cosine.round(4))),
-             "distinct_experts": dict(zip(redundant.group, redundant.distinct_experts.round(3))),
-             "routing": mode},
-            _remedy_redundant(mode),
-            f"{_plural(len(redundant), 'bank')} whose B experts are near copies (mean pairwise cosine ≥ "
-            f"{t.redundant_critical if critical else t.redundant_cosine})"))
+    for check in (_check_inactive_adapter, _check_redundant_experts):
+        if (finding := check(banks, t, mode)) is not None:
+            d.findings.append(finding)
     leaky = _leaky_sites(model)
     if routing is None:
         d.notes.append("router checks skipped: pass routing= a recording from record_routing on your data")
@@ -233,56 +215,105 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     d.checked += list(ROUTER_CHECKS)
     m = router_metrics(routing).dropna(subset=["max_usage"])
     m = m[~m.group.isin(list(bad)) & ~m.site.isin(bad_sites)]
-    dom = m[m.max_usage >= t.dominant_usage]
-    if len(dom):
-        dom_modes = set(dom.routing)
-        usage = routing.usage()
-        top = {s: int(usage[usage.site == s].sort_values("usage").expert.iloc[-1]) for s in dom.site}
-        d.findings.append(Finding(
-            "dominant_expert", "critical" if (dom.max_usage >= t.dominant_critical).any() else "warning",
-            list(dom.site), {"max_usage": dict(zip(dom.site, dom.max_usage.round(4))), "top_expert": top},
-            "Add a load-balancing loss: LilyConfig(balance_loss_weight=0.01 … 0.1) and add "
-            "lily_aux_loss(model) to the training loss (measured in tests/test_diagnose.py: it turns a "
-            "router stuck on one expert back to balanced use). A higher router_temperature early in "
-            "training also spreads the load." + _balance_caveat(dom_modes),
-            f"{_plural(len(dom), 'site')} sending ≥ {t.dominant_usage:.0%} of the router mass to one expert"))
-    rows = []
-    for site in m.itertuples():
-        u = routing.record(site.site).sum_probs / max(routing.record(site.site).n_tokens, 1)
-        dead = np.flatnonzero(u < t.dead_fraction / len(u))
-        if len(dead):
-            rows.append((site.site, dead.tolist(), u[dead].round(5).tolist()))
-    if rows:
-        d.findings.append(Finding(
-            "dead_expert", "warning", [r[0] for r in rows],
-            {"dead_experts": {r[0]: r[1] for r in rows}, "usage": {r[0]: r[2] for r in rows}},
-            "Add a load-balancing loss (LilyConfig(balance_loss_weight=0.01 … 0.1), plus "
-            "lily_aux_loss(model) in the loss) so unused experts receive tokens again; or lower num_B."
-            + _balance_caveat(set(m.set_index("site").loc[[r[0] for r in rows], "routing"])),
-            f"{_plural(len(rows), 'site')} with experts that get under {t.dead_fraction:.0%} of a fair share"))
-    blind = m[m.routing_mi < t.blind_mi]
-    if len(blind):
-        modes = sorted(set(blind.routing))
-        d.findings.append(Finding(
-            "input_blind_router", "warning", list(blind.site),
-            {"routing_mi": dict(zip(blind.site, blind.routing_mi.round(5))), "routing": modes},
-            ("A router that ignores its input sits at a symmetric point gradients cannot leave while "
-             "the experts are equal too (zeroed routers with zero-initialised B: routing_mi stays 0, "
-             "measured in tests/test_diagnose.py). Re-initialise the routers or start B random "
-             "(LilyConfig(init_weights=False)) to break the symmetry, and use routing='token' so "
-             "input-dependent routing is actually applied: on a task that needs routing "
-             "(tests/test_diagnose.py) token routing solved it and batch routing did not, because batch "
-             "routing averages every token's choice away.") if "batch" in modes or "sequence" in modes else
-            ("Routing is per token yet barely depends on the input: break the symmetry (re-initialise "
-             "the routers, or init_weights=False), then train; router_entropy_weight > 0 with "
-             "balance_loss_weight makes tokens choose experts decisively."),
-            f"{_plural(len(blind), 'site')} whose routing barely depends on the input (routing_mi < {t.blind_mi})"))
+    for check in (_check_dominant_expert, _check_dead_expert, _check_input_blind_router):
+        if (finding := check(m, routing, t)) is not None:
+            d.findings.append(finding)
     if leaky and bad:
         d.notes.append("future_leak not checked: the adapter has non-finite weights, so the model's outputs are "
                        "not finite either")
     elif leaky:
         _check_future_leak(model, routing, leaky, t, d)
     return d
+
+
+# --------------------------------------------------------------------------- the checks
+# One function per finding kind: what it looks at, its thresholds (``Thresholds``) and its remedy
+# side by side (docs/diagnosis.md describes each). Bank checks take ``bank_summary`` rows, router
+# checks ``router_metrics`` rows of a recording; each returns its Finding, or None.
+
+
+def _check_inactive_adapter(banks: pd.DataFrame, t: Thresholds, mode: str) -> Finding | None:
+    inactive = banks[banks.max_norm < t.inactive_norm]
+    if not len(inactive):
+        return None
+    return Finding(
+        "inactive_adapter", "warning", list(inactive.group),
+        {"max_norm": dict(zip(inactive.group, inactive.max_norm))},
+        "Train the adapter: B starts at zero (init_weights=True), so a fresh adapter changes nothing. If it "
+        "stays at zero after training, check that the adapter's parameters are in the optimizer "
+        "(count_parameters(model)['trainable']) and that the learning rate is not 0.",
+        f"{_plural(len(inactive), 'bank')} whose every expert is zero: the adapter has learned nothing yet")
+
+
+def _check_redundant_experts(banks: pd.DataFrame, t: Thresholds, mode: str) -> Finding | None:
+    active = banks[(banks.max_norm >= t.inactive_norm) & (banks.num_B >= 2)]
+    redundant = active[active.mean_cosine >= t.redundant_cosine]
+    if not len(redundant):
+        return None
+    critical = bool((redundant.mean_cosine >= t.redundant_critical).any())
+    return Finding(
+        "redundant_experts", "critical" if critical else "warning", list(redundant.group),
+        {"mean_cosine": dict(zip(redundant.group, redundant.mean_cosine.round(4))),
+         "distinct_experts": dict(zip(redundant.group, redundant.distinct_experts.round(3))),
+         "routing": mode},
+        _remedy_redundant(mode),
+        f"{_plural(len(redundant), 'bank')} whose B experts are near copies (mean pairwise cosine ≥ "
+        f"{t.redundant_critical if critical else t.redundant_cosine})")
+
+
+def _check_dominant_expert(m: pd.DataFrame, routing: Routing, t: Thresholds) -> Finding | None:
+    dom = m[m.max_usage >= t.dominant_usage]
+    if not len(dom):
+        return None
+    usage = routing.usage()
+    top = {s: int(usage[usage.site == s].sort_values("usage").expert.iloc[-1]) for s in dom.site}
+    return Finding(
+        "dominant_expert", "critical" if (dom.max_usage >= t.dominant_critical).any() else "warning",
+        list(dom.site), {"max_usage": dict(zip(dom.site, dom.max_usage.round(4))), "top_expert": top},
+        "Add a load-balancing loss: LilyConfig(balance_loss_weight=0.01 … 0.1) and add "
+        "lily_aux_loss(model) to the training loss (measured in tests/test_diagnose.py: it turns a "
+        "router stuck on one expert back to balanced use). A higher router_temperature early in "
+        "training also spreads the load." + _balance_caveat(set(dom.routing)),
+        f"{_plural(len(dom), 'site')} sending ≥ {t.dominant_usage:.0%} of the router mass to one expert")
+
+
+def _check_dead_expert(m: pd.DataFrame, routing: Routing, t: Thresholds) -> Finding | None:
+    rows = []
+    for site in m.itertuples():
+        u = routing.record(site.site).sum_probs / max(routing.record(site.site).n_tokens, 1)
+        dead = np.flatnonzero(u < t.dead_fraction / len(u))
+        if len(dead):
+            rows.append((site.site, dead.tolist(), u[dead].round(5).tolist()))
+    if not rows:
+        return None
+    return Finding(
+        "dead_expert", "warning", [r[0] for r in rows],
+        {"dead_experts": {r[0]: r[1] for r in rows}, "usage": {r[0]: r[2] for r in rows}},
+        "Add a load-balancing loss (LilyConfig(balance_loss_weight=0.01 … 0.1), plus "
+        "lily_aux_loss(model) in the loss) so unused experts receive tokens again; or lower num_B."
+        + _balance_caveat(set(m.set_index("site").loc[[r[0] for r in rows], "routing"])),
+        f"{_plural(len(rows), 'site')} with experts that get under {t.dead_fraction:.0%} of a fair share")
+
+
+def _check_input_blind_router(m: pd.DataFrame, routing: Routing, t: Thresholds) -> Finding | None:
+    blind = m[m.routing_mi < t.blind_mi]
+    if not len(blind):
+        return None
+    modes = sorted(set(blind.routing))
+    return Finding(
+        "input_blind_router", "warning", list(blind.site),
+        {"routing_mi": dict(zip(blind.site, blind.routing_mi.round(5))), "routing": modes},
+        ("A router that ignores its input sits at a symmetric point gradients cannot leave while "
+         "the experts are equal too (zeroed routers with zero-initialised B: routing_mi stays 0, "
+         "measured in tests/test_diagnose.py). Re-initialise the routers or start B random "
+         "(LilyConfig(init_weights=False)) to break the symmetry, and use routing='token' so "
+         "input-dependent routing is actually applied: on a task that needs routing "
+         "(tests/test_diagnose.py) token routing solved it and batch routing did not, because batch "
+         "routing averages every token's choice away.") if "batch" in modes or "sequence" in modes else
+        ("Routing is per token yet barely depends on the input: break the symmetry (re-initialise "
+         "the routers, or init_weights=False), then train; router_entropy_weight > 0 with "
+         "balance_loss_weight makes tokens choose experts decisively."),
+        f"{_plural(len(blind), 'site')} whose routing barely depends on the input (routing_mi < {t.blind_mi})")
 
 
 def _report_nonfinite(bad: dict[str, dict], d: Diagnosis, with_routing: bool) -> None:
