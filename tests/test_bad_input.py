@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 

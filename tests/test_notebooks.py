@@ -5,7 +5,6 @@ Notebooks are committed without outputs; this executes them in a temporary copy.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

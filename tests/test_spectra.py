@@ -3,7 +3,6 @@ intruder dimensions and the router aux losses."""
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 
