@@ -86,5 +86,5 @@ def check(model, batch, labels, routing, rtol: float = 1e-4) -> None:
             h = captured[name].to(layer.lily_A.dtype) @ layer.lily_A.T
             p = torch.softmax((h @ layer.lily_router.T).float(), dim=-1)[mask.to(h.device)].double().cpu().numpy()
         assert np.allclose(rec.sum_probs, CALLS * p.sum(axis=0), rtol=rtol, atol=1e-6), f"{name}: usage sums differ"
-        assert sum(v[0] for v in rec.label_sums.values()) == CALLS * real, f"{name}: labels not folded in"
-        assert sum(v[0] for v in rec.token_sums.values()) == CALLS * real, f"{name}: token ids not folded in"
+        assert sum(v.count for v in rec.label_sums.values()) == CALLS * real, f"{name}: labels not folded in"
+        assert sum(v.count for v in rec.token_sums.values()) == CALLS * real, f"{name}: token ids not folded in"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lily_lab as ll
+from lily_lab.observe.routing import LabelSums
 from lily_lab.observe import Routing, RoutingError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,15 +63,16 @@ def assert_phases_add_up(routing):
         tot, a, b = routing.record(name), pre.record(name), dec.record(name)
         for field in SUMS:
             assert np.array_equal(getattr(a, field) + getattr(b, field), getattr(tot, field)), field  # exactly
-        for code in tot.label_sums:
-            got = [a.label_sums.get(code, [0, 0, 0, 0.0])[k] + b.label_sums.get(code, [0, 0, 0, 0.0])[k] for k in range(4)]
-            assert got[0] == tot.label_sums[code][0] and np.array_equal(got[1], tot.label_sums[code][1])
-            assert np.array_equal(got[2], tot.label_sums[code][2]) and got[3] == tot.label_sums[code][3]
+        E = tot.num_B
+        for code, want in tot.label_sums.items():
+            pa, pb = (x.label_sums.get(code, LabelSums.zeros(E)) for x in (a, b))
+            assert pa.count + pb.count == want.count and np.array_equal(pa.probs + pb.probs, want.probs)
+            assert np.array_equal(pa.argmax + pb.argmax, want.argmax) and pa.entropy + pb.entropy == want.entropy
         assert set(tot.token_sums) == set(a.token_sums) | set(b.token_sums)
-        for tok, (cnt, sp) in tot.token_sums.items():
+        for tok, want in tot.token_sums.items():
             parts = [s.token_sums[tok] for s in (a, b) if tok in s.token_sums]
-            assert cnt == sum(p[0] for p in parts)
-            assert np.array_equal(sp, parts[0][1] if len(parts) == 1 else parts[0][1] + parts[1][1])
+            assert want.count == sum(p.count for p in parts)
+            assert np.array_equal(want.probs, parts[0].probs if len(parts) == 1 else parts[0].probs + parts[1].probs)
 
 
 CASES = [("llama", "causal"), ("llama", "batch"), ("gpt2", "causal"), ("gpt2", "batch"), ("llama", "peft")]
@@ -168,7 +170,7 @@ def test_labels_after_reading_the_recording_still_reach_the_whole_generation():
         rec.annotate(labels=["a", "b"])
     routing = rec.routing
     site = routing.sites[0]
-    counts = {routing.labels[c]: v[0] for c, v in routing.record(site).label_sums.items()}
+    counts = {routing.labels[c]: v.count for c, v in routing.record(site).label_sums.items()}
     assert counts == {"a": int(mask[0].sum()) + 3, "b": int(mask[1].sum()) + 3}
     assert (routing.record(site).tokens.columns["label"] >= 0).all()  # sampled rows relabelled too
     assert_phases_add_up(routing)
@@ -269,8 +271,8 @@ def _held_bytes(rec) -> int:
         for res in (r.tokens, r.mixtures):
             total += sum(a.nbytes for a in res.columns.values()) + sum(a.nbytes for a in res._buffers.values())
         for part in [r, *r.phases.values()]:
-            total += sum(v[1].nbytes + 8 for v in part.token_sums.values())
-            total += sum(v[1].nbytes + v[2].nbytes for v in part.label_sums.values())
+            total += sum(v.probs.nbytes + 8 for v in part.token_sums.values())
+            total += sum(v.probs.nbytes + v.argmax.nbytes for v in part.label_sums.values())
     for rows in rec._token_rows.values():
         total += sum(a.nbytes for part in rows for a in part)
     gen = rec._gen or {"acc": {}}

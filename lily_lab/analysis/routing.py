@@ -113,8 +113,8 @@ def specialization(routing: Routing, by: str = "label", min_count: int = 1) -> p
         if not sums:
             continue
         keys = sorted(sums)
-        counts = np.array([sums[k][0] for k in keys], dtype=float)
-        usage = np.array([sums[k][1] for k in keys]) / np.maximum(counts, 1)[:, None]
+        counts = np.array([sums[k].count for k in keys], dtype=float)
+        usage = np.array([sums[k].probs for k in keys]) / np.maximum(counts, 1)[:, None]
         N = counts.sum()
         u = (usage * counts[:, None]).sum(axis=0) / N
         mi = float(entropy(u) - (counts / N * entropy(usage)).sum())

@@ -71,7 +71,7 @@ def _raw_mixtures_for(site: Site, mixture: Any, by: str | None, max_samples: int
         if by == "label":
             if not rec.label_sums:
                 raise RoutingError("mixture=routing, by='label' needs a recording annotated with labels")
-            return [(f"label={mixture.labels[c]}", s[1] / max(s[0], 1)) for c, s in sorted(rec.label_sums.items())]
+            return [(f"label={mixture.labels[c]}", s.probs / max(s.count, 1)) for c, s in sorted(rec.label_sums.items())]
         if by == "token":
             probs = mixture.probs(name)[:max_samples]
             return [(f"token {i}", p.astype(np.float64)) for i, p in enumerate(probs)]

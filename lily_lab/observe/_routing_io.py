@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .routing import _PHASE_NAMES, FORMAT, FORMAT_VERSION, Reservoir, RoutingError, SiteRecord
+from .routing import _PHASE_NAMES, FORMAT, FORMAT_VERSION, LabelSums, Reservoir, RoutingError, SiteRecord, TokenSums
 
 _TOKEN_COLS = ("probs", "logits", "call", "sequence", "position", "token_id", "label")
 _MIX_COLS = ("mixture", "call", "sequence")
@@ -400,7 +400,7 @@ class _Reader:
         for i, (key, c) in enumerate(zip(keys, codes.tolist())):
             if c in out.setdefault(key, {}):
                 raise _Bad(f"{what}'s {p}codes repeat code {c}")
-            out[key][c] = [int(counts[i]), probs[i], argmax[i], float(entropy[i])]
+            out[key][c] = LabelSums(int(counts[i]), probs[i], argmax[i], float(entropy[i]))
         return out
 
     def _token_sums(self, p: str, phases, n_tokens: int, what: str) -> dict:
@@ -416,7 +416,7 @@ class _Reader:
         for i, (key, t) in enumerate(zip(keys, ids.tolist())):
             if t in out.setdefault(key, {}):
                 raise _Bad(f"{what}'s {p}ids repeat token id {t}")
-            out[key][t] = [int(counts[i]), probs[i]]
+            out[key][t] = TokenSums(int(counts[i]), probs[i])
         return out
 
     def _phases(self, p: str, rec: SiteRecord) -> None:
@@ -449,7 +449,7 @@ class _Reader:
             ph.label_sums = labels.get(code, {})
             ph.token_sums = tokens.get(code, {})
             for key, total in (("label_sums", ph.n_tokens), ("token_sums", ph.n_tokens)):
-                got = sum(v[0] for v in getattr(ph, key).values())
+                got = sum(v.count for v in getattr(ph, key).values())
                 if got > total:
                     raise _Bad(f"{what}'s phase {_PHASE_NAMES[code]!r} {key} count {got} tokens, more than its {total}")
         phs = list(rec.phases.values())

@@ -20,7 +20,7 @@ from torch import nn
 from ..core import adapter_sites
 from ..core.inject import kv_cache_of, past_length_of
 from ..core.layer import LilyLayer, RoutingEvent, in_backward, require_module
-from .routing import _NO_LABEL, Reservoir, Routing, RoutingError, SiteRecord, check_labels
+from .routing import _NO_LABEL, LabelSums, Reservoir, Routing, RoutingError, SiteRecord, TokenSums, check_labels
 
 DEFAULT_MAX_TOKENS = 100_000
 # Per site and phase: token-id rows waiting to be summed are compacted (summed per distinct id) once
@@ -523,11 +523,8 @@ class Recorder:
             np.add.at(lp, codes, p_sum)
             np.add.at(lt, codes, top)
             for c in np.flatnonzero(c_sum).tolist():
-                acc = rec.label_sums.setdefault(c, [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
-                acc[0] += int(round(c_sum[c]))
-                acc[1] = acc[1] + lp[c]
-                acc[2] = acc[2] + lt[c]
-                acc[3] += float(lh[c])
+                rec.label_sums.setdefault(c, LabelSums.zeros(E)).add(
+                    LabelSums(int(round(c_sum[c])), lp[c], lt[c], float(lh[c])))
         gen["acc"] = {}
 
     def _close_generation(self) -> None:
@@ -563,7 +560,7 @@ class Recorder:
         self._token_row_count[key] = self._compacted[key] = len(uniq)
 
     def _fold_token_sums(self) -> None:
-        """Add the waiting token rows into each site's per-phase ``token_sums`` (token id → [count, Σp])."""
+        """Add the waiting token rows into each site's per-phase ``token_sums`` (token id → TokenSums)."""
         for key in list(self._token_rows):
             self._compact_token_rows(key)
             (uniq, sums, counts), = self._token_rows.pop(key)
@@ -576,10 +573,10 @@ class Recorder:
             for u, c, row in zip(ids, counts.tolist(), sums):
                 acc = token_sums.get(u)
                 if acc is None:
-                    token_sums[u] = [c, row]
+                    token_sums[u] = TokenSums(c, row)
                 else:
-                    acc[0] += c
-                    acc[1] = acc[1] + row
+                    acc.count += c
+                    acc.probs = acc.probs + row
 
 
 @contextlib.contextmanager

@@ -127,6 +127,48 @@ class Reservoir:
         return col
 
 
+@dataclass(slots=True)
+class LabelSums:
+    """Exact sums over the tokens of one label, at one site (and phase)."""
+
+    count: int  # tokens
+    probs: np.ndarray  # (E,)  Σ_t p_t
+    argmax: np.ndarray  # (E,)  tokens whose top expert is e (int64)
+    entropy: float  # Σ_t H(p_t), nats
+
+    @classmethod
+    def zeros(cls, E: int) -> "LabelSums":
+        return cls(0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0)
+
+    def add(self, other: "LabelSums") -> None:
+        self.count += other.count
+        self.probs = self.probs + other.probs
+        self.argmax = self.argmax + other.argmax
+        self.entropy += other.entropy
+
+    def copy(self) -> "LabelSums":
+        return LabelSums(self.count, self.probs.copy(), self.argmax.copy(), self.entropy)
+
+
+@dataclass(slots=True)
+class TokenSums:
+    """Exact sums over the occurrences of one token id, at one site (and phase)."""
+
+    count: int  # occurrences
+    probs: np.ndarray  # (E,)  Σ p_t over them
+
+    @classmethod
+    def zeros(cls, E: int) -> "TokenSums":
+        return cls(0, np.zeros(E))
+
+    def add(self, other: "TokenSums") -> None:
+        self.count += other.count
+        self.probs = self.probs + other.probs
+
+    def copy(self) -> "TokenSums":
+        return TokenSums(self.count, self.probs.copy())
+
+
 @dataclass
 class SiteRecord:
     """Everything recorded for one site. Sums run over real (non-padding) tokens."""
@@ -146,8 +188,8 @@ class SiteRecord:
     nonfinite: int = 0  # tokens whose logits held NaN or ±inf (kept out of every sum)
     sum_mixture: np.ndarray = None  # (E,)  Σ_t π applied to token t
     n_calls: int = 0
-    label_sums: dict = field(default_factory=dict)  # label → [count, Σp (E,), argmax counts (E,), ΣH]
-    token_sums: dict = field(default_factory=dict)  # token id → [count, Σp (E,)]
+    label_sums: dict = field(default_factory=dict)  # label code → LabelSums
+    token_sums: dict = field(default_factory=dict)  # token id → TokenSums
     tokens: Reservoir = None  # sampled tokens: probs, logits, call, sequence, position, token_id, label, phase
     mixtures: Reservoir = None  # sampled applied mixtures: mixture, call, sequence, phase
     # Phase code (see PHASES) → a SiteRecord of that phase's sums alone (its tokens and mixtures are
@@ -198,28 +240,26 @@ class SiteRecord:
             self.sum_z += p.sum_z
         self.label_sums = {}
         for p in parts:
-            for code, (cnt, sp, am, sh) in p.label_sums.items():
-                acc = self.label_sums.setdefault(code, [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
-                acc[0] += cnt; acc[1] = acc[1] + sp; acc[2] = acc[2] + am; acc[3] += sh  # noqa: E702
+            for code, sums in p.label_sums.items():
+                self.label_sums.setdefault(code, LabelSums.zeros(E)).add(sums)
         if token_ids is None:
             self.token_sums = {}
             token_ids = {t for p in parts for t in p.token_sums}
         for t in token_ids:
-            count, row = 0, np.zeros(E)
+            total = TokenSums.zeros(E)
             for p in parts:
-                acc = p.token_sums.get(t)
-                if acc is not None:
-                    count += acc[0]
-                    row = row + acc[1]
-            self.token_sums[t] = [count, row]
+                sums = p.token_sums.get(t)
+                if sums is not None:
+                    total.add(sums)
+            self.token_sums[t] = total
 
     def copy_sums(self) -> "SiteRecord":
         """A new record holding copies of this one's sums (not its samples or phases)."""
         rec = SiteRecord(self.name, self.module, self.group, self.index, self.kind, self.routing, self.num_B,
                          self.n_tokens, self.sum_probs.copy(), self.sum_token_entropy, self.argmax_counts.copy(),
                          self.sum_z, self.nonfinite, self.sum_mixture.copy(), self.n_calls)
-        rec.label_sums = {c: [v[0], v[1].copy(), v[2].copy(), v[3]] for c, v in self.label_sums.items()}
-        rec.token_sums = {t: [v[0], v[1].copy()] for t, v in self.token_sums.items()}
+        rec.label_sums = {c: v.copy() for c, v in self.label_sums.items()}
+        rec.token_sums = {t: v.copy() for t, v in self.token_sums.items()}
         return rec
 
 
@@ -419,13 +459,10 @@ class Routing:
                 rec.nonfinite += src.nonfinite
                 rec.sum_mixture += src.sum_mixture
                 rec.n_calls += src.n_calls
-                for code, (cnt, sp, am, sh) in src.label_sums.items():
-                    new = int(remap[code])
-                    acc = rec.label_sums.setdefault(new, [0, np.zeros(rec.num_B), np.zeros(rec.num_B, dtype=np.int64), 0.0])
-                    acc[0] += cnt; acc[1] = acc[1] + sp; acc[2] = acc[2] + am; acc[3] += sh  # noqa: E702
-                for tok, (cnt, sp) in src.token_sums.items():
-                    acc = rec.token_sums.setdefault(tok, [0, np.zeros(rec.num_B)])
-                    acc[0] += cnt; acc[1] = acc[1] + sp  # noqa: E702
+                for code, sums in src.label_sums.items():
+                    rec.label_sums.setdefault(int(remap[code]), LabelSums.zeros(rec.num_B)).add(sums)
+                for tok, sums in src.token_sums.items():
+                    rec.token_sums.setdefault(tok, TokenSums.zeros(rec.num_B)).add(sums)
                 cols = {k: v.copy() for k, v in src.tokens.columns.items()}
                 cols["phase"] = _phase_column(src.tokens).copy()
                 cols["call"] += call_offset
@@ -493,14 +530,14 @@ class Routing:
             arrays[p + "sum_mixture"] = rec.sum_mixture
             codes = sorted(rec.label_sums)
             arrays[p + "label_codes"] = np.array(codes, dtype=np.int64)
-            arrays[p + "label_counts"] = np.array([rec.label_sums[c][0] for c in codes], dtype=np.int64)
-            arrays[p + "label_probs"] = np.array([rec.label_sums[c][1] for c in codes]).reshape(len(codes), rec.num_B)
-            arrays[p + "label_argmax"] = np.array([rec.label_sums[c][2] for c in codes], dtype=np.int64).reshape(len(codes), rec.num_B)
-            arrays[p + "label_entropy"] = np.array([rec.label_sums[c][3] for c in codes], dtype=np.float64)
+            arrays[p + "label_counts"] = np.array([rec.label_sums[c].count for c in codes], dtype=np.int64)
+            arrays[p + "label_probs"] = np.array([rec.label_sums[c].probs for c in codes]).reshape(len(codes), rec.num_B)
+            arrays[p + "label_argmax"] = np.array([rec.label_sums[c].argmax for c in codes], dtype=np.int64).reshape(len(codes), rec.num_B)
+            arrays[p + "label_entropy"] = np.array([rec.label_sums[c].entropy for c in codes], dtype=np.float64)
             toks = sorted(rec.token_sums)
             arrays[p + "token_ids"] = np.array(toks, dtype=np.int64)
-            arrays[p + "token_counts"] = np.array([rec.token_sums[t][0] for t in toks], dtype=np.int64)
-            arrays[p + "token_probs"] = np.array([rec.token_sums[t][1] for t in toks]).reshape(len(toks), rec.num_B)
+            arrays[p + "token_counts"] = np.array([rec.token_sums[t].count for t in toks], dtype=np.int64)
+            arrays[p + "token_probs"] = np.array([rec.token_sums[t].probs for t in toks]).reshape(len(toks), rec.num_B)
             _phase_arrays(arrays, p, rec)
             sites.append({
                 "name": rec.name, "module": rec.module, "group": rec.group, "index": rec.index, "kind": rec.kind,
@@ -569,15 +606,15 @@ def _phase_arrays(arrays: dict, p: str, rec: SiteRecord) -> None:
     labels = [(c, code, v) for c, ph in zip(codes, phs) for code, v in sorted(ph.label_sums.items())]
     arrays[p + "phase_label_phase"] = ints([c for c, _, _ in labels])
     arrays[p + "phase_label_codes"] = ints([code for _, code, _ in labels])
-    arrays[p + "phase_label_counts"] = ints([v[0] for _, _, v in labels])
-    arrays[p + "phase_label_probs"] = rows([v[1] for _, _, v in labels])
-    arrays[p + "phase_label_argmax"] = rows([v[2] for _, _, v in labels], np.int64)
-    arrays[p + "phase_label_entropy"] = np.array([v[3] for _, _, v in labels], dtype=np.float64)
+    arrays[p + "phase_label_counts"] = ints([v.count for _, _, v in labels])
+    arrays[p + "phase_label_probs"] = rows([v.probs for _, _, v in labels])
+    arrays[p + "phase_label_argmax"] = rows([v.argmax for _, _, v in labels], np.int64)
+    arrays[p + "phase_label_entropy"] = np.array([v.entropy for _, _, v in labels], dtype=np.float64)
     toks = [(c, t, v) for c, ph in zip(codes, phs) for t, v in sorted(ph.token_sums.items())]
     arrays[p + "phase_token_phase"] = ints([c for c, _, _ in toks])
     arrays[p + "phase_token_ids"] = ints([t for _, t, _ in toks])
-    arrays[p + "phase_token_counts"] = ints([v[0] for _, _, v in toks])
-    arrays[p + "phase_token_probs"] = rows([v[1] for _, _, v in toks])
+    arrays[p + "phase_token_counts"] = ints([v.count for _, _, v in toks])
+    arrays[p + "phase_token_probs"] = rows([v.probs for _, _, v in toks])
 
 
 def _add_sums(acc: SiteRecord, src: SiteRecord, remap: np.ndarray) -> None:
@@ -591,11 +628,9 @@ def _add_sums(acc: SiteRecord, src: SiteRecord, remap: np.ndarray) -> None:
     acc.nonfinite += src.nonfinite
     acc.sum_mixture = acc.sum_mixture + src.sum_mixture
     acc.n_calls += src.n_calls
-    for code, (cnt, sp, am, sh) in src.label_sums.items():
-        a = acc.label_sums.setdefault(int(remap[code]), [0, np.zeros(E), np.zeros(E, dtype=np.int64), 0.0])
-        a[0] += cnt; a[1] = a[1] + sp; a[2] = a[2] + am; a[3] += sh  # noqa: E702
-    for tok, (cnt, sp) in src.token_sums.items():
-        a = acc.token_sums.setdefault(tok, [0, np.zeros(E)])
-        a[0] += cnt; a[1] = a[1] + sp  # noqa: E702
+    for code, sums in src.label_sums.items():
+        acc.label_sums.setdefault(int(remap[code]), LabelSums.zeros(E)).add(sums)
+    for tok, sums in src.token_sums.items():
+        acc.token_sums.setdefault(tok, TokenSums.zeros(E)).add(sums)
     acc.tokens.seen += src.tokens.seen if src.tokens is not None else 0
     acc.mixtures.seen += src.mixtures.seen if src.mixtures is not None else 0
