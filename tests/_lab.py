@@ -34,6 +34,16 @@ DASH = ".widget-tab"
 VISIBLE_TAB = ".widget-tab-contents > :not(.lm-mod-hidden)"
 
 
+def require_chromium() -> None:
+    """Skip when Debian's Chromium is not installed; fail in CI, where `make test` installs it."""
+    import pytest
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: `make test` should have installed Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is not installed (make test installs it when run as root)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -142,10 +141,7 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """JupyterLab on 127.0.0.1 and headless Chromium, with the dashboard open at 1280×720."""
-    if not Path(_lab.CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{_lab.CHROMIUM} is missing in CI: `make test` should have installed Debian's chromium")
-        pytest.skip(f"{_lab.CHROMIUM} is not installed (make test installs it when run as root)")
+    _lab.require_chromium()
     pytest.importorskip("playwright")
     from playwright.sync_api import sync_playwright
 

@@ -18,6 +18,8 @@ import lily_lab as ll
 from lily_lab import plots
 from lily_lab.analysis.timeline import _principal_components
 
+from _figures import strings
+
 EVIL_RUN = "<b>run</b>"
 
 
@@ -200,17 +202,6 @@ def test_a_diverged_bank_names_the_run_and_the_step():
 @pytest.fixture(scope="module")
 def traj():
     return ll.timeline_expert_trajectories(random_timelines(runs=("a", EVIL_RUN, "c"), E=3))
-
-
-def strings(obj):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from strings(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from strings(v)
 
 
 def test_one_panel_per_run_one_line_per_expert(traj, monkeypatch):

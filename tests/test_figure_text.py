@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import html.parser
-import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +24,7 @@ import plotly.io as pio
 import pytest
 
 import _lab
+from _figures import strings as figure_strings
 from lily_lab import plots
 
 TOKENS = ['"', "'", "<b>x</b>", "&amp;", 'say "hi"', "it's", "&quot;"]
@@ -103,20 +103,9 @@ def figures():
             "routes": plots.plot_token_routes(table, 0)}
 
 
-def _strings(obj):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _strings(v)
-
-
 def test_figure_json_holds_the_tokens_escaped_and_no_quot():
     for name, fig in figures().items():
-        strings = list(_strings(fig.to_plotly_json()))
+        strings = list(figure_strings(fig.to_plotly_json()))
         assert not [s for s in strings if "&quot;" in s and "&amp;quot;" not in s], name
         assert not [s for s in strings if "<b>x" in s], name  # no data text as a tag
         shown = [plotly_text(re.sub(r"<[^<>]*>", "", s)) for s in strings]  # lily_lab's own tags dropped
@@ -159,10 +148,7 @@ CELL = """([id, row, col]) => { const gd = document.getElementById(id), xa = gd.
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     """The two figures drawn in headless Chromium, every request but the file blocked."""
-    if not Path(_lab.CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{_lab.CHROMIUM} is missing in CI: `make test` should have installed Debian's chromium")
-        pytest.skip(f"{_lab.CHROMIUM} is not installed")
+    _lab.require_chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     path = tmp_path_factory.mktemp("figures") / "figures.html"
     divs = "".join(pio.to_html(fig, full_html=False, include_plotlyjs=i == 0, div_id=name)

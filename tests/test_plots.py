@@ -21,6 +21,8 @@ from lily_lab.analysis import mixture_modes
 from lily_lab.analysis.diagnose import Diagnosis, Finding
 from lily_lab.core import lily_parameter_formula
 
+from _figures import strings
+
 EVIL_LABEL = "<script>alert(1)</script>"
 EVIL_TOKEN = "<img src=x onerror=alert(1)>"
 LABELS = ["pos", "neg", "pos", EVIL_LABEL]
@@ -65,18 +67,6 @@ def _findings() -> pd.DataFrame:
         Finding("dead_expert", "warning", ["a", "b"], {"usage": 0.01}, "add a balance loss", "2 sites " + EVIL_LABEL),
         Finding("redundant_experts", "critical", ["query:32x32"], {}, "use token routing", "1 bank"),
     ]).to_frame()
-
-
-def strings(obj):
-    """Every string inside a plotly JSON structure."""
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from strings(v)
-    elif isinstance(obj, (list, tuple)) or (isinstance(obj, np.ndarray) and obj.dtype == object):
-        for v in obj:
-            yield from strings(v)
 
 
 def assert_escaped(fig: go.Figure, raw: str) -> None:
