@@ -19,6 +19,7 @@ import torch
 
 import lily_lab
 from lily_lab.core import fsdp
+from lily_lab.observe.routing_file import routing_bytes
 
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 
@@ -187,7 +188,7 @@ def test_gather_sends_the_saved_format(tmp_path):
     from lily_lab.observe.distributed import _routing_from_bytes
 
     routing = _single_process_recording()
-    back = _routing_from_bytes(routing._npz_bytes(), "rank 0's recording")
+    back = _routing_from_bytes(routing_bytes(routing), "rank 0's recording")
     loaded = lily_lab.Routing.load(routing.save(tmp_path / "r.npz"))
     _same_metrics(back, loaded, atol=0)
     assert back.labels == loaded.labels and back.n_calls == loaded.n_calls

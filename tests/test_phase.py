@@ -4,6 +4,7 @@ data through save/load/merge, and flat memory over thousands of generated tokens
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import torch
 
 import lily_lab as ll
 from lily_lab.observe.routing import LabelSums
+from lily_lab.observe.routing_file import routing_bytes
 from lily_lab.observe import Routing, RoutingError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -217,7 +219,7 @@ def test_save_load_and_merge_keep_the_phases(tmp_path):
     assert set(table.phase.dropna()) == {"prefill", "decode"} and table.phase.isna().any()
     # A file from before phases loads, every token of phase None.
     old = tmp_path / "old.npz"
-    old.write_bytes(_without_phases(routing._npz_bytes()))
+    old.write_bytes(_without_phases(routing_bytes(routing)))
     legacy = Routing.load(old)
     assert legacy.phases == [None]
     assert ll.router_metrics(legacy).equals(ll.router_metrics(routing))
@@ -229,7 +231,7 @@ def test_a_damaged_phase_member_is_refused(tmp_path):
     ids, mask = prompts(b=2)
     with ll.record_routing(model) as rec:
         generate(model, ids, mask, 3)
-    data = rec.routing._npz_bytes()
+    data = routing_bytes(rec.routing)
     src = np.load(io.BytesIO(data), allow_pickle=False)
     for key, bad, msg in (("s0.phase_sum_probs", np.zeros((2, 5)), "shape"),
                           ("s0.tokens.phase", np.full(len(src["s0.tokens.phase"]), 7, dtype=np.int8), "codes"),
@@ -274,10 +276,16 @@ def _held_bytes(rec) -> int:
             total += sum(v.probs.nbytes + 8 for v in part.token_sums.values())
             total += sum(v.probs.nbytes + v.argmax.nbytes for v in part.label_sums.values())
     for rows in rec._token_rows.values():
-        total += sum(a.nbytes for part in rows for a in part)
-    gen = rec._gen or {"acc": {}}
-    total += sum(a.nbytes for acc in gen["acc"].values() for a in acc)
+        total += sum(_array_bytes(part) for part in rows)
+    if rec._gen is not None:
+        total += sum(_array_bytes(sums) for sums in rec._gen.sums.values())
     return total
+
+
+def _array_bytes(state) -> int:
+    """Bytes of the arrays held by one of the recorder's dataclasses (IdRows, SequenceSums)."""
+    values = [getattr(state, f.name) for f in dataclasses.fields(state)]
+    return sum(v.nbytes for v in values if isinstance(v, np.ndarray))
 
 
 def test_memory_stays_flat_over_10000_generated_tokens():

@@ -24,6 +24,7 @@ from torch import nn
 import lily_lab as ll
 from lily_lab import RoutingError
 from lily_lab.observe import Routing
+from lily_lab.observe.routing_file import routing_bytes
 
 SEED = 20261201
 N_BYTES, N_MEMBERS = 550, 450  # 1,000 corrupted files in all
@@ -57,7 +58,7 @@ def good():
     """A small recording of two sites: the case table's."""
     routing = _recording()
     assert len(routing.sites) == 2 and routing.labels == ["neg", "pos", 3]
-    return routing._npz_bytes()
+    return routing_bytes(routing)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def good_big():
     them rather than against Python's fixed costs of a load, ≈ 100 kB): the fuzz test's."""
     routing = _recording(sites=("up",), b=16, t=96, max_tokens=4000)
     assert len(routing.probs("up")) == 4000
-    return routing._npz_bytes()
+    return routing_bytes(routing)
 
 
 def _arrays(data: bytes) -> dict:
@@ -117,7 +118,7 @@ def _canonical(arrays: dict) -> dict:
 
 def _same(loaded: Routing, arrays: dict) -> None:
     """``loaded`` holds exactly ``arrays`` (a routing file's members)."""
-    got, want = _canonical(_arrays(loaded._npz_bytes())), _canonical(arrays)
+    got, want = _canonical(_arrays(routing_bytes(loaded))), _canonical(arrays)
     assert got.keys() == want.keys()
     assert got["__header__"] == want["__header__"]
     for k in want:

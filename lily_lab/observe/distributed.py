@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 
 from .routing import Routing, RoutingError
+from .routing_file import load_routing, routing_bytes
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -55,7 +56,7 @@ def gather_routing(routing: Routing, dst: int = 0, *, all_ranks: bool = False, s
     if not isinstance(dst, int) or isinstance(dst, bool) or not 0 <= dst < world:
         raise RoutingError(f"dst must be a rank in 0..{world - 1}, got {dst!r}")
     try:
-        payload, error = ("npz", routing._npz_bytes()), None
+        payload, error = ("npz", routing_bytes(routing)), None
     except RoutingError as err:
         payload, error = ("error", str(err)), err
     if all_ranks:
@@ -76,8 +77,7 @@ def gather_routing(routing: Routing, dst: int = 0, *, all_ranks: bool = False, s
 
 
 def _routing_from_bytes(data: bytes, name: str) -> Routing:
-    """Read ``Routing._npz_bytes`` output back, with every check ``Routing.load`` makes."""
-    from ._routing_io import load_routing
+    """Read ``routing_bytes`` output back, with every check ``Routing.load`` makes."""
 
     return load_routing(Routing, _NamedBytes(data, name))
 

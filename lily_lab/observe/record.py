@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,6 +30,100 @@ DEFAULT_MAX_TOKENS = 100_000
 _COMPACT_ROWS = 1 << 10
 _SUM_BYTES = 64 << 20  # float64 routing summed at once when calls are summed (several sites per slice)
 _QUEUE_TOKENS = 4096  # tokens per site of consecutive steps of a generation summed together
+
+
+# ---------------------------------------------------------------------- the recorder's state
+@dataclass(slots=True)
+class Report:
+    """One site's routing in one call, as its layer reported it (detached, still on the device)."""
+
+    site: str
+    logits: torch.Tensor  # (*lead, E)
+    probs: torch.Tensor  # (*lead, E)
+    mixture: torch.Tensor  # the π applied: (E,) batch, (b, E) sequence, (*lead, E) token/causal
+
+
+@dataclass(slots=True)
+class SequenceSums:
+    """Exact sums per sequence of an open generation, at one site and phase, kept until its labels
+    are known (given before or after the tokens are summed) and then added up per label."""
+
+    count: np.ndarray  # (b,)  tokens
+    probs: np.ndarray  # (b, E)  Σ_t p_t
+    argmax: np.ndarray  # (b, E)  tokens whose top expert is e
+    entropy: np.ndarray  # (b,)  Σ_t H(p_t), nats
+
+    @classmethod
+    def zeros(cls, b: int, E: int) -> "SequenceSums":
+        return cls(np.zeros(b, dtype=np.int64), np.zeros((b, E)), np.zeros((b, E), dtype=np.int64), np.zeros(b))
+
+
+@dataclass(eq=False, slots=True)
+class Generation:
+    """A run of top-level calls continuing one KV cache (a plain forward is a generation of one)."""
+
+    seq_offset: int  # its first sequence's number in the recording
+    b: int | None = None  # sequences (None until a routed layer or the inputs say)
+    length: int = 0  # positions so far, cache included
+    codes: np.ndarray | None = None  # label code per sequence, once annotated
+    sums: dict[tuple[str, int], SequenceSums] = field(default_factory=dict)  # (site, phase) → per sequence
+    calls: int = 0
+    summed: bool = False  # some of its tokens were summed (and sampled) already
+
+
+@dataclass(slots=True)
+class CallIndex:
+    """Where each token of a call's input (shaped ``lead``) is: its sequence and its position in
+    the input, row-major; ``real`` the rows that are not padding (None: all)."""
+
+    sequence: np.ndarray
+    position: np.ndarray
+    real: np.ndarray | None
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    """One top-level forward call and what its sites reported, until summed."""
+
+    id: int
+    gen: Generation
+    phase: int  # PHASES code: -1 no cache, 0 prefill, 1 decode
+    past: int  # positions already in the KV cache
+    mask: torch.Tensor | None  # (b, positions) attention mask, as given
+    shape: tuple[int, ...] | None  # (b, t) of the input, when known
+    input_ids: torch.Tensor | np.ndarray | None  # (b, t); a host array once summed
+    n_sequences: int | None
+    queued: bool = False
+    index: dict[tuple, CallIndex] = field(default_factory=dict)  # per input shape, shared by its sites
+    reports: list[Report] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TokenRows:
+    """Which call, sequence, position and token id each row of a summed block is; ``has_id`` the
+    rows whose call had input ids (None: all)."""
+
+    call: np.ndarray  # index into the block's calls
+    sequence: np.ndarray  # in the call's batch
+    position: np.ndarray  # in the sequence's padded text, cache included
+    token_id: np.ndarray  # -1 where unknown
+    has_id: np.ndarray | None
+
+    def take(self, keep: np.ndarray | None) -> "TokenRows":
+        if keep is None:
+            return self
+        has_id = self.has_id[keep] if self.has_id is not None else None
+        return TokenRows(self.call[keep], self.sequence[keep], self.position[keep], self.token_id[keep], has_id)
+
+
+@dataclass(slots=True)
+class IdRows:
+    """Routing of token ids waiting to be summed into a site's ``token_sums``: one row per
+    occurrence (``counts`` None), or per distinct id once compacted (``counts`` its occurrences)."""
+
+    ids: np.ndarray
+    probs: np.ndarray  # (rows, E): p, or Σp per distinct id
+    counts: np.ndarray | None = None
 
 
 class Recorder:
@@ -79,16 +174,16 @@ class Recorder:
         self._routing = Routing(records, max_tokens=max_tokens)
         self._handles: list[Any] = []
         self._depth = 0
-        self._call: dict | None = None  # the last top-level call
+        self._call: Call | None = None  # the last top-level call
         # Finished calls not summed yet: consecutive steps of one generation of one phase and
         # shape, summed together (a decode step is a tiny call; its sums cost as much as a big one's).
-        self._queue: list[dict] = []
+        self._queue: list[Call] = []
         self._queue_tokens = 0
-        self._gen: dict | None = None  # the open generation: its sequences and per-sequence sums
+        self._gen: Generation | None = None  # the open generation: its sequences and per-sequence sums
         # Per (site, phase code), token ids waiting to be summed into token_sums, which happens
-        # when the routing is read (one pass over the distinct ids, not one per call): a list of
-        # (ids, p rows) per call, or (distinct ids, Σp, counts) once compacted; and how many rows wait.
-        self._token_rows: dict[tuple[str, int], list[tuple[np.ndarray, ...]]] = {}
+        # when the routing is read (one pass over the distinct ids, not one per call): one IdRows
+        # per call, or one of distinct ids once compacted; and how many rows wait.
+        self._token_rows: dict[tuple[str, int], list[IdRows]] = {}
         self._token_row_count: dict[tuple[str, int], int] = {}
         self._compacted: dict[tuple[str, int], int] = {}  # distinct ids at the last compaction
         self._touched: dict[str, set] = {}  # per site, token ids whose totals are to be re-added
@@ -133,20 +228,20 @@ class Recorder:
         gen, call = self._gen, self._call
         if gen is None or call is None:
             raise RoutingError("annotate tags the last forward call, but no call was recorded")
-        n = gen["b"]
+        n = gen.b
         if n is None:
             raise RoutingError("annotate tags the last forward call, but no routed layer ran in it")
         ids = None
         if input_ids is not None:
-            if gen["calls"] > 1:
+            if gen.calls > 1:
                 raise RoutingError(
                     f"annotate(input_ids=…) tags one forward call, but the last call continued a cached "
-                    f"generation of {gen['calls']} calls: call the model with input_ids (generate does)")
-            if call["queued"]:
+                    f"generation of {gen.calls} calls: call the model with input_ids (generate does)")
+            if call.queued:
                 raise RoutingError("annotate(input_ids=…) must come before the recording is read: the last "
                                    "call's tokens were already summed")
             ids = torch.as_tensor(input_ids).detach()
-            shape = call["shape"]
+            shape = call.shape
             if ids.dim() != 2 or (shape is not None and tuple(ids.shape) != shape) or ids.shape[0] != n:
                 raise RoutingError(
                     f"annotate got input_ids of shape {tuple(ids.shape)}, but the last call had "
@@ -157,18 +252,18 @@ class Recorder:
             if len(labels) != n:
                 raise RoutingError(f"annotate got {len(labels)} labels, but the last call had {n} sequences")
             check_labels(labels)  # before anything is recorded: a refused call can be repeated
-            if gen["codes"] is not None:
+            if gen.codes is not None:
                 raise RoutingError("the sequences of the last call (or generation) are already labelled")
         if ids is not None:
-            call["input_ids"] = ids
+            call.input_ids = ids
         if labels is not None:
             r = self._routing
             for v in labels:
                 if v not in r.labels:
                     r.labels.append(v)
-            codes = gen["codes"] = np.array([r.labels.index(v) for v in labels], dtype=np.int64)
-            if gen["summed"]:  # tokens already sampled: relabel them by their sequence
-                lo = gen["seq_offset"]
+            codes = gen.codes = np.array([r.labels.index(v) for v in labels], dtype=np.int64)
+            if gen.summed:  # tokens already sampled: relabel them by their sequence
+                lo = gen.seq_offset
                 for name in r.sites:
                     cols = r.record(name).tokens.columns
                     seq = cols["sequence"]
@@ -219,32 +314,27 @@ class Recorder:
             shape = None
         b = shape[0] if shape else None
         gen = self._gen
-        continues = past > 0 and gen is not None and b is not None and gen["b"] == b and past <= gen["length"]
+        continues = past > 0 and gen is not None and b is not None and gen.b == b and past <= gen.length
         self._enqueue()
         last = self._queue[-1] if self._queue else None
-        if not (continues and last is not None and last["gen"] is gen and last["phase"] == phase
-                and last["shape"] == shape and self._queue_tokens < _QUEUE_TOKENS):
+        if not (continues and last is not None and last.gen is gen and last.phase == phase
+                and last.shape == shape and self._queue_tokens < _QUEUE_TOKENS):
             self._sum_queue()
         r = self._routing
         if not continues:
             self._close_generation()
-            gen = self._gen = {"seq_offset": r.n_sequences, "b": None, "length": 0, "codes": None, "acc": {},
-                               "calls": 0, "summed": False}
+            gen = self._gen = Generation(seq_offset=r.n_sequences)
             if b is not None:
                 self._start_sequences(gen, b)
-        gen["calls"] += 1
+        gen.calls += 1
         if shape is not None and len(shape) == 2:
-            gen["length"] = past + shape[1]
-        self._call = {
-            "id": r.n_calls, "gen": gen, "phase": phase, "past": past, "mask": mask, "shape": shape,
-            "input_ids": ids, "n_sequences": b, "queued": False,
-            "index": {},  # token index arrays per input shape, shared by the call's sites
-            "raw": [],  # (site, logits, probs, mixture) as each layer reported them, until summed
-        }
+            gen.length = past + shape[1]
+        self._call = Call(id=r.n_calls, gen=gen, phase=phase, past=past, mask=mask, shape=shape, input_ids=ids,
+                          n_sequences=b)
         r.n_calls += 1
 
-    def _start_sequences(self, gen: dict, b: int) -> None:
-        gen["b"] = b
+    def _start_sequences(self, gen: Generation, b: int) -> None:
+        gen.b = b
         self._routing.n_sequences += b
 
     def _post(self, module, args, kwargs, output):
@@ -253,14 +343,14 @@ class Recorder:
     def _lily_observer(self, name: str):
         def observe(event: RoutingEvent) -> None:
             call = self._call
-            if call is None or self._depth == 0 or call["n_sequences"] is None:
+            if call is None or self._depth == 0 or call.n_sequences is None:
                 self._record(name, event.logits, event.probs, event.mixture)
             else:  # the common case, as cheap as can be: a decode step reports 60 sites or so
-                call["raw"].append((name, event.logits, event.probs, event.mixture))  # detached already
+                call.reports.append(Report(name, event.logits, event.probs, event.mixture))  # detached already
         return observe
 
     def _peft_hook(self, site):
-        layer, E = site.layer, site.num_B
+        E = site.num_B
 
         def hook(module, args, output):
             if in_backward():  # gradient checkpointing recomputing the forward: already recorded
@@ -281,27 +371,27 @@ class Recorder:
             self._pre(self.model, (), {})
             self._depth -= 1
             call = self._call
-        if call["n_sequences"] is None:
+        if call.n_sequences is None:
             lead = tuple(probs.shape[:-1])
-            call["n_sequences"] = lead[0] if lead else 1
-            call["shape"] = lead if len(lead) == 2 else None
-            gen = call["gen"]
-            if gen["b"] is None:
-                self._start_sequences(gen, call["n_sequences"])
+            call.n_sequences = lead[0] if lead else 1
+            call.shape = lead if len(lead) == 2 else None
+            gen = call.gen
+            if gen.b is None:
+                self._start_sequences(gen, call.n_sequences)
             if len(lead) == 2:
-                gen["length"] = call["past"] + lead[1]
+                gen.length = call.past + lead[1]
         # Kept as they are until the call is summed; then the sites are summed together.
-        call["raw"].append((name, logits.detach(), probs.detach(), mixture.detach()))
+        call.reports.append(Report(name, logits.detach(), probs.detach(), mixture.detach()))
 
     def _enqueue(self) -> None:
         """Put the last call, finished, in the queue of calls to sum."""
         call = self._call
-        if call is None or call["queued"]:
+        if call is None or call.queued:
             return
-        call["queued"] = True
+        call.queued = True
         self._queue.append(call)
-        if call["raw"]:
-            p = call["raw"][0][2]
+        if call.reports:
+            p = call.reports[0].probs
             self._queue_tokens += p.numel() // max(p.shape[-1], 1) if p.dim() else 1
 
     def _sum_queue(self) -> None:
@@ -309,7 +399,7 @@ class Recorder:
         calls, self._queue, self._queue_tokens = self._queue, [], 0
         run, run_sig = [], None
         for call in calls:
-            sig = tuple((e[0], e[2].shape, e[2].dtype, e[3].shape) for e in call["raw"])
+            sig = tuple((e.site, e.probs.shape, e.probs.dtype, e.mixture.shape) for e in call.reports)
             if run and sig != run_sig:
                 self._sum_calls(run)
                 run = []
@@ -318,29 +408,32 @@ class Recorder:
         if run:
             self._sum_calls(run)
 
-    def _sum_calls(self, calls: list[dict]) -> None:
+    def _sum_calls(self, calls: list[Call]) -> None:
         """Sum and sample what every site routed in ``calls`` (consecutive calls of one generation
         and phase whose sites reported the same shapes): the sites of one input shape together, in a
         few array operations, rather than the same dozens of small ones per site and call."""
-        raws = [c["raw"] for c in calls]
+        per_call = [c.reports for c in calls]
         for c in calls:
-            c["raw"] = []
-            c["gen"]["summed"] = True
+            c.reports = []
+            c.gen.summed = True
         groups: dict[tuple, list[int]] = {}
-        for i, e in enumerate(raws[0]):
-            groups.setdefault((tuple(e[2].shape), e[2].dtype, e[2].device, tuple(e[3].shape)), []).append(i)
+        for i, e in enumerate(per_call[0]):
+            key = (tuple(e.probs.shape), e.probs.dtype, e.probs.device, tuple(e.mixture.shape))
+            groups.setdefault(key, []).append(i)
         for (shape, _, _, _), idx in groups.items():
             # As many sites at once as fit in _SUM_BYTES of float64: a huge call is summed in
             # slices rather than holding a copy of every site's routing at once.
             per_site = 2 * shape[-1] * max(math.prod(shape[:-1]), 1) * 8 * len(calls)
             step = max(1, _SUM_BYTES // per_site)
             for start in range(0, len(idx), step):
-                self._sum_entries(calls, raws, shape, idx[start : start + step])
+                sites = [[reports[i] for reports in per_call] for i in idx[start : start + step]]
+                self._sum_block(calls, sites, shape)
 
-    def _sum_entries(self, calls: list[dict], raws: list[list], shape: tuple, idx: list[int]) -> None:
-        """Sum the routing of sites ``idx`` (of one input shape) in ``calls`` into their records."""
+    def _sum_block(self, calls: list[Call], sites: list[list[Report]], shape: tuple) -> None:
+        """Sum the routing of some sites of one input shape in ``calls`` into their records;
+        ``sites[j][k]`` is what site j reported in call k."""
         E, lead = shape[-1], shape[:-1]
-        K, S = len(calls), len(idx)
+        K, S = len(calls), len(sites)
         if len(lead) >= 2:
             b, t = lead[0], math.prod(lead[1:])
         elif len(lead) == 1:
@@ -349,50 +442,48 @@ class Recorder:
             b, t = 1, 1
         n = b * t
 
-        def stacked(j: int) -> torch.Tensor:  # (sites, calls × tokens, E), call-major within a site
-            T = torch.stack([raw[i][j] for raw in raws for i in idx])
-            return T.reshape(K, S, n, E).transpose(0, 1).reshape(S, K * n, E)
+        def stacked(what: str) -> torch.Tensor:  # (sites, calls × tokens, E), call-major within a site
+            return torch.stack([getattr(r, what) for site in sites for r in site]).reshape(S, K * n, E)
 
         # One copy to the host: (sites, tokens, 2E), columns [p | logits], float64 as every sum is.
-        X = torch.cat([stacked(2), stacked(1)], dim=2).float().cpu().numpy().astype(np.float64)
+        X = torch.cat([stacked("probs"), stacked("logits")], dim=2).float().cpu().numpy().astype(np.float64)
         # Which call, sequence, position and token id each row is; which rows are real tokens.
-        parts, all_real = [], True
-        for k, call in enumerate(calls):
-            seq, pos, rows = self._token_index(call, lead, b, t)
-            ids = call["input_ids"]
+        indices, positions, token_ids = [], [], []
+        for call in calls:
+            ix = self._token_index(call, lead, b, t)
+            ids = call.input_ids
             if ids is not None and not isinstance(ids, np.ndarray):
-                ids = call["input_ids"] = ids.cpu().numpy().astype(np.int64)
-            tok = ids[seq, pos] if ids is not None and ids.shape == (b, t) else None
-            all_real &= rows is None
-            parts.append((k, seq, pos + call["past"], rows, tok))
-        kcol = np.repeat(np.arange(K), n)
-        seq_all = np.tile(parts[0][1], K)
-        pos_all = np.concatenate([p[2] for p in parts])
-        tok_all = np.concatenate([p[4] if p[4] is not None else np.full(n, -1) for p in parts])
-        has_id = None if all(p[4] is not None for p in parts) else np.repeat([p[4] is not None for p in parts], n)
-        rows = None if all_real else np.concatenate(
-            [k * n + (np.arange(n) if r is None else r) for k, _, _, r, _ in parts])
-        index = (kcol, seq_all, pos_all, tok_all, has_id)
+                ids = call.input_ids = ids.cpu().numpy().astype(np.int64)
+            indices.append(ix)
+            positions.append(ix.position + call.past)
+            token_ids.append(ids[ix.sequence, ix.position] if ids is not None and ids.shape == (b, t) else None)
+        has_id = None if all(tok is not None for tok in token_ids) else \
+            np.repeat([tok is not None for tok in token_ids], n)
+        rows = TokenRows(call=np.repeat(np.arange(K), n), sequence=np.tile(indices[0].sequence, K),
+                         position=np.concatenate(positions), has_id=has_id,
+                         token_id=np.concatenate([np.full(n, -1) if tok is None else tok for tok in token_ids]))
+        real = None if all(ix.real is None for ix in indices) else np.concatenate(
+            [k * n + (np.arange(n) if ix.real is None else ix.real) for k, ix in enumerate(indices)])
         if np.isfinite(X).all():
-            self._sum_sites(calls, raws, idx, X, rows, index, b, n)
+            self._sum_sites(calls, sites, X, rows, keep=real, b=b)
             return
-        real = np.zeros(K * n, dtype=bool)
-        real[slice(None) if rows is None else rows] = True
-        for j, i in enumerate(idx):  # rare: each site drops its own non-finite tokens
+        is_real = np.zeros(K * n, dtype=bool)
+        is_real[slice(None) if real is None else real] = True
+        for j, site in enumerate(sites):  # rare: each site drops its own non-finite tokens
             finite = np.isfinite(X[j]).all(axis=1)
-            rec = self._routing.record(raws[0][i][0])
-            rec.phase_record(calls[0]["phase"]).nonfinite += int((real & ~finite).sum())
-            keep = np.flatnonzero(real & finite)
-            self._sum_sites(calls, raws, [i], X[j : j + 1], keep, index, b, n)
+            rec = self._routing.record(site[0].site)
+            rec.phase_record(calls[0].phase).nonfinite += int((is_real & ~finite).sum())
+            self._sum_sites(calls, [site], X[j : j + 1], rows, keep=np.flatnonzero(is_real & finite), b=b)
 
-    def _sum_sites(self, calls, raws, idx, X, keep, index, b: int, n: int) -> None:
-        """Fold ``X`` (sites × rows × 2E: p | logits) of sites ``idx`` in ``calls`` into their
-        records, keeping the rows ``keep`` (None: all)."""
+    def _sum_sites(self, calls: list[Call], sites: list[list[Report]], X: np.ndarray, rows: TokenRows, *,
+                   keep: np.ndarray | None, b: int) -> None:
+        """Fold ``X`` (sites × rows × 2E: p | logits) of ``sites`` (``sites[j][k]``: site j in call
+        k) into their records, keeping the rows ``keep`` (None: all); ``b`` sequences per call."""
         E = X.shape[-1] // 2
-        kcol, seq_c, pos_c, tok_c, has_id = index
         if keep is not None:
-            X, kcol, seq_c, pos_c, tok_c = X[:, keep], kcol[keep], seq_c[keep], pos_c[keep], tok_c[keep]
-            has_id = has_id[keep] if has_id is not None else None
+            X = X[:, keep]
+        rows = rows.take(keep)
+        kcol, seq_c, pos_c, tok_c, has_id = rows.call, rows.sequence, rows.position, rows.token_id, rows.has_id
         K = len(calls)
         P, LG = X[..., :E], X[..., E:]  # (sites, tokens, E)
         S, m = P.shape[:2]
@@ -405,13 +496,13 @@ class Recorder:
         if m:
             lse = torch.logsumexp(torch.from_numpy(LG), dim=-1).numpy()  # (sites, tokens)
             z_sum = (lse ** 2).sum(axis=1)
-        gen, phase = calls[0]["gen"], calls[0]["phase"]
-        B, lo = gen["b"], gen["seq_offset"]
-        call_ids = np.array([c["id"] for c in calls])
+        gen, phase = calls[0].gen, calls[0].phase
+        B, lo = gen.b, gen.seq_offset
+        call_ids = np.array([c.id for c in calls])
         call_col, seq_col = call_ids[kcol], lo + seq_c
         phase_col = np.full(m, phase, dtype=np.int8)
         labelled = B == b  # rows of another batch size than the generation's (rare) take no label
-        label_col = gen["codes"][seq_c] if gen["codes"] is not None and labelled else np.full(m, _NO_LABEL)
+        label_col = gen.codes[seq_c] if gen.codes is not None and labelled else np.full(m, _NO_LABEL)
         # Per sequence of the generation, every site at once (for its labels, given now or later):
         # token count, Σp, argmax counts, ΣH.
         B = B if labelled else 1
@@ -423,8 +514,8 @@ class Recorder:
         seq_top = np.matmul(onehot, np.eye(E)[top]).round().astype(np.int64)
         seq_H = np.matmul(H, onehot.T)  # (sites, B)
         mix_all = None  # every site's applied mixtures, copied once when a site needs them
-        for j, i in enumerate(idx):
-            name, _, _, mixture = raws[0][i]
+        for j, site in enumerate(sites):
+            name, mixture = site[0].site, site[0].mixture
             rec = self._routing.record(name)
             ph = rec.phases.get(phase) or rec.phase_record(phase)
             p = P[j]
@@ -441,60 +532,60 @@ class Recorder:
             dims = mixture.dim()
             if rec.routing == "token":
                 mix_tok = p
-                rows = {"mixture": p.astype(np.float32), "call": call_col, "sequence": seq_col, "phase": phase_col}
+                mixed = {"mixture": p.astype(np.float32), "call": call_col, "sequence": seq_col, "phase": phase_col}
             else:
                 if mix_all is None:
-                    mix_all = torch.stack([raw[i2][3] for raw in raws for i2 in idx]).float().cpu().numpy()
-                    mix_all = mix_all.reshape(K, len(idx), -1, E).transpose(1, 0, 2, 3).astype(np.float64)
+                    mix_all = torch.stack([r.mixture for s in sites for r in s]).float().cpu().numpy()
+                    mix_all = mix_all.reshape(len(sites), K, -1, E).astype(np.float64)
                 mix = mix_all[j]  # (calls, rows per call, E)
                 if dims > 2 or (dims == 2 and mixture.shape[0] != b):  # per token, not p: causal routing
                     mix_tok = mix.reshape(-1, E)
                     mix_tok = mix_tok if keep is None else mix_tok[keep]
-                    rows = {"mixture": mix_tok.astype(np.float32), "call": call_col, "sequence": seq_col,
+                    mixed = {"mixture": mix_tok.astype(np.float32), "call": call_col, "sequence": seq_col,
                             "phase": phase_col}
                 elif dims == 2:  # sequence routing: one row per sequence and call
                     mix_tok = mix[kcol, seq_c]
-                    rows = {"mixture": mix.reshape(-1, E).astype(np.float32), "call": np.repeat(call_ids, b),
+                    mixed = {"mixture": mix.reshape(-1, E).astype(np.float32), "call": np.repeat(call_ids, b),
                             "sequence": lo + np.tile(np.arange(b), K), "phase": np.full(K * b, phase, dtype=np.int8)}
                 else:  # batch routing: one mixture per call
                     mix_tok = mix[kcol, 0]
-                    rows = {"mixture": mix[:, 0].astype(np.float32), "call": call_ids,
+                    mixed = {"mixture": mix[:, 0].astype(np.float32), "call": call_ids,
                             "sequence": np.full(K, -1), "phase": np.full(K, phase, dtype=np.int8)}
             if np.isfinite(mix_tok).all():
                 ph.sum_mixture += mix_tok.sum(axis=0)
-            rec.mixtures.add(rows)
-            ph.mixtures.seen += len(rows["call"])
+            rec.mixtures.add(mixed)
+            ph.mixtures.seen += len(mixed["call"])
             rec.tokens.add({
                 "probs": p.astype(np.float32), "logits": LG[j].astype(np.float32), "call": call_col,
                 "sequence": seq_col, "position": pos_c, "token_id": tok_c, "label": label_col, "phase": phase_col})
             ph.tokens.seen += m
-            acc = gen["acc"].get((name, phase)) if labelled else None
-            if acc is None and labelled:
-                acc = gen["acc"][(name, phase)] = [np.zeros(B, dtype=np.int64), np.zeros((B, E)),
-                                                   np.zeros((B, E), dtype=np.int64), np.zeros(B)]
             if labelled:
-                acc[0] += seq_count
-                acc[1] += seq_p[j]
-                acc[2] += seq_top[j]
-                acc[3] += seq_H[j]
+                acc = gen.sums.get((name, phase))
+                if acc is None:
+                    acc = gen.sums[(name, phase)] = SequenceSums.zeros(B, E)
+                acc.count += seq_count
+                acc.probs += seq_p[j]
+                acc.argmax += seq_top[j]
+                acc.entropy += seq_H[j]
             with_id = slice(None) if has_id is None else has_id
             tok = tok_c[with_id]
             if len(tok):
                 key = (name, phase)
-                rows = p[with_id]  # a copy: a view would keep the call's whole [p | logits] block alive
-                self._token_rows.setdefault(key, []).append((tok, rows.copy() if rows.base is not None else rows))
+                p_tok = p[with_id]  # a copy: a view would keep the call's whole [p | logits] block alive
+                p_tok = p_tok.copy() if p_tok.base is not None else p_tok
+                self._token_rows.setdefault(key, []).append(IdRows(tok, p_tok))
                 self._token_row_count[key] = self._token_row_count.get(key, 0) + len(tok)
                 if self._token_row_count[key] > max(_COMPACT_ROWS, 2 * self._compacted.get(key, 0)):
                     self._compact_token_rows(key)
 
     @staticmethod
-    def _token_index(call: dict, lead: tuple, b: int, t: int):
-        """``(sequence, position in the call's input, real rows or None for all)`` of each token of
-        an input shaped ``lead``; computed once per call and shape, shared by the call's sites."""
-        cached = call["index"].get(lead)
+    def _token_index(call: Call, lead: tuple, b: int, t: int) -> CallIndex:
+        """Where each token of an input shaped ``lead`` is; computed once per call and shape,
+        shared by the call's sites."""
+        cached = call.index.get(lead)
         if cached is None:
             rows = None
-            mask, past = call["mask"], call["past"]
+            mask, past = call.mask, call.past
             if mask is not None and len(lead) == 2 and mask.shape[0] == b:
                 if mask.shape[1] == t:
                     cols = mask
@@ -505,27 +596,28 @@ class Recorder:
                 if cols is not None:
                     real = cols.cpu().numpy().reshape(-1) != 0
                     rows = None if real.all() else np.flatnonzero(real)
-            cached = call["index"][lead] = (np.repeat(np.arange(b), t), np.tile(np.arange(t), b), rows)
+            cached = call.index[lead] = CallIndex(np.repeat(np.arange(b), t), np.tile(np.arange(t), b), rows)
         return cached
 
     def _fold_labels(self) -> None:
         """Add the open generation's per-sequence sums to the label sums, once it is labelled."""
         gen = self._gen
-        if gen is None or gen["codes"] is None or not gen["acc"]:
+        if gen is None or gen.codes is None or not gen.sums:
             return
         r = self._routing
-        codes, L = gen["codes"], len(r.labels)
-        for (name, phase), (count, p_sum, top, H_sum) in gen["acc"].items():
+        codes, L = gen.codes, len(r.labels)
+        for (name, phase), seq in gen.sums.items():
             rec = r.record(name).phase_record(phase)
             E = rec.num_B
-            c_sum = np.bincount(codes, weights=count, minlength=L)
-            lp, lt, lh = np.zeros((L, E)), np.zeros((L, E), dtype=np.int64), np.bincount(codes, weights=H_sum, minlength=L)
-            np.add.at(lp, codes, p_sum)
-            np.add.at(lt, codes, top)
+            c_sum = np.bincount(codes, weights=seq.count, minlength=L)
+            lp, lt = np.zeros((L, E)), np.zeros((L, E), dtype=np.int64)
+            lh = np.bincount(codes, weights=seq.entropy, minlength=L)
+            np.add.at(lp, codes, seq.probs)
+            np.add.at(lt, codes, seq.argmax)
             for c in np.flatnonzero(c_sum).tolist():
                 rec.label_sums.setdefault(c, LabelSums.zeros(E)).add(
                     LabelSums(int(round(c_sum[c])), lp[c], lt[c], float(lh[c])))
-        gen["acc"] = {}
+        gen.sums = {}
 
     def _close_generation(self) -> None:
         """The open generation is over: its labels (if any) folded in, its per-sequence sums dropped."""
@@ -550,20 +642,22 @@ class Recorder:
         if not parts:
             return
         E = self._routing.record(key[0]).num_B
-        tok = np.concatenate([pt[0] for pt in parts])
-        p = np.concatenate([pt[1] for pt in parts]).reshape(-1, E)
-        weight = np.concatenate([np.ones(len(pt[0]), dtype=np.int64) if len(pt) == 2 else pt[2] for pt in parts])
+        tok = np.concatenate([pt.ids for pt in parts])
+        p = np.concatenate([pt.probs for pt in parts]).reshape(-1, E)
+        weight = np.concatenate([np.ones(len(pt.ids), dtype=np.int64) if pt.counts is None else pt.counts
+                                 for pt in parts])
         uniq, inv = np.unique(tok, return_inverse=True)
         sums = np.stack([np.bincount(inv, weights=p[:, e], minlength=len(uniq)) for e in range(E)], axis=1)
         counts = np.bincount(inv, weights=weight, minlength=len(uniq)).astype(np.int64)
-        self._token_rows[key] = [(uniq, sums, counts)]
+        self._token_rows[key] = [IdRows(uniq, sums, counts)]
         self._token_row_count[key] = self._compacted[key] = len(uniq)
 
     def _fold_token_sums(self) -> None:
         """Add the waiting token rows into each site's per-phase ``token_sums`` (token id → TokenSums)."""
         for key in list(self._token_rows):
             self._compact_token_rows(key)
-            (uniq, sums, counts), = self._token_rows.pop(key)
+            (compacted,) = self._token_rows.pop(key)
+            uniq, sums, counts = compacted.ids, compacted.probs, compacted.counts
             self._token_row_count.pop(key, None)
             self._compacted.pop(key, None)
             name, phase = key

@@ -6,18 +6,15 @@ many tokens went by), and a uniform reservoir sample of tokens for token-level v
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from ..core.errors import LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError, RoutingError
+from ..core.errors import LilyLabTypeError, RoutingError
 from .tokens import token_texts
 
-FORMAT = "lily_lab-routing"
-FORMAT_VERSION = 2  # 2: per-phase sums and a phase column in the samples (1 still reads)
 _NO_LABEL = -1  # label code of an unlabelled token
 
 #: The phases of a token, by code: ``None`` (-1) a forward call given no KV cache (an encoder, a
@@ -486,24 +483,12 @@ class Routing:
         return merged
 
     def save(self, path: str | Path) -> Path:
-        """Write the recording to one ``.npz`` file (arrays + a JSON header; no pickle)."""
-        from ..core.files import atomic_write as _atomic_write
+        """Write the recording to one ``.npz`` file (arrays + a JSON header; no pickle), atomically:
+        a reader sees the old file or the new one, never part of it. Returns the path written (with
+        ``.npz`` added when ``path`` has another suffix or none)."""
+        from .routing_file import save_routing
 
-        data = self._npz_bytes()
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-        # Written to a temporary file beside ``path`` and renamed over it; on failure the temporary
-        # file is removed and the error names ``path`` (not the hidden temporary name).
-        try:
-            _atomic_write(path, data)
-        except OSError as err:
-            reason = err.strerror or str(err) or type(err).__name__
-            if err.errno is None:
-                raise RoutingError(f"cannot write the routing file {str(path)!r}: {reason}") from None
-            kind = LilyLabFileNotFoundError if isinstance(err, FileNotFoundError) else LilyLabFileError
-            raise kind(err.errno, f"cannot write the routing file: {reason}", str(path)) from None
-        return path
+        return save_routing(self, path)
 
     def gather(self, dst: int = 0, *, all_ranks: bool = False, seed: int = 0) -> "Routing":
         """Combine every rank's recording of a ``torch.distributed`` job: the merge (rank order, as
@@ -514,52 +499,11 @@ class Routing:
 
         return gather_routing(self, dst, all_ranks=all_ranks, seed=seed)
 
-    def _npz_bytes(self) -> bytes:
-        """The ``.npz`` file :meth:`save` writes, in memory (also what :meth:`gather` sends)."""
-        import io
-
-        arrays: dict[str, np.ndarray] = {}
-        sites = []
-        for k, rec in enumerate(self._records.values()):
-            p = f"s{k}."
-            for col, arr in rec.tokens.columns.items():
-                arrays[p + "tokens." + col] = arr
-            for col, arr in rec.mixtures.columns.items():
-                arrays[p + "mixtures." + col] = arr
-            arrays[p + "sum_probs"], arrays[p + "argmax_counts"] = rec.sum_probs, rec.argmax_counts
-            arrays[p + "sum_mixture"] = rec.sum_mixture
-            codes = sorted(rec.label_sums)
-            arrays[p + "label_codes"] = np.array(codes, dtype=np.int64)
-            arrays[p + "label_counts"] = np.array([rec.label_sums[c].count for c in codes], dtype=np.int64)
-            arrays[p + "label_probs"] = np.array([rec.label_sums[c].probs for c in codes]).reshape(len(codes), rec.num_B)
-            arrays[p + "label_argmax"] = np.array([rec.label_sums[c].argmax for c in codes], dtype=np.int64).reshape(len(codes), rec.num_B)
-            arrays[p + "label_entropy"] = np.array([rec.label_sums[c].entropy for c in codes], dtype=np.float64)
-            toks = sorted(rec.token_sums)
-            arrays[p + "token_ids"] = np.array(toks, dtype=np.int64)
-            arrays[p + "token_counts"] = np.array([rec.token_sums[t].count for t in toks], dtype=np.int64)
-            arrays[p + "token_probs"] = np.array([rec.token_sums[t].probs for t in toks]).reshape(len(toks), rec.num_B)
-            _phase_arrays(arrays, p, rec)
-            sites.append({
-                "name": rec.name, "module": rec.module, "group": rec.group, "index": rec.index, "kind": rec.kind,
-                "routing": rec.routing, "num_B": rec.num_B, "n_tokens": rec.n_tokens,
-                "sum_token_entropy": rec.sum_token_entropy, "sum_z": rec.sum_z, "nonfinite": rec.nonfinite,
-                "n_calls": rec.n_calls, "tokens_seen": rec.tokens.seen, "mixtures_seen": rec.mixtures.seen,
-            })
-        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "labels": self.labels,
-                  "max_tokens": self.max_tokens, "n_calls": self.n_calls, "n_sequences": self.n_sequences,
-                  "sites": sites}
-        try:
-            arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        except TypeError as err:
-            raise RoutingError(f"labels must be JSON values (int, str, float, bool) to save: {err}") from None
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        return buffer.getvalue()
-
     @classmethod
     def load(cls, path: str | Path) -> "Routing":
-        """Read a recording written by :meth:`save`."""
-        from ._routing_io import load_routing
+        """Read a recording written by :meth:`save`; every field is checked before it is trusted
+        (docs/architecture.md, "Routing recordings")."""
+        from .routing_file import load_routing
 
         return load_routing(cls, Path(path))
 
@@ -584,37 +528,6 @@ def _merge_reservoirs(parts, size, rng, template: dict) -> Reservoir:
         chosen.append({c: v[idx] for c, v in cols.items()})
     res.columns = {c: np.concatenate([part[c] for part in chosen]) for c in res.columns}
     return res
-
-
-def _phase_arrays(arrays: dict, p: str, rec: SiteRecord) -> None:
-    """``rec``'s per-phase sums as arrays named ``p + "phase_…"`` (empty for a record without phases)."""
-    E = rec.num_B
-    codes = sorted(rec.phases)
-    phs = [rec.phases[c] for c in codes]
-    ints = lambda vals: np.array(vals, dtype=np.int64)  # noqa: E731
-    rows = lambda vals, dtype=np.float64: np.array(vals, dtype=dtype).reshape(len(vals), E)  # noqa: E731
-    arrays[p + "phase_codes"] = ints(codes)
-    for key in ("n_tokens", "nonfinite", "n_calls"):
-        arrays[p + "phase_" + key] = ints([getattr(ph, key) for ph in phs])
-    arrays[p + "phase_tokens_seen"] = ints([ph.tokens.seen for ph in phs])
-    arrays[p + "phase_mixtures_seen"] = ints([ph.mixtures.seen for ph in phs])
-    arrays[p + "phase_sum_probs"] = rows([ph.sum_probs for ph in phs])
-    arrays[p + "phase_sum_mixture"] = rows([ph.sum_mixture for ph in phs])
-    arrays[p + "phase_argmax"] = rows([ph.argmax_counts for ph in phs], np.int64)
-    arrays[p + "phase_sum_entropy"] = np.array([ph.sum_token_entropy for ph in phs], dtype=np.float64)
-    arrays[p + "phase_sum_z"] = np.array([ph.sum_z for ph in phs], dtype=np.float64)
-    labels = [(c, code, v) for c, ph in zip(codes, phs) for code, v in sorted(ph.label_sums.items())]
-    arrays[p + "phase_label_phase"] = ints([c for c, _, _ in labels])
-    arrays[p + "phase_label_codes"] = ints([code for _, code, _ in labels])
-    arrays[p + "phase_label_counts"] = ints([v.count for _, _, v in labels])
-    arrays[p + "phase_label_probs"] = rows([v.probs for _, _, v in labels])
-    arrays[p + "phase_label_argmax"] = rows([v.argmax for _, _, v in labels], np.int64)
-    arrays[p + "phase_label_entropy"] = np.array([v.entropy for _, _, v in labels], dtype=np.float64)
-    toks = [(c, t, v) for c, ph in zip(codes, phs) for t, v in sorted(ph.token_sums.items())]
-    arrays[p + "phase_token_phase"] = ints([c for c, _, _ in toks])
-    arrays[p + "phase_token_ids"] = ints([t for _, t, _ in toks])
-    arrays[p + "phase_token_counts"] = ints([v.count for _, _, v in toks])
-    arrays[p + "phase_token_probs"] = rows([v.probs for _, _, v in toks])
 
 
 def _add_sums(acc: SiteRecord, src: SiteRecord, remap: np.ndarray) -> None:

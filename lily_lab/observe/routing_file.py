@@ -1,4 +1,5 @@
-"""Reading a ``Routing`` saved by ``Routing.save`` — every field checked, no pickle.
+"""The ``.npz`` file of a ``Routing``: writing it (``Routing.save``) and reading it back
+(``Routing.load``) — every field checked on the way in, no pickle either way.
 
 The file is a zip of ``.npy`` members. Nothing but the JSON header is decompressed before the zip
 directory has been checked: the members must be exactly those the file's format version defines
@@ -12,6 +13,7 @@ range, counts that add up, finite sums. No pickle, no object arrays.
 
 from __future__ import annotations
 
+import io
 import json
 import lzma
 import math
@@ -24,7 +26,12 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .routing import _PHASE_NAMES, FORMAT, FORMAT_VERSION, LabelSums, Reservoir, RoutingError, SiteRecord, TokenSums
+from ..core.errors import LilyLabFileError, LilyLabFileNotFoundError
+from ..core.files import atomic_write
+from .routing import _PHASE_NAMES, LabelSums, Reservoir, Routing, RoutingError, SiteRecord, TokenSums
+
+FORMAT = "lily_lab-routing"
+FORMAT_VERSION = 2  # 2: per-phase sums and a phase column in the samples (1 still reads)
 
 _TOKEN_COLS = ("probs", "logits", "call", "sequence", "position", "token_id", "label")
 _MIX_COLS = ("mixture", "call", "sequence")
@@ -49,6 +56,101 @@ _PROB_TOL = 0.02  # Σ of a probability sum over its tokens may differ from the 
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile, zlib.error,
                 NotImplementedError, RuntimeError, struct.error, lzma.LZMAError, OverflowError, MemoryError)
 
+
+# ---------------------------------------------------------------------- writing
+def save_routing(routing: Routing, path: str | Path) -> Path:
+    """``Routing.save``: ``routing`` written atomically to ``path`` (``.npz`` added if missing)."""
+    data = routing_bytes(routing)
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    # Written to a temporary file beside ``path`` and renamed over it; on failure the temporary
+    # file is removed and the error names ``path`` (not the hidden temporary name).
+    try:
+        atomic_write(path, data)
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        if err.errno is None:
+            raise RoutingError(f"cannot write the routing file {str(path)!r}: {reason}") from None
+        kind = LilyLabFileNotFoundError if isinstance(err, FileNotFoundError) else LilyLabFileError
+        raise kind(err.errno, f"cannot write the routing file: {reason}", str(path)) from None
+    return path
+
+
+def routing_bytes(routing: Routing) -> bytes:
+    """The ``.npz`` file ``Routing.save`` writes, in memory (also what ``Routing.gather`` sends)."""
+    arrays: dict[str, np.ndarray] = {}
+    sites = []
+    for k, rec in enumerate(routing.record(name) for name in routing.sites):
+        p = f"s{k}."
+        for col, arr in rec.tokens.columns.items():
+            arrays[p + "tokens." + col] = arr
+        for col, arr in rec.mixtures.columns.items():
+            arrays[p + "mixtures." + col] = arr
+        arrays[p + "sum_probs"], arrays[p + "argmax_counts"] = rec.sum_probs, rec.argmax_counts
+        arrays[p + "sum_mixture"] = rec.sum_mixture
+        codes = sorted(rec.label_sums)
+        arrays[p + "label_codes"] = np.array(codes, dtype=np.int64)
+        arrays[p + "label_counts"] = np.array([rec.label_sums[c].count for c in codes], dtype=np.int64)
+        E = rec.num_B
+        arrays[p + "label_probs"] = np.array([rec.label_sums[c].probs for c in codes]).reshape(len(codes), E)
+        arrays[p + "label_argmax"] = np.array([rec.label_sums[c].argmax for c in codes], dtype=np.int64).reshape(-1, E)
+        arrays[p + "label_entropy"] = np.array([rec.label_sums[c].entropy for c in codes], dtype=np.float64)
+        toks = sorted(rec.token_sums)
+        arrays[p + "token_ids"] = np.array(toks, dtype=np.int64)
+        arrays[p + "token_counts"] = np.array([rec.token_sums[t].count for t in toks], dtype=np.int64)
+        arrays[p + "token_probs"] = np.array([rec.token_sums[t].probs for t in toks]).reshape(len(toks), E)
+        _phase_arrays(arrays, p, rec)
+        sites.append({
+            "name": rec.name, "module": rec.module, "group": rec.group, "index": rec.index, "kind": rec.kind,
+            "routing": rec.routing, "num_B": rec.num_B, "n_tokens": rec.n_tokens,
+            "sum_token_entropy": rec.sum_token_entropy, "sum_z": rec.sum_z, "nonfinite": rec.nonfinite,
+            "n_calls": rec.n_calls, "tokens_seen": rec.tokens.seen, "mixtures_seen": rec.mixtures.seen,
+        })
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "labels": routing.labels,
+              "max_tokens": routing.max_tokens, "n_calls": routing.n_calls, "n_sequences": routing.n_sequences,
+              "sites": sites}
+    try:
+        arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    except TypeError as err:
+        raise RoutingError(f"labels must be JSON values (int, str, float, bool) to save: {err}") from None
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _phase_arrays(arrays: dict, p: str, rec: SiteRecord) -> None:
+    """``rec``'s per-phase sums as arrays named ``p + "phase_…"`` (empty for a record without phases)."""
+    E = rec.num_B
+    codes = sorted(rec.phases)
+    phs = [rec.phases[c] for c in codes]
+    ints = lambda vals: np.array(vals, dtype=np.int64)  # noqa: E731
+    rows = lambda vals, dtype=np.float64: np.array(vals, dtype=dtype).reshape(len(vals), E)  # noqa: E731
+    arrays[p + "phase_codes"] = ints(codes)
+    for key in ("n_tokens", "nonfinite", "n_calls"):
+        arrays[p + "phase_" + key] = ints([getattr(ph, key) for ph in phs])
+    arrays[p + "phase_tokens_seen"] = ints([ph.tokens.seen for ph in phs])
+    arrays[p + "phase_mixtures_seen"] = ints([ph.mixtures.seen for ph in phs])
+    arrays[p + "phase_sum_probs"] = rows([ph.sum_probs for ph in phs])
+    arrays[p + "phase_sum_mixture"] = rows([ph.sum_mixture for ph in phs])
+    arrays[p + "phase_argmax"] = rows([ph.argmax_counts for ph in phs], np.int64)
+    arrays[p + "phase_sum_entropy"] = np.array([ph.sum_token_entropy for ph in phs], dtype=np.float64)
+    arrays[p + "phase_sum_z"] = np.array([ph.sum_z for ph in phs], dtype=np.float64)
+    labels = [(c, code, v) for c, ph in zip(codes, phs) for code, v in sorted(ph.label_sums.items())]
+    arrays[p + "phase_label_phase"] = ints([c for c, _, _ in labels])
+    arrays[p + "phase_label_codes"] = ints([code for _, code, _ in labels])
+    arrays[p + "phase_label_counts"] = ints([v.count for _, _, v in labels])
+    arrays[p + "phase_label_probs"] = rows([v.probs for _, _, v in labels])
+    arrays[p + "phase_label_argmax"] = rows([v.argmax for _, _, v in labels], np.int64)
+    arrays[p + "phase_label_entropy"] = np.array([v.entropy for _, _, v in labels], dtype=np.float64)
+    toks = [(c, t, v) for c, ph in zip(codes, phs) for t, v in sorted(ph.token_sums.items())]
+    arrays[p + "phase_token_phase"] = ints([c for c, _, _ in toks])
+    arrays[p + "phase_token_ids"] = ints([t for _, t, _ in toks])
+    arrays[p + "phase_token_counts"] = ints([v.count for _, _, v in toks])
+    arrays[p + "phase_token_probs"] = rows([v.probs for _, _, v in toks])
+
+
+# ---------------------------------------------------------------------- reading
 
 class _Bad(Exception):
     """What is wrong with the file (turned into a RoutingError naming it)."""
@@ -420,7 +522,7 @@ class _Reader:
         return out
 
     def _phases(self, p: str, rec: SiteRecord) -> None:
-        """The per-phase sums of a format-2 site (``Routing._npz_bytes``'s ``phase_…`` arrays), checked."""
+        """The per-phase sums of a format-2 site (``routing_bytes``'s ``phase_…`` arrays), checked."""
         what = f"site {rec.name!r}"
         codes = self._ints(p + "phase_codes")
         if len(set(codes.tolist())) != len(codes) or not set(codes.tolist()) <= set(_PHASE_NAMES):
