@@ -16,7 +16,6 @@ import torch
 
 import lily_lab as ll
 from lily_lab import plots
-from lily_lab.analysis.timeline import _principal_components
 
 from _figures import strings
 
@@ -114,16 +113,43 @@ def test_matches_numpy_svd_of_the_same_matrix(d_out):
     assert other.attrs["explained"] == pytest.approx(share_v[:3].tolist(), rel=1e-9)
 
 
-@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (6, 6)])
-def test_the_gram_and_the_svd_paths_agree(shape):
+def rows_timeline(X, E, r):
+    """A one-run Timeline whose points are the rows of ``X`` (step-major, ``E`` experts a step), in
+    float64: the matrix ``timeline_expert_trajectories`` builds is ``X`` itself."""
+    t = ll.Timeline()
+    for step, chunk in enumerate(np.split(X, len(X) // E)):
+        t.steps.append(step)
+        t.banks.append({"query:5x5": chunk.reshape(E, r, -1)})
+    return t
+
+
+def signed_pca(X, k):
+    """numpy's SVD of the centred rows, each direction turned so its largest |entry| is positive."""
+    X = X - X.mean(axis=0)
+    _, S, Vt = np.linalg.svd(X, full_matrices=False)
+    V = Vt[:k].T * np.sign(Vt[:k][np.arange(k), np.argmax(np.abs(Vt[:k]), axis=1)])
+    return X @ V, (S[:k] ** 2 / (S**2).sum()).tolist()
+
+
+# (points, experts a step, r): n ≤ d = r·d_out takes the Gram path, n > d the SVD path.
+@pytest.mark.parametrize("shape, E, r", [((12, 40), 3, 2), ((40, 12), 4, 2), ((6, 6), 3, 2), ((8, 6), 4, 2)])
+def test_the_gram_and_the_svd_paths_agree(shape, E, r):
     rng = np.random.default_rng(1)
     X = rng.normal(size=shape) @ np.diag(np.geomspace(5, 0.05, shape[1]))
     k = min(shape[0] - 1, shape[1])  # every component centring leaves
-    a, sa = _principal_components(X, k, gram=True)
-    b, sb = _principal_components(X, k, gram=False)
-    assert np.allclose(a, b, atol=1e-8 * np.abs(b).max())  # the same signs too: the convention is the data's
-    assert sa == pytest.approx(sb, rel=1e-8, abs=1e-14)
-    assert sum(sb) == pytest.approx(1.0)  # min(n, d) − 1 components hold the whole spread of centred rows
+    cols = [f"PC{i + 1}" for i in range(k)]
+    df = ll.timeline_expert_trajectories(rows_timeline(X, E, r), components=k)
+    ref, share = signed_pca(X, k)
+    assert np.allclose(df[cols], ref, atol=1e-8 * np.abs(ref).max())  # the same signs too: the convention is the data's
+    assert df.attrs["explained"] == pytest.approx(share, rel=1e-8, abs=1e-14)
+    assert sum(df.attrs["explained"]) == pytest.approx(1.0)  # min(n, d) − 1 components hold the whole spread
+    if shape[0] > shape[1]:  # the SVD path: zero columns (a wider d_out) send the same points down the Gram path
+        d_out = shape[1] // r
+        wide = np.zeros((shape[0], r, -(-shape[0] // r)))
+        wide[:, :, :d_out] = X.reshape(shape[0], r, d_out)
+        gram = ll.timeline_expert_trajectories(rows_timeline(wide.reshape(shape[0], -1), E, r), components=k)
+        assert np.allclose(gram[cols], df[cols], atol=1e-8 * np.abs(ref).max())
+        assert gram.attrs["explained"] == pytest.approx(df.attrs["explained"], rel=1e-8, abs=1e-14)
 
 
 def test_a_bank_that_never_spreads_has_nan_shares():

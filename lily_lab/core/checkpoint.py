@@ -42,6 +42,7 @@ from .errors import CheckpointError, LilyLabError, LilyLabTypeError
 from .inject import add_lily, get_state, plan_groups, remove_lily
 from .files import atomic_write as _atomic_write, directory_lock
 from .layer import LilyLayer, require_module, scaling_overflow
+from .sites import lily_layers_by_group
 from . import peft_format
 
 LILY_JSON = "lily_adapter.json"
@@ -65,7 +66,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
     state = get_state(model)
     if state is None:
         raise CheckpointError("this model has no lily_lab Lily adapter to save; call add_lily(model, config) first")
-    layers = _layers_by_group(model)
+    layers = lily_layers_by_group(model)
     if format == "lily_lab":
         files = _lily_files(state, layers)
     elif format == "peft":
@@ -249,7 +250,7 @@ def _apply(model: nn.Module, config: LilyConfig, layout: list[dict] | None, tens
     if state is not None:
         ours = [{"key": g.key, "d_in": g.d_in, "d_out": g.d_out, "sites": [s.name for s in g.sites]}
                 for g in state.groups]
-        dtypes = {key: members[0][1].lily_A.dtype for key, members in _layers_by_group(model).items()}
+        dtypes = {key: members[0][1].lily_A.dtype for key, members in lily_layers_by_group(model).items()}
         structural = ("r", "stride_A", "num_B")
         if any(getattr(state.config, f) != getattr(config, f) for f in structural):
             raise CheckpointError(
@@ -293,7 +294,7 @@ def _apply(model: nn.Module, config: LilyConfig, layout: list[dict] | None, tens
         add_lily(model, config)
     before = None
     try:
-        layers = _layers_by_group(model)
+        layers = lily_layers_by_group(model)
         if not added:  # what to put back if the copy below is interrupted half-way
             before = [(layer, [p.detach().clone() for p in _tensors_of(layer)], layer.options())
                       for members in layers.values() for _, layer in members]
@@ -449,12 +450,3 @@ def _tensors_of(layer: LilyLayer) -> tuple[torch.Tensor, ...]:
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
-
-
-def _layers_by_group(model: nn.Module) -> dict[str, list[tuple[str, LilyLayer]]]:
-    """``{group key: [(site name, layer), …]}`` in traversal order."""
-    layers: dict[str, list[tuple[str, LilyLayer]]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, LilyLayer):
-            layers.setdefault(mod.group, []).append((name, mod))
-    return layers

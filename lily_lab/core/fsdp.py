@@ -31,6 +31,7 @@ from torch import nn
 
 from .errors import FSDPLayoutError, FSDPSplitError
 from .layer import LilyLayer
+from .sites import lily_layers_by_group
 
 
 def lily_fsdp_units(model: nn.Module, layer_cls=None) -> list[list[str]]:
@@ -137,10 +138,8 @@ def _sites(model: nn.Module) -> list[tuple[str, LilyLayer]]:
 
 
 def _groups(model: nn.Module) -> dict[str, list[str]]:
-    """Group → its sites' names, in traversal order."""
-    groups: dict[str, list[str]] = {}
-    for name, layer in _sites(model):
-        groups.setdefault(layer.group, []).append(name)
+    """Group → its sites' names, in traversal order (:func:`~lily_lab.core.sites.lily_layers_by_group`)."""
+    groups = {key: [name for name, _ in members] for key, members in lily_layers_by_group(model).items()}
     if not groups:
         raise FSDPLayoutError("this model has no lily_lab Lily sites: call lily_lab.add_lily(model, config) first")
     return groups

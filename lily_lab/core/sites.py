@@ -1,7 +1,8 @@
 """``adapter_sites`` and ``count_parameters``: one view of lily_lab Lily, PEFT Lily and PEFT LoRA.
 
 PEFT models are read by duck typing (``lily_A`` / ``lora_A`` ``ModuleDict``s on a layer with a
-``base_layer``), so peft is never imported here.
+``base_layer``), so peft is never imported here. ``lily_layers_by_group`` is the grouping of
+lily_lab's own layers by bank that checkpoints and FSDP layouts are built on.
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ def adapter_sites(model: nn.Module) -> list[Site]:
             sites.append(Site(name, target, group, index, index, A_w, B_w.t().unsqueeze(0), None,
                               float(mod.scaling[adapter]), kind, mod, (A_w, B_w)))
     return sites
+
+
+def lily_layers_by_group(model: nn.Module) -> dict[str, list[tuple[str, LilyLayer]]]:
+    """lily_lab's own Lily layers of ``model``, grouped by the bank ``B`` they share.
+
+    ``{group key: [(name, layer), …]}``. A group key (``"<target>:<d_out>x<d_in>"``, the layers'
+    ``group``) names one bank; its sites' ``A_j`` are shared within the group too (``a_index``).
+    Groups come in the order their first site appears in ``model.named_modules()``, and each
+    group's sites in that traversal order; names are as ``named_modules()`` gives them (with the
+    wrapper components FSDP1 inserts, on a wrapped model). PEFT layers are left out (see
+    :func:`adapter_sites` for every kind); a model without lily_lab Lily layers gives ``{}``.
+
+    Saved checkpoints (``g<k>.…`` tensor keys, the JSON's ``groups``) and FSDP units follow this
+    order, so it must not change.
+    """
+    layers: dict[str, list[tuple[str, LilyLayer]]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LilyLayer):
+            layers.setdefault(mod.group, []).append((name, mod))
+    return layers
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
