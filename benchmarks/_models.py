@@ -53,7 +53,7 @@ def base_model(settings: Settings) -> tuple[nn.Module, str]:
 
         model, name = BertForSequenceClassification(tiny_bert_config()), "tiny random BERT"
     else:
-        from lily_lab.demo import load_minilm
+        from lily_lab.app.demo import load_minilm
 
         model, name = load_minilm()[1], "MiniLM"
     model.requires_grad_(False)

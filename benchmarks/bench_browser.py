@@ -2,7 +2,7 @@
 updated in the DOM (target: median ≤ 300 ms and p90 ≤ 600 ms for every control), and building
 ``LilyDashboard(model, routing, tokenizer=…)`` in the kernel (target ≤ 3 s).
 
-JupyterLab on 127.0.0.1 runs a notebook that loads the demo's MiniLM (``lily_lab.demo.load_minilm``,
+JupyterLab on 127.0.0.1 runs a notebook that loads the demo's MiniLM (``lily_lab.app.demo.load_minilm``,
 offline) with Lily on query and value (the demo's r = 8, stride_A = 2, num_B = 4; token routing,
 ``init_weights=False``: untrained experts that differ), records its routing on 256 held-out tweets
 of the demo's data (``load_tweets`` + ``split_tweets``, labels annotated) and shows the dashboard;
@@ -48,7 +48,7 @@ _FULL_SETUP = """import os, time, torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads({threads})
 import lily_lab as ll
-from lily_lab import demo as D
+from lily_lab.app import demo as D
 from lily_lab.widgets import LilyDashboard
 torch.manual_seed(0)
 tokenizer, model, _ = D.load_minilm(num_labels=2)

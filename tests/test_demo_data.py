@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from lily_lab import demo
-from lily_lab.demo import (
+from lily_lab.app import demo
+from lily_lab.app.demo import (
     batch_indices,
     take_rows,
     load_tweets,

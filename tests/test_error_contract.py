@@ -7,7 +7,7 @@ that was wrong.
 ``public_names``); ``test_every_public_callable_has_a_case`` fails when a new public name has none,
 so new API must come with its case here — or, when it takes no input a user can get wrong, a line
 in ``NO_USER_INPUT`` saying so. The ``lily-lab`` command's cases (one line on stderr, exit 2) are
-at the end; they run ``lily_lab.cli.main`` in-process and never load a model.
+at the end; they run ``lily_lab.app.cli.main`` in-process and never load a model.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import pytest
 import torch
 
 import lily_lab as ll
-from lily_lab import commands, demo, llm, plots, widgets
-from lily_lab.cli import main
+from lily_lab import plots, widgets
+from lily_lab.app import commands, demo, llm
+from lily_lab.app.cli import main
 
 import _tiny_lm
 
@@ -285,7 +286,7 @@ CASES = [
     ("widgets.TimelinePlayer: a run is not a timeline", lambda x: widgets.TimelinePlayer({"run": x.routing}), T,
      ("TimelinePlayer", "timeline['run']", "Routing")),
     ("widgets.BudgetCalculator: d_in=0", lambda x: widgets.BudgetCalculator(d_in=0), V, ("d_in", "0")),
-    # ---- lily_lab.llm
+    # ---- lily_lab.app.llm
     ("llm.load_smollm2: cache_dir is a number", lambda x: llm.load_smollm2(cache_dir=5), T, ("cache_dir", "int")),
     ("llm.load_smollm2: cache_dir is a file", lambda x: llm.load_smollm2(cache_dir=x.csv), O,
      ("cache_dir", "texts.csv", "not a folder")),
@@ -318,7 +319,7 @@ CASES = [
     ("llm.train_chat: steps=0", lambda x: llm.train_chat(x.lm, x.examples, steps=0, progress=False), V,
      ("steps=0",)),
     ("llm.train_chat: examples is a list", lambda x: llm.train_chat(x.lm, [1, 2], steps=1), T, ("examples", "list")),
-    # ---- lily_lab.demo: data and models
+    # ---- lily_lab.app.demo: data and models
     ("demo.load_tweets: missing file", lambda x: demo.load_tweets(x.tmp / "tweets.csv"), F, ("tweets.csv", "load_csv")),
     ("demo.load_tweets: not the tweets file", lambda x: demo.load_tweets(x.csv), V, ("'sentiment'", "load_csv")),
     ("demo.load_csv: missing file", lambda x: demo.load_csv(x.tmp / "nodata.csv"), F, ("nodata.csv",)),
@@ -351,7 +352,7 @@ CASES = [
      ("head.safetensors",)),
     ("demo.load_head: no head to load into", lambda x: demo.load_head(x.model, x.folder), V,
      ("a_folder", "no classification head")),
-    # ---- lily_lab.commands (what `lily-lab` runs), called from Python
+    # ---- lily_lab.app.commands (what `lily-lab` runs), called from Python
     ("commands.check_out_path: missing folder", lambda x: commands.check_out_path(x.tmp / "nowhere" / "r.html"), F,
      ("nowhere", "mkdir -p")),
     ("commands.run_demo: --out is a folder", lambda x: commands.run_demo(out=x.folder), O, ("--out", "is a folder")),
@@ -371,6 +372,7 @@ NO_USER_INPUT = {
     "LilyConfig.to_dict": "no arguments",
     "LilyConfig.to_json": "no arguments",
     "plots.escape": "any value is text",
+    "plots.message_figure": "shows any two texts (escaped)",
     "plots.site_label": "labels any module and layer (escaped)",
     "plots.bank_label": "labels any group key (escaped)",
     "plots.place_label": "labels any key (escaped)",
@@ -408,7 +410,7 @@ _METHODS_OF = {  # classes whose public methods are entry points too, by the pre
 
 def public_names() -> set[str]:
     """Every public callable: ``lily_lab.__all__``; ``__all__`` of ``plots``, ``widgets`` and ``llm``;
-    the functions ``lily_lab.demo`` and ``lily_lab.commands`` define without a leading underscore;
+    the functions ``lily_lab.app.demo`` and ``lily_lab.app.commands`` define without a leading underscore;
     and the public methods of ``Routing``, ``Recorder``, ``Timeline``, ``Diagnosis``, ``LilyConfig``
     and ``llm.ChatDataset``. Exceptions (what is raised) and constants (not callable) are left out."""
     names = set()
@@ -452,7 +454,7 @@ def test_the_walk_sees_the_api():
 
 
 # --------------------------------------------------------------------------- the lily-lab command
-# In-process (lily_lab.cli.main), each refused before any model is loaded. tests/test_cli.py covers
+# In-process (lily_lab.app.cli.main), each refused before any model is loaded. tests/test_cli.py covers
 # argparse's own refusals (a bad --routing, --steps 0, --r x); tests/test_untrusted_inputs.py the
 # CSVs without rows, pickle-only model folders and --out; tests/test_commands.py runs a few of the
 # cases below as subprocesses on the real MiniLM.

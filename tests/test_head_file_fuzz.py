@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load as st_load
 
 import lily_lab as ll
-from lily_lab import demo as D
+from lily_lab.app import demo as D
 
 transformers = pytest.importorskip("transformers")
 
@@ -471,7 +471,8 @@ HUGE_RUN = textwrap.dedent("""
     import json, resource, sys, time
     from pathlib import Path
     import torch, transformers
-    from lily_lab import CheckpointError, demo as D
+    from lily_lab import CheckpointError
+    from lily_lab.app import demo as D
     torch.set_num_threads(1)
     folder, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lily_lab as ll
-from lily_lab import llm
+from lily_lab.app import llm
 
 pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("two_threads")

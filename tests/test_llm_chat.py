@@ -1,4 +1,4 @@
-"""The texts as a chat task for causal LMs (lily_lab.llm): prompts from the tokenizer's chat template,
+"""The texts as a chat task for causal LMs (lily_lab.app.llm): prompts from the tokenizer's chat template,
 examples with the loss on the answer only, answer scores equal to one-example-at-a-time scoring,
 generation with left padding, the AdamW loop, transformers' Trainer and TRL's SFTTrainer with
 lily_lab and PEFT Lily, and `lily-lab demo` on tiny random Llama and GPT-2 folders."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lily_lab as ll
-from lily_lab import cli, llm
+from lily_lab.app import cli, llm
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 import lily_lab as ll
-from lily_lab import cli
-from lily_lab import demo as D
+from lily_lab.app import cli
+from lily_lab.app import demo as D
 from lily_lab.observe import RoutingError
+
+from _tiny_bert import save_lily_adapter, save_model_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,23 +128,11 @@ def test_load_csv_drops_rows_without_a_label_and_codes_the_rest(tmp_path):
     assert frame["label"].tolist() == [1, 0, 1] and frame["text"].tolist() == ["the movie", "the night", "not bad"]
 
 
-WORDS = "the a movie film was is great awful good bad not very".split()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TINY = dict(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-            intermediate_size=64)
-
-
 @pytest.fixture(scope="module")
 def base_and_adapter(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(SPECIAL + WORDS) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    adapter = tmp_path_factory.mktemp("adapter") / "lily"
-    model = transformers.BertModel(transformers.BertConfig(**TINY))
-    ll.save_adapter(ll.add_lily(model, ll.LilyConfig(["query", "value"], r=2, num_B=2, init_weights=False)), adapter)
-    return folder, adapter
+    """A one-layer tiny BERT folder and a Lily adapter for it (tests/_tiny_bert.py)."""
+    return (save_model_folder(tmp_path_factory.mktemp("tiny_bert"), num_hidden_layers=1),
+            save_lily_adapter(tmp_path_factory.mktemp("adapter") / "lily", num_hidden_layers=1))
 
 
 @pytest.mark.parametrize("rows, ok", [(["the movie,pos", "a film,", "not bad,neg", "so good,NA"], True),

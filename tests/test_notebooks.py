@@ -54,7 +54,7 @@ def test_notebooks_use_public_names_only(path):
     used = set().union(*(_private_names("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
                          for src in cells))
     assert not used, f"{path.name} uses private lily_lab names: {sorted(used)}"
-    assert _private_names("from lily_lab.demo import _rows\nfrom lily_lab import demo\ndemo._x(1)") == {"_rows", "demo._x"}
+    assert _private_names("from lily_lab.app.demo import _rows\nfrom lily_lab.app import demo\ndemo._x(1)") == {"_rows", "demo._x"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

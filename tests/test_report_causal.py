@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lily_lab as ll
-from lily_lab import cli
+from lily_lab.app import cli
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

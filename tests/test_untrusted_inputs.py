@@ -19,38 +19,26 @@ import torch
 from safetensors.torch import save
 
 import lily_lab as ll
-from lily_lab import cli
-from lily_lab import demo as D
+from lily_lab.app import cli
+from lily_lab.app import demo as D
 from lily_lab.core.safetensors_header import read_header
+
+from _tiny_bert import HIDDEN, TINY, WORDS, save_lily_adapter, save_model_folder
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = "the a movie film was is great awful good bad not very really day night so".split()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TINY = dict(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64)
-HIDDEN = TINY["hidden_size"]
 FIX = "save it again"  # every head message ends with how to put it right (demo.HEAD_FIX)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A folder with a tiny random BertModel (safetensors) and a WordPiece tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(SPECIAL + WORDS) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    return folder
+    return save_model_folder(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("adapter") / "lily"
-    torch.manual_seed(1)
-    model = transformers.BertModel(transformers.BertConfig(**TINY))
-    ll.save_adapter(ll.add_lily(model, ll.LilyConfig(["query", "value"], r=2, num_B=2, init_weights=False)), folder)
-    return folder
+    return save_lily_adapter(tmp_path_factory.mktemp("adapter") / "lily")
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +175,7 @@ def test_load_head_refuses_a_bad_head_file_and_leaves_the_model_as_it_was(case, 
 HUGE_RUN = textwrap.dedent("""
     import resource, sys, time
     import tokenizers, torch, transformers.models.bert.modeling_bert  # the imports, before the limit
-    from lily_lab.cli import main
+    from lily_lab.app.cli import main
     torch.set_num_threads(1)
     size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
     resource.setrlimit(resource.RLIMIT_AS, (size + (1536 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))

@@ -14,7 +14,7 @@ import pandas as pd
 from torch import nn
 
 from ..core import LilyConfig, adapter_sites
-from ..core.errors import InputError, LilyLabTypeError
+from ..core.errors import InputError, LilyLabTypeError, check_positive_int
 from .routing import layer_of
 
 LAYOUT_COLUMNS = ["group", "module", "site", "index", "layer", "a_index", "num_B", "r", "d_in", "d_out", "kind"]
@@ -39,23 +39,14 @@ def sharing_layout(model: nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LAYOUT_COLUMNS)
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise InputError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    value = value.__index__()
-    if value < minimum:
-        raise InputError(f"{name} must be an integer ≥ {minimum}, got {value}")
-    return value
-
-
 def sharing_layout_from_config(config: LilyConfig, layers: int, d_in: int, d_out: int) -> pd.DataFrame:
     """The layout ``config`` would give a model with ``layers`` sites of shape ``d_out × d_in`` per
     target: one group per target module (a regex target is one group), sites named
     ``"layer {i}"``. Same columns as :func:`sharing_layout`."""
     if not isinstance(config, LilyConfig):
         raise LilyLabTypeError(f"config must be a lily_lab.LilyConfig, got {type(config).__name__}")
-    layers = _positive_int("layers", layers)
-    d_in, d_out = _positive_int("d_in", d_in), _positive_int("d_out", d_out)
+    layers = check_positive_int(layers, "layers")
+    d_in, d_out = check_positive_int(d_in, "d_in"), check_positive_int(d_out, "d_out")
     targets = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
     rows = []
     for target in targets:
@@ -92,9 +83,10 @@ def parameter_budget(d_in: int, d_out: int, layers: int, r_values: Iterable[int]
     (the same for the equal-budget LoRA), ``params_ratio`` (Lily over LoRA at the same ``r``),
     ``n_A`` (shared ``A``s per group) and the inputs.
     """
-    d_in, d_out, layers = _positive_int("d_in", d_in), _positive_int("d_out", d_out), _positive_int("layers", layers)
-    stride_A, num_B = _positive_int("stride_A", stride_A), _positive_int("num_B", num_B)
-    groups = _positive_int("groups", groups)
+    d_in, d_out = check_positive_int(d_in, "d_in"), check_positive_int(d_out, "d_out")
+    layers = check_positive_int(layers, "layers")
+    stride_A, num_B = check_positive_int(stride_A, "stride_A"), check_positive_int(num_B, "num_B")
+    groups = check_positive_int(groups, "groups")
     if hasattr(r_values, "__index__"):
         r_values = [r_values]
     try:
@@ -102,7 +94,7 @@ def parameter_budget(d_in: int, d_out: int, layers: int, r_values: Iterable[int]
     except TypeError:
         raise LilyLabTypeError(f"r_values must be ranks to compare (an integer or a list of them, e.g. "
                                f"range(1, 33)), got {type(r_values).__name__}") from None
-    r_values = [_positive_int("r", r) for r in r_values]
+    r_values = [check_positive_int(r, "r") for r in r_values]
     if not r_values:
         raise InputError("r_values is empty: give the ranks to compare, e.g. range(1, 33)")
     rows = []

@@ -5,9 +5,10 @@ builtin exception a Python user would expect (``ValueError`` for a wrong value, 
 wrong kind of argument, ``FileNotFoundError`` for a missing file), so ``except ValueError`` keeps
 working. :class:`InputError`, :class:`LilyLabTypeError` and :class:`LilyLabFileError` are the general
 ones; the others say which part of lily_lab refused. Every one of them is defined here (the
-modules that raise them re-export theirs: ``lily_lab.llm.ChatTemplateError`` is this class).
+modules that raise them re-export theirs: ``lily_lab.app.llm.ChatTemplateError`` is this class).
 
-This module imports nothing, so every layer may raise these (``plots`` included: tests/test_architecture.py).
+This module imports nothing, so every layer may raise these (``plots`` included: tests/test_architecture.py),
+and check a count with :func:`check_positive_int`.
 """
 
 from __future__ import annotations
@@ -79,3 +80,23 @@ class CausalConsistencyError(LilyLabError, ValueError):
 
 class ChatTemplateError(LilyLabError, ValueError):
     """The tokenizer has no chat template, or its template cannot frame the question and answer."""
+
+
+def check_positive_int(value, name: str, *, where: str | None = None, minimum: int = 1, none_ok: bool = False):
+    """``value`` as an ``int``, once it is an integer ≥ ``minimum`` (an ``int`` or a NumPy integer,
+    anything with ``__index__``; never a ``bool``), or ``None`` when ``none_ok`` and it is ``None``.
+    Else an :class:`InputError` naming the argument, after ``where`` (the function) when given:
+    ``"batch_indices: steps must be an integer ≥ 0, got -1"``. Every lily_lab count is checked here."""
+    if value is None and none_ok:
+        return None
+    prefix = f"{where}: " if where else ""
+    wanted = f"{prefix}{name} must be an integer ≥ {minimum}{' or None' if none_ok else ''}"
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InputError(f"{wanted}, got {value!r}")
+    try:
+        number = value.__index__()
+    except TypeError:  # an array of several numbers has __index__ and refuses it
+        raise InputError(f"{wanted}, got {value!r}") from None
+    if number < minimum:
+        raise InputError(f"{wanted}, got {number!r}")
+    return number

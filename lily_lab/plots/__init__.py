@@ -8,7 +8,7 @@ Every figure uses the ``"lily_lab"`` template, colours expert ``e`` with ``exper
 escapes every text that comes from the data.
 """
 
-from ._common import bank_label, escape, site_label
+from ._common import bank_label, escape, message_figure, site_label
 from .findings import (FINDING_CSS, KIND_TITLES, count_label, evidence_html, finding_html, number_label,
                        place_label)
 from .experts import (plot_diagnosis, plot_expert_similarity, plot_expert_trajectories, plot_rank_by_layer,
@@ -30,7 +30,7 @@ __all__ = [
     # teaching views
     "plot_sharing_diagram", "plot_parameter_budget",
     # theme
-    "TEMPLATE", "EXPERT_COLORS", "SEVERITY_COLORS", "expert_color", "severity_color", "escape",
+    "TEMPLATE", "EXPERT_COLORS", "SEVERITY_COLORS", "expert_color", "severity_color", "escape", "message_figure",
     # names: one display name per site and bank, everywhere
     "site_label", "bank_label",
     # findings: the diagnosis as HTML cards, shared by the report and the widgets

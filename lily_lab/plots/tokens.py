@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..core.errors import InputError
+from ..core.errors import InputError, check_positive_int
 from ._common import escape, figure, fmt, layers, modules, pick, prob_columns, require, site_label
 from .theme import TEMPLATE, expert_color
 
@@ -88,9 +88,8 @@ def plot_top_tokens(top: pd.DataFrame, site: str, *, k: int | None = None, colum
     require(top, ["site", "expert", "rank", "usage"], fn, "lily_lab.top_tokens(routing, tokenizer=…)")
     if "token" not in top.columns and "token_id" not in top.columns:
         raise InputError(f"{fn} needs a 'token' or 'token_id' column; the frame has {list(top.columns)}")
-    for name, value, optional in (("columns", columns, False), ("k", k, True)):
-        if not (optional and value is None) and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise InputError(f"{fn}: {name} must be an integer ≥ 1{' or None' if optional else ''}, got {value!r}")
+    columns = check_positive_int(columns, "columns", where=fn)
+    k = check_positive_int(k, "k", where=fn, none_ok=True)
     part = pick(top, "site", site, fn)
     where = _where(part)
     experts = sorted(part["expert"].unique().tolist())

@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import time
 from pathlib import Path
 
 import torch
 
+from ..core.checkpoint import LILY_JSON
+from ..core.errors import InputError, LilyLabFileError, LilyLabFileNotFoundError, check_positive_int
+from ..core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
 from . import demo as D
-from .core.errors import InputError, LilyLabFileError, LilyLabFileNotFoundError
+from .runtime import threads_for_the_run
 
 
 def _data(data, text_column, label_column, n_train, n_heldout, seed):
@@ -41,7 +42,7 @@ def _data(data, text_column, label_column, n_train, n_heldout, seed):
 def _record(model, enc, labels, names):
     """A routing recording of the held-out set, labelled, in the batches predict_logits uses;
     and ``order``: recorded sequence ``k`` is held-out row ``order[k]``."""
-    from . import record_routing
+    from .. import record_routing
 
     with record_routing(model) as rec, torch.no_grad():
         model.eval()
@@ -55,7 +56,7 @@ def _record(model, enc, labels, names):
 
 
 def _summary(model, routing) -> None:
-    from . import diagnose, router_metrics
+    from .. import diagnose, router_metrics
 
     m = router_metrics(routing)
     if not m.empty:
@@ -66,36 +67,14 @@ def _summary(model, routing) -> None:
     print(diagnose(model, routing))
 
 
-SMOLLM2 = "smollm2"  # --model smollm2: the packaged SmolLM2-135M-Instruct (lily_lab.llm.load_smollm2)
+SMOLLM2 = "smollm2"  # --model smollm2: the packaged SmolLM2-135M-Instruct (lily_lab.app.llm.load_smollm2)
 
 # Per model kind: (routing, targets, lr, batch_size, n_train, n_heldout); None arguments take these.
 ENCODER_DEFAULTS = ("batch", ("query", "value"), 5e-3, 16, 2048, 512)
 CAUSAL_DEFAULTS = ("causal", ("q_proj", "v_proj"), 2e-3, 8, 512, 128)
 
 
-def _threads_for_the_run(fn):
-    """Run ``fn`` with torch's intra-op thread count set to its ``threads`` argument, and put the
-    caller's count back afterwards: the command's choice (2 by default, what this project's small
-    CPU machines have) must not leak into a notebook or script that calls ``run_demo`` /
-    ``run_report``. The other thread choice, ``OMP_WAIT_POLICY``, is made once at the command
-    line's edge (``lily_lab.cli``), before torch loads."""
-    default = inspect.signature(fn).parameters["threads"].default
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        threads = kwargs.get("threads", default)
-        _positive(threads=threads)
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-
-    return run
-
-
-@_threads_for_the_run
+@threads_for_the_run
 def run_demo(*, steps=30, routing=None, r=8, stride_A=2, num_B=4, seed=0, out_dir="lily_lab_demo_adapter",
              out="lily_lab_report.html", model_dir=None, data=None, text_column="text", label_column="label",
              targets=None, lr=None, batch_size=None, n_train=None, n_heldout=None, threads=2, causal_lm=None,
@@ -107,8 +86,8 @@ def run_demo(*, steps=30, routing=None, r=8, stride_A=2, num_B=4, seed=0, out_di
     ``causal_lm=True``, a causal LM that learns to answer a chat prompt with the label word
     (:func:`_run_causal_demo`). ``causal_lm=False`` insists on an encoder. Arguments left
     ``None`` take the kind's defaults (:data:`ENCODER_DEFAULTS`, :data:`CAUSAL_DEFAULTS`)."""
-    _positive(steps=steps, batch_size=batch_size, n_train=n_train, n_heldout=n_heldout, threads=threads,
-              max_new_tokens=max_new_tokens)
+    _positive(steps=steps, batch_size=batch_size, n_train=n_train, n_heldout=n_heldout,
+              max_new_tokens=max_new_tokens)  # threads: checked by threads_for_the_run
     check_out_path(out)  # before minutes of training, not after
     causal = _demo_kind(model_dir, causal_lm)
     if model_dir is not None and model_dir != SMOLLM2:
@@ -127,10 +106,10 @@ def run_demo(*, steps=30, routing=None, r=8, stride_A=2, num_B=4, seed=0, out_di
 
 
 def _positive(**values) -> None:
-    """Each of ``values`` (``None``: the default) must be an integer ≥ 1; else an :class:`InputError` naming it."""
+    """Each of ``values`` (``None``: the kind's default) must be an integer ≥ 1; else an :class:`InputError` naming it."""
     for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+        if value is not None:
+            check_positive_int(value, name)
 
 
 def _require_model_dir(model_dir) -> None:
@@ -179,7 +158,7 @@ def _run_encoder_demo(*, steps, routing, r, stride_A, num_B, seed, out_dir, out,
     """The encoder demo: MiniLM (or ``model_dir``) with a new classification head."""
     from tqdm.auto import tqdm
 
-    from . import (LilyConfig, add_lily, adapter_sites, adapter_summary, count_parameters, load_adapter, report,
+    from .. import (LilyConfig, add_lily, adapter_sites, adapter_summary, count_parameters, load_adapter, report,
                    save_adapter)
 
     started = time.perf_counter()
@@ -254,12 +233,12 @@ def _run_causal_demo(*, steps, routing, r, stride_A, num_B, seed, out_dir, out, 
                      label_column, targets, lr, batch_size, n_train, n_heldout, threads, max_new_tokens) -> int:
     """The causal-LM demo: the texts become chat prompts whose answer is the label word.
 
-    Zero-shot held-out accuracy (argmax of :func:`lily_lab.llm.answer_scores`), training with
-    :func:`lily_lab.llm.train_chat`, held-out accuracy after; the routers are recorded while the
+    Zero-shot held-out accuracy (argmax of :func:`lily_lab.app.llm.answer_scores`), training with
+    :func:`lily_lab.app.llm.train_chat`, held-out accuracy after; the routers are recorded while the
     model generates its answers to the held-out prompts (greedy, left padding), each batch's
     generation labelled; the report gets the predictions of the answer scores; the adapter (no head) is saved,
     loaded into a fresh base and its logits on the held-out prompts compared."""
-    from . import (LilyConfig, TargetError, add_lily, adapter_sites, adapter_summary, count_parameters,
+    from .. import (LilyConfig, TargetError, add_lily, adapter_sites, adapter_summary, count_parameters,
                    load_adapter, record_routing, report, save_adapter)
     from . import llm
 
@@ -365,7 +344,7 @@ def _max_prompt_logit_diff(a, b, prompts, pad, batch_size=16) -> float:
     return worst
 
 
-@_threads_for_the_run
+@threads_for_the_run
 def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", label_column=None, out="lily_lab_report.html",
                n_texts=512, seed=0, threads=2, causal_lm=False) -> int:
     """Analyse a saved adapter (lily_lab, PEFT Lily or PEFT LoRA) on data; write the HTML report.
@@ -376,16 +355,16 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
     (Llama-3.2 has none)."""
     import json
 
-    from . import CheckpointError, load_adapter, report
+    from .. import CheckpointError, load_adapter, report
 
-    _positive(n_texts=n_texts, threads=threads)
+    _positive(n_texts=n_texts)  # threads: checked by threads_for_the_run
     torch.manual_seed(seed)
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise CheckpointError(f"no adapter directory at {str(adapter_dir)!r}")
-    peft_cfg = adapter_dir / "adapter_config.json"
+    peft_cfg = adapter_dir / PEFT_CONFIG
     kind = None
-    if peft_cfg.is_file() and not (adapter_dir / "lily_adapter.json").is_file():
+    if peft_cfg.is_file() and not (adapter_dir / LILY_JSON).is_file():
         try:
             kind = json.loads(peft_cfg.read_text()).get("peft_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
@@ -406,8 +385,8 @@ def run_report(adapter_dir, *, model_dir=None, data=None, text_column="text", la
             num_labels = D.head_num_labels(head, D.model_hidden_size(model_dir))
         tokenizer, model, new_names = D.load_minilm(num_labels=num_labels, path=model_dir)
     if kind == "LORA":
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
-            raise CheckpointError(f"{adapter_dir} has no adapter_model.safetensors (lily-lab reads safetensors only)")
+        if not (adapter_dir / PEFT_WEIGHTS).is_file():
+            raise CheckpointError(f"{adapter_dir} has no {PEFT_WEIGHTS} (lily-lab reads safetensors only)")
         try:
             import peft
         except ImportError:
@@ -487,7 +466,7 @@ def _load_causal_lm(model_dir):
 
 def _load_lily(model, adapter_dir, load_adapter):
     """Sites saved from a bare encoder or from a classification model both fit."""
-    from . import CheckpointError
+    from .. import CheckpointError
 
     try:
         return load_adapter(model, adapter_dir)
@@ -503,7 +482,7 @@ def _load_lily(model, adapter_dir, load_adapter):
 
 
 def _load_lora(peft, model, adapter_dir):
-    from . import CheckpointError
+    from .. import CheckpointError
 
     try:
         return peft.PeftModel.from_pretrained(model, str(adapter_dir))

