@@ -71,7 +71,7 @@ demo: $(STAMP)
 
 # The README's dashboard pictures are the browser test's screenshots (run `make test` first).
 DOC_IMAGES := dashboard.png dashboard_routers_sentence_sites.png:dashboard_routers_sentence.png \
-              dashboard_diagnosis.png
+              dashboard_diagnosis.png tensorboard_lily.png
 docs-images:
 	@for pair in $(DOC_IMAGES); do src=$${pair%%:*}; dst=$${pair#*:}; \
 		test -f test-output/$$src || { echo "test-output/$$src missing: run tests/test_browser.py first" >&2; exit 1; }; \

@@ -54,6 +54,7 @@ from .core import (
     save_adapter,
     set_lily_options,
 )
+from .monitor import EarlyWarning, RoutingMonitor
 from .observe import Recorder, Routing, RoutingError, Timeline, record_dataset, record_routing
 from .app.report import report  # lily_lab.report is the function; `from lily_lab.report import …` reaches the module
 
@@ -64,7 +65,9 @@ __all__ = [
     "LilyConfig", "LilyLayer", "Site", "add_lily", "remove_lily", "adapter_sites", "adapter_summary",
     "count_parameters", "save_adapter", "load_adapter", "lily_aux_loss", "set_lily_options",
     # observe
-    "record_routing", "record_dataset", "Recorder", "Routing", "Timeline", "RoutingCallback",
+    "record_routing", "record_dataset", "Recorder", "Routing", "Timeline",
+    # monitor
+    "RoutingCallback", "RoutingMonitor", "EarlyWarning",
     # analysis
     "router_metrics", "specialization", "expert_layer_profile", "top_tokens", "expert_similarity",
     "timeline_metrics", "timeline_expert_similarity", "timeline_expert_trajectories", "bank_summary",
@@ -119,9 +122,9 @@ if not any(type(f).__name__ == _MovedModules.__name__ for f in _sys.meta_path): 
 
 def __getattr__(name: str):
     if name == "RoutingCallback":  # subclasses transformers' TrainerCallback: built on first use
-        from .observe import timeline
+        from .monitor.callback import routing_callback_class
 
-        return timeline.RoutingCallback
+        return routing_callback_class()
     if name in _MOVED:  # lily_lab.demo: imported on first use, as before the move
         return _import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lily_lab' has no attribute {name!r}")

@@ -13,20 +13,23 @@ ROOT = Path(lily_lab.__file__).parent
 # The library packages, lowest first, then the application layer (lily_lab/app: the `lily-lab`
 # command, the demo, the tweets and chat data, the HTML report), which may use every package and
 # which no package may import (a library function must not reach up into the command line or the demo).
-ORDER = ["core", "observe", "analysis", "plots", "widgets", "app"]
+# monitor (training-time metrics and warnings) composes observe and analysis, below the views.
+ORDER = ["core", "observe", "analysis", "monitor", "plots", "widgets", "app"]
 # What each layer may import from lily_lab (plots sits beside core: it knows only DataFrames).
 ALLOWED = {
     "core": set(),
     "observe": {"core"},
     "analysis": {"core", "observe"},
+    "monitor": {"core", "observe", "analysis"},
     "plots": set(),
     "widgets": {"core", "observe", "analysis", "plots"},
-    "app": {"core", "observe", "analysis", "plots", "widgets"},
+    "app": {"core", "observe", "analysis", "monitor", "plots", "widgets"},
 }
 FORBIDDEN_THIRD_PARTY = {
     "core": {"plotly", "ipywidgets", "pandas", "anywidget", "peft"},
     "observe": {"plotly", "ipywidgets", "anywidget", "peft"},
     "analysis": {"plotly", "ipywidgets", "anywidget", "peft"},
+    "monitor": {"plotly", "ipywidgets", "anywidget", "peft"},
     "plots": {"ipywidgets", "anywidget", "torch", "peft"},
 }
 # Every module of the application layer, so that a new one is placed on purpose.

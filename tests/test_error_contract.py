@@ -105,6 +105,22 @@ def _enter(cm):
 
 V, T, F, O = ValueError, TypeError, FileNotFoundError, OSError
 
+
+def _closing(monitor):
+    """``monitor``, closed (its traffic hooks removed) when the test ends."""
+    _MONITORS.append(monitor)
+    return monitor
+
+
+_MONITORS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_monitors():
+    yield
+    while _MONITORS:
+        _MONITORS.pop().close()
+
 CASES = [
     # ---- core: the adapter
     ("LilyConfig: r=0", lambda x: ll.LilyConfig(["query"], r=0), V, ("r must be", "got 0")),
@@ -158,7 +174,25 @@ CASES = [
     ("Timeline.observe: no probe", lambda x: ll.Timeline().observe(x.model, 0), V, ("probe",)),
     ("Timeline.observe: step is text", lambda x: ll.Timeline(x.batch).observe(x.model, "first"), V,
      ("step must be", "'first'")),
+    ("Timeline.add: banks missing", lambda x: ll.Timeline().add(0, x.routing), V,
+     ("Timeline.add", "track_experts=True", "pass banks=", "Timeline(track_experts=False)")),
+    ("Timeline.save: missing folder", lambda x: x.timeline.save(x.tmp / "nowhere" / "t.npz"), F,
+     ("Timeline.save", "cannot write the timeline file", "nowhere")),
+    ("Timeline.load: missing file", lambda x: ll.Timeline.load(x.tmp / "missing_timeline.npz"), F,
+     ("Timeline.load", "no timeline file", "missing_timeline.npz")),
+    ("Timeline.load: a routing file", lambda x: ll.Timeline.load(x.routing.save(x.tmp / "a_routing.npz")), V,
+     ("Timeline.load", "a_routing.npz", "is a routing file, not a timeline", "Routing.load")),
     ("RoutingCallback: every=0", lambda x: ll.RoutingCallback(every=0), V, ("every", "0")),
+    ("RoutingCallback: stop_on='never'", lambda x: ll.RoutingCallback(stop_on="never"), V, ("stop_on", "'never'")),
+    ("RoutingMonitor: per='layer'", lambda x: ll.RoutingMonitor(x.model, per="layer"), V, ("per must be", "'layer'")),
+    ("RoutingMonitor: not a model", lambda x: ll.RoutingMonitor(x.routing), T, ("RoutingMonitor", "Routing")),
+    ("RoutingMonitor.observe: step is text", lambda x: _closing(ll.RoutingMonitor(x.model)).observe("10"), T,
+     ("step must be an integer", "'10'")),
+    ("RoutingMonitor.observe_probe: no probe", lambda x: _closing(ll.RoutingMonitor(x.model)).observe_probe(0), V,
+     ("Timeline.observe needs a probe batch",)),
+    ("RoutingMonitor.metrics: not a recording", lambda x: _closing(ll.RoutingMonitor(x.model)).metrics(x.usage), T,
+     ("router_metrics", "Routing")),
+    ("diagnose: unknown check", lambda x: ll.diagnose(x.model, checks=["collapse"]), V, ("unknown checks", "'collapse'")),
     # ---- analysis
     ("router_metrics: not a recording", lambda x: ll.router_metrics(x.model), T,
      ("router_metrics", "routing must be a lily_lab.Routing", "BertModel")),
@@ -369,6 +403,9 @@ NO_USER_INPUT = {
     "Diagnosis.to_frame": "no arguments",
     "Routing": "a recording, built by record_routing, Routing.load and Routing.merge",
     "Routing.usage": "no arguments",
+    "EarlyWarning": "the record of a warning RoutingMonitor gives; not constructed by hand",
+    "RoutingMonitor.log_dict": "no arguments",
+    "RoutingMonitor.close": "no arguments",
     "LilyConfig.to_dict": "no arguments",
     "LilyConfig.to_json": "no arguments",
     "plots.escape": "any value is text",
@@ -403,7 +440,7 @@ def test_bad_input_is_a_lily_lab_error_naming_the_argument(case, x):
 # --------------------------------------------------------------------------- what counts as public
 
 _METHODS_OF = {  # classes whose public methods are entry points too, by the prefix their cases use
-    "": [ll.Routing, ll.Recorder, ll.Timeline, ll.Diagnosis, ll.LilyConfig],
+    "": [ll.Routing, ll.Recorder, ll.Timeline, ll.Diagnosis, ll.LilyConfig, ll.RoutingMonitor],
     "llm.": [llm.ChatDataset],
 }
 
@@ -411,7 +448,7 @@ _METHODS_OF = {  # classes whose public methods are entry points too, by the pre
 def public_names() -> set[str]:
     """Every public callable: ``lily_lab.__all__``; ``__all__`` of ``plots``, ``widgets`` and ``llm``;
     the functions ``lily_lab.app.demo`` and ``lily_lab.app.commands`` define without a leading underscore;
-    and the public methods of ``Routing``, ``Recorder``, ``Timeline``, ``Diagnosis``, ``LilyConfig``
+    and the public methods of ``Routing``, ``Recorder``, ``Timeline``, ``Diagnosis``, ``LilyConfig``, ``RoutingMonitor``
     and ``llm.ChatDataset``. Exceptions (what is raised) and constants (not callable) are left out."""
     names = set()
 

@@ -45,6 +45,21 @@ class Thresholds:
     future_leak: float = 1e-4  # future_leak or generation_drift (|Δ logit|) above this → future_leak
 
 
+def as_thresholds(thresholds: Thresholds | dict | None) -> Thresholds:
+    """``thresholds`` as a :class:`Thresholds` (None: the defaults; a dict: those fields changed), checked."""
+    if thresholds is None:
+        return Thresholds()
+    if isinstance(thresholds, Thresholds):
+        return thresholds
+    if isinstance(thresholds, dict):
+        unknown = set(thresholds) - set(Thresholds.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown thresholds {sorted(unknown)}; known: {sorted(Thresholds.__dataclass_fields__)}")
+        return Thresholds(**thresholds)
+    raise LilyLabTypeError(f"thresholds must be a lily_lab.analysis.Thresholds, a dict of its fields or None, got "
+                           f"{type(thresholds).__name__}")
+
+
 def _plural(n: int, what: str) -> str:
     """``1 site``, ``2 sites``."""
     return f"{n} {what}{'s' * (n != 1)}"
@@ -158,7 +173,8 @@ def _balance_caveat(modes: set) -> str:
             "routing the experts stayed near copies): pair it with init_weights=False or routing='token'.")
 
 
-def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thresholds | dict | None = None) -> Diagnosis:
+def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thresholds | dict | None = None, *,
+             checks=None) -> Diagnosis:
     """Look for expert collapse in ``model``'s adapter, and in ``routing`` when given.
 
     Bank-level checks (``redundant_experts``, ``inactive_adapter``) need only the model; router
@@ -175,36 +191,30 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     hold NaN or inf — a diverged run; the other checks skip those banks and their sites (a note
     says so), and ``future_leak`` is not replayed. A recording without a single token gives a
     "nothing recorded" note and headline, never "no collapse found".
+
+    ``checks``: the finding kinds to look for (``KINDS``; None: all). ``nonfinite_weights`` is
+    always checked, since the other checks skip the banks it names. ``RoutingMonitor`` passes the
+    bank and router checks only, which are cheap enough to run at every logging step.
     """
-    if thresholds is None:
-        t = Thresholds()
-    elif isinstance(thresholds, dict):
-        unknown = set(thresholds) - set(Thresholds.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown thresholds {sorted(unknown)}; known: {sorted(Thresholds.__dataclass_fields__)}")
-        t = Thresholds(**thresholds)
-    elif isinstance(thresholds, Thresholds):
-        t = thresholds
-    else:
-        raise LilyLabTypeError(f"thresholds must be a lily_lab.analysis.Thresholds, a dict of its fields or None, got "
-                               f"{type(thresholds).__name__}")
+    wanted = _wanted_checks(checks)
+    t = as_thresholds(thresholds)
     require_module(model, "diagnose")
     if routing is not None:
         require_routing(routing, "diagnose")
     if not adapter_sites(model):
         raise InputError("diagnose needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
     mode = _routing_mode(model)
-    d = Diagnosis(checked=["nonfinite_weights", "inactive_adapter", "redundant_experts"])
+    d = Diagnosis(checked=[k for k in ("nonfinite_weights", "inactive_adapter", "redundant_experts") if k in wanted])
     bad = nonfinite_counts(adapter_sites(model))
     bad_sites = {name for entry in bad.values() for name in entry["sites"]}
     if bad:
         _report_nonfinite(bad, d, routing is not None)
     banks = bank_summary(model)
     banks = banks[~banks.group.isin(list(bad))]
-    for check in (_check_inactive_adapter, _check_redundant_experts):
-        if (finding := check(banks, t, mode)) is not None:
+    for kind, check in (("inactive_adapter", _check_inactive_adapter), ("redundant_experts", _check_redundant_experts)):
+        if kind in wanted and (finding := check(banks, t, mode)) is not None:
             d.findings.append(finding)
-    leaky = _leaky_sites(model)
+    leaky = _leaky_sites(model) if "future_leak" in wanted else []
     if routing is None:
         d.notes.append("router checks skipped: pass routing= a recording from record_routing on your data")
         if leaky:
@@ -212,11 +222,12 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
         return d
     if not _recorded_anything(routing, d, bool(leaky)):
         return d
-    d.checked += list(ROUTER_CHECKS)
+    d.checked += [k for k in ROUTER_CHECKS if k in wanted]
     m = router_metrics(routing).dropna(subset=["max_usage"])
     m = m[~m.group.isin(list(bad)) & ~m.site.isin(bad_sites)]
-    for check in (_check_dominant_expert, _check_dead_expert, _check_input_blind_router):
-        if (finding := check(m, routing, t)) is not None:
+    router_checks = (_check_dominant_expert, _check_dead_expert, _check_input_blind_router)
+    for kind, check in zip(ROUTER_CHECKS, router_checks):
+        if kind in wanted and (finding := check(m, routing, t)) is not None:
             d.findings.append(finding)
     if leaky and bad:
         d.notes.append("future_leak not checked: the adapter has non-finite weights, so the model's outputs are "
@@ -224,6 +235,19 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     elif leaky:
         _check_future_leak(model, routing, leaky, t, d)
     return d
+
+
+def _wanted_checks(checks) -> set[str]:
+    """The finding kinds ``diagnose(checks=…)`` asks for, checked (``nonfinite_weights`` always)."""
+    if checks is None:
+        return set(KINDS)
+    if isinstance(checks, str) or not hasattr(checks, "__iter__"):
+        raise LilyLabTypeError(f"diagnose: checks must be a list of finding kinds (or None for all), got {checks!r}")
+    checks = list(checks)
+    unknown = sorted({str(c) for c in checks} - set(KINDS))
+    if unknown or not all(isinstance(c, str) for c in checks):
+        raise InputError(f"diagnose: unknown checks {unknown or checks}; the kinds are {list(KINDS)}")
+    return set(checks) | {"nonfinite_weights"}
 
 
 # --------------------------------------------------------------------------- the checks

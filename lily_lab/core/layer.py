@@ -125,6 +125,13 @@ class RoutingEvent:
 class LilyLayer(nn.Module):
     """A Lily site: wraps an ``nn.Linear`` or ``Conv1D`` (kept as ``base_layer``, untouched)."""
 
+    # lily_A and lily_B are shared by identity between sites. transformers' save_pretrained (what
+    # a Trainer's checkpoints call) refuses tensors shared under several names unless a module
+    # declares them as tied weights; declared, it keeps one name of each and drops the others.
+    # Loading the checkpoint back into a model with these layers fills every site from that one
+    # name, since the sites hold one Parameter (tests/test_monitor.py checks both ways).
+    _tied_weights_keys = {"lily_A": "lily_A", "lily_B": "lily_B"}
+
     def __init__(
         self,
         base_layer: nn.Module,

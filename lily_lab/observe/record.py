@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import adapter_sites
+from ..core.errors import LilyLabTypeError
 from ..core.inject import kv_cache_of, past_length_of
 from ..core.layer import LilyLayer, RoutingEvent, in_backward, require_module
 from .routing import _NO_LABEL, LabelSums, Reservoir, Routing, RoutingError, SiteRecord, TokenSums, check_labels
@@ -139,9 +140,14 @@ class Recorder:
     prompt's padded columns, left padding included, then one per decode step.
     """
 
-    def __init__(self, model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0):
+    def __init__(self, model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0,
+                 training_only: bool = False, token_sums: bool = True):
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise RoutingError(f"max_tokens must be an integer ≥ 0, got {max_tokens!r}")
+        for name, flag in (("training_only", training_only), ("token_sums", token_sums)):
+            if not isinstance(flag, bool):
+                raise LilyLabTypeError(f"{name} must be True or False, got {flag!r}")
+        self._keep_token_sums = token_sums
         require_module(model, "record_routing")
         sites = adapter_sites(model)
         routed = [s for s in sites if s.router is not None]
@@ -174,6 +180,10 @@ class Recorder:
         self._routing = Routing(records, max_tokens=max_tokens)
         self._handles: list[Any] = []
         self._depth = 0
+        # training_only: calls made with the watched model in eval mode (a Trainer's evaluation
+        # loop) are not recorded; _skipping is set for the whole of such a call.
+        self._training_only = training_only
+        self._skipping = False
         self._call: Call | None = None  # the last top-level call
         # Finished calls not summed yet: consecutive steps of one generation of one phase and
         # shape, summed together (a decode step is a tiny call; its sums cost as much as a big one's).
@@ -291,6 +301,11 @@ class Recorder:
         self._depth += 1
         if self._depth > 1:
             return
+        self._skipping = self._training_only and not module.training
+        if self._skipping:  # not recorded; annotate() after it refuses rather than tag an older call
+            self._enqueue()
+            self._call = None
+            return
         mask_pos, ids_pos = self._arg_pos.get(id(module), (None, None))
         mask = kwargs.get("attention_mask")
         if mask is None and mask_pos is not None and len(args) > mask_pos:
@@ -339,10 +354,14 @@ class Recorder:
 
     def _post(self, module, args, kwargs, output):
         self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self._skipping = False
 
     def _lily_observer(self, name: str):
         def observe(event: RoutingEvent) -> None:
             call = self._call
+            if self._skipping:
+                return
             if call is None or self._depth == 0 or call.n_sequences is None:
                 self._record(name, event.logits, event.probs, event.mixture)
             else:  # the common case, as cheap as can be: a decode step reports 60 sites or so
@@ -366,6 +385,8 @@ class Recorder:
 
     # ------------------------------------------------------------------ recording
     def _record(self, name: str, logits: torch.Tensor, probs: torch.Tensor, mixture: torch.Tensor) -> None:
+        if self._skipping or (self._depth == 0 and self._training_only and not self.model.training):
+            return
         call = self._call
         if call is None or self._depth == 0:  # a layer called outside the watched model's forward
             self._pre(self.model, (), {})
@@ -568,7 +589,7 @@ class Recorder:
                 acc.argmax += seq_top[j]
                 acc.entropy += seq_H[j]
             with_id = slice(None) if has_id is None else has_id
-            tok = tok_c[with_id]
+            tok = tok_c[with_id] if self._keep_token_sums else tok_c[:0]
             if len(tok):
                 key = (name, phase)
                 p_tok = p[with_id]  # a copy: a view would keep the call's whole [p | logits] block alive
@@ -675,7 +696,8 @@ class Recorder:
 
 @contextlib.contextmanager
 def record_routing(model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0,
-                   gather: bool | None = None) -> Iterator[Recorder]:
+                   gather: bool | None = None, training_only: bool = False,
+                   token_sums: bool = True) -> Iterator[Recorder]:
     """Record what every router of ``model`` does during the forward calls inside the block.
 
     ``max_tokens`` bounds the per-site sample of tokens kept for token-level views; the metrics'
@@ -695,11 +717,17 @@ def record_routing(model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed:
     merges every rank's recording into rank 0's ``rec.routing`` (``Routing.gather``); the other
     ranks keep their own. Every rank must then leave the block: pass ``gather=False`` to record
     on one rank only.
+
+    ``training_only=True`` records only the calls made while ``model`` is in training mode: a
+    block open over a whole ``Trainer`` run keeps the training batches and leaves out the
+    evaluation loop's forwards (``RoutingMonitor`` records training traffic this way).
+    ``token_sums=False`` keeps no per-token-id sums (``top_tokens`` and ``Routing.token_table``'s
+    per-id totals then have nothing to show); memory no longer grows with the ids seen.
     """
     from .distributed import should_gather
 
     gather = should_gather(gather)
-    recorder = Recorder(model, max_tokens=max_tokens, seed=seed)
+    recorder = Recorder(model, max_tokens=max_tokens, seed=seed, training_only=training_only, token_sums=token_sums)
     recorder._attach()
     try:
         yield recorder
@@ -721,8 +749,6 @@ def record_dataset(model: nn.Module, loader, *, max_tokens: int = DEFAULT_MAX_TO
     the mode it was in afterwards, also when a batch fails.
     """
     from tqdm.auto import tqdm
-
-    from ..core.errors import LilyLabTypeError
 
     require_module(model, "record_dataset")
     if isinstance(loader, (str, bytes, dict)) or not hasattr(loader, "__iter__"):

@@ -199,28 +199,38 @@ def _str(meta: dict, key: str, what: str) -> str:
     return v
 
 
+def zip_members(zf: zipfile.ZipFile, file_size: int) -> dict[str, zipfile.ZipInfo]:
+    """The members of ``zf`` by name, once its directory is sound — no name twice, nothing
+    encrypted, stored or deflated only, a stored member's sizes equal, no member claiming more
+    than deflate can hold in its compressed bytes, and no more compressed bytes than the file has —
+    all read from the directory alone (nothing is decompressed). Refusals are ``_Bad``, without the
+    file's name (the caller adds it). Routing files and timelines (``timeline.py``) check theirs here."""
+    infos: dict[str, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        if info.filename in infos:
+            raise _Bad(f"it holds member {info.filename!r} twice")
+        infos[info.filename] = info
+        if info.flag_bits & 0x1:
+            raise _Bad(f"member {info.filename!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _Bad(f"member {info.filename!r} uses compression method {info.compress_type}, "
+                       "not stored or deflated")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise _Bad(f"member {info.filename!r} is stored, but claims {info.file_size:,} bytes "
+                       f"in {info.compress_size:,}")
+        if info.file_size > _DEFLATE_RATIO * info.compress_size + 1024:
+            raise _Bad(f"member {info.filename!r} claims {info.file_size:,} bytes, more than deflate can "
+                       f"hold in its {info.compress_size:,}")
+    if sum(i.compress_size for i in infos.values()) > file_size:
+        raise _Bad(f"its members claim more compressed bytes than the file's {file_size:,}")
+    return infos
+
+
 class _Reader:
     def __init__(self, zf: zipfile.ZipFile, file_size: int):
         self.zf = zf
         self.file_size = file_size
-        self.infos: dict[str, zipfile.ZipInfo] = {}
-        for info in zf.infolist():
-            if info.filename in self.infos:
-                raise _Bad(f"it holds member {info.filename!r} twice")
-            self.infos[info.filename] = info
-            if info.flag_bits & 0x1:
-                raise _Bad(f"member {info.filename!r} is encrypted")
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise _Bad(f"member {info.filename!r} uses compression method {info.compress_type}, "
-                           "not stored or deflated")
-            if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
-                raise _Bad(f"member {info.filename!r} is stored, but claims {info.file_size:,} bytes "
-                           f"in {info.compress_size:,}")
-            if info.file_size > _DEFLATE_RATIO * info.compress_size + 1024:
-                raise _Bad(f"member {info.filename!r} claims {info.file_size:,} bytes, more than deflate can "
-                           f"hold in its {info.compress_size:,}")
-        if sum(i.compress_size for i in self.infos.values()) > file_size:
-            raise _Bad(f"its members claim more compressed bytes than the file's {file_size:,}")
+        self.infos = zip_members(zf, file_size)
         self.heads: dict[str, tuple] = {}  # member → (shape, fortran_order, dtype, header bytes)
 
     # ------------------------------------------------------------------ members
