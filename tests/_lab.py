@@ -60,6 +60,17 @@ def write_notebook(path: Path, cells: list[str], *, hide_sources: bool = False) 
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}}))
 
 
+def stop_server(proc: subprocess.Popen, log) -> None:
+    """Stop a server started by a test (SIGTERM, then SIGKILL after 15 s) and close its log."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    log.close()
+
+
 @contextlib.contextmanager
 def jupyterlab_server(root: Path, *, timeout: float = 90) -> Iterator[str]:
     """A JupyterLab server on 127.0.0.1 serving ``root``; yields its base URL. Stopped by its PID
@@ -91,13 +102,7 @@ def jupyterlab_server(root: Path, *, timeout: float = 90) -> Iterator[str]:
                 time.sleep(0.3)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        stop_server(proc, log)
 
 
 def launch(playwright):

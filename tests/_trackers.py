@@ -29,6 +29,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+import _lab
 from _lab import free_port
 
 WANDB_HEADER = struct.Struct("<4sHB")  # ident, magic, version
@@ -142,13 +143,7 @@ def tensorboard_server(logdir: Path, *, ready_tag: str, timeout: float = 60) -> 
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        _lab.stop_server(proc, log)
 
 
 def get_json(url: str):

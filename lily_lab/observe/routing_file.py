@@ -60,20 +60,31 @@ _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, 
 # ---------------------------------------------------------------------- writing
 def save_routing(routing: Routing, path: str | Path) -> Path:
     """``Routing.save``: ``routing`` written atomically to ``path`` (``.npz`` added if missing)."""
-    data = routing_bytes(routing)
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-    # Written to a temporary file beside ``path`` and renamed over it; on failure the temporary
-    # file is removed and the error names ``path`` (not the hidden temporary name).
+    return write_npz(Path(path), routing_bytes(routing), "routing file")
+
+
+def npz_path(path: Path) -> Path:
+    """``path`` with ``.npz`` added when it has another suffix or none (``run`` → ``run.npz``)."""
+    if path.suffix == ".npz":
+        return path
+    return path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+
+
+def write_npz(path: Path, data: bytes, what: str, where: str = "") -> Path:
+    """``data`` written to :func:`npz_path` ``(path)`` atomically: to a temporary file beside it,
+    renamed over it; on failure the temporary file is removed and the error (a ``LilyLabFileError``,
+    ``LilyLabFileNotFoundError`` for a missing folder) names ``path``, not the hidden temporary
+    name. ``what``: ``"routing file"``; ``where``: the function, for the message."""
+    path = npz_path(path)
+    prefix = f"{where}: " if where else ""
     try:
         atomic_write(path, data)
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
         if err.errno is None:
-            raise RoutingError(f"cannot write the routing file {str(path)!r}: {reason}") from None
+            raise RoutingError(f"{prefix}cannot write the {what} {str(path)!r}: {reason}") from None
         kind = LilyLabFileNotFoundError if isinstance(err, FileNotFoundError) else LilyLabFileError
-        raise kind(err.errno, f"cannot write the routing file: {reason}", str(path)) from None
+        raise kind(err.errno, f"{prefix}cannot write the {what}: {reason}", str(path)) from None
     return path
 
 

@@ -26,12 +26,11 @@ from torch import nn
 
 from ..core import adapter_sites
 from ..core.errors import LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError
-from ..core.files import atomic_write
 from .distributed import _NamedBytes
 from .record import _to, device_of, evaluating, record_routing
 from .routing import Routing, RoutingError
-from .routing_file import (_CHUNK, _HEADER_RATIO, _MAX_HEADER_BYTES, _READ_ERRORS, _Bad, load_routing, routing_bytes,
-                           zip_members)
+from .routing_file import (_CHUNK, _HEADER_RATIO, _MAX_HEADER_BYTES, _READ_ERRORS, _Bad, load_routing, npz_path,
+                           routing_bytes, write_npz, zip_members)
 from .routing_file import _HEADER as _ROUTING_HEADER_NAME
 
 _ROUTING_HEADER = _ROUTING_HEADER_NAME + ".npy"  # a routing file's header member
@@ -172,18 +171,7 @@ class Timeline:
         ``probe=None``; give ``observe`` a probe to go on observing.
         """
         path = _file_path(path, "Timeline.save")
-        if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-        data = _timeline_bytes(self)
-        try:
-            atomic_write(path, data)
-        except OSError as err:
-            reason = err.strerror or str(err) or type(err).__name__
-            if err.errno is None:
-                raise RoutingError(f"Timeline.save: cannot write the timeline file {str(path)!r}: {reason}") from None
-            kind = LilyLabFileNotFoundError if isinstance(err, FileNotFoundError) else LilyLabFileError
-            raise kind(err.errno, f"Timeline.save: cannot write the timeline file: {reason}", str(path)) from None
-        return path
+        return write_npz(path, _timeline_bytes(self), "timeline file", "Timeline.save")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Timeline":
@@ -314,7 +302,7 @@ def _read_timeline(cls, path: Path) -> Timeline:
     where = str(path)
     try:
         if not path.exists() and path.suffix != ".npz":
-            suffixed = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+            suffixed = npz_path(path)
             if suffixed.exists():
                 path, where = suffixed, str(suffixed)
         if not path.exists():
