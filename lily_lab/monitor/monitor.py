@@ -94,7 +94,8 @@ class RoutingMonitor:
     dict of its fields).
 
     ``timeline`` keeps every observation (the probe's, or the traffic's), for
-    ``TimelinePlayer`` / ``timeline_metrics`` and ``Timeline.save``.
+    ``TimelinePlayer`` / ``timeline_metrics`` and ``Timeline.save``; ``history`` every observation's
+    dict with its ``"step"`` (``pandas.DataFrame(monitor.history)`` is a table over training).
     """
 
     def __init__(self, model: nn.Module, *, probe: Any = None, traffic: bool | None = None, per: str = "auto",
@@ -118,6 +119,7 @@ class RoutingMonitor:
             timeline.probe = probe
         self.timeline = timeline
         self.warnings: list[EarlyWarning] = []  # every warning given, in order
+        self.history: list[dict[str, Any]] = []  # every observation's dict, with its "step" (rank 0)
         self.should_stop = False
         self.last_step: int | None = None
         self._last: dict[str, Any] = {}
@@ -154,6 +156,8 @@ class RoutingMonitor:
             logs.update(self._warn(step, routing))
         self._sync_stop()
         self.last_step, self._last = step, logs
+        if logs:
+            self.history.append({"step": step, **logs})
         return dict(logs)
 
     def observe_probe(self, step: int) -> Routing:

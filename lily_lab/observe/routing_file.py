@@ -237,6 +237,39 @@ def zip_members(zf: zipfile.ZipFile, file_size: int) -> dict[str, zipfile.ZipInf
     return infos
 
 
+def require_members(infos: dict, want: set[str], context: str) -> None:
+    """``_Bad`` unless the zip's members are exactly ``want``: the extra and the missing ones named
+    (five of each at most), with ``context`` (what the header says) in parentheses."""
+    have = set(infos)
+    if have == want:
+        return
+    extra, lack = sorted(have - want), sorted(want - have)
+    parts = []
+    if extra:
+        parts.append(f"members the format does not define: {extra[:5]}{'…' if len(extra) > 5 else ''}")
+    if lack:
+        parts.append(f"no members {lack[:5]}{'…' if len(lack) > 5 else ''}")
+    raise _Bad(f"it holds {' and '.join(parts)} ({context})")
+
+
+def read_exactly(fp, nbytes: int, name: str) -> bytearray:
+    """The next ``nbytes`` of the open member ``fp``, and nothing after them: read in chunks into one
+    buffer of that size (a member that claims more never grows it); a shorter or longer member is
+    ``_Bad``. zipfile checks the member's CRC as it reaches its end."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    pos = 0
+    while pos < nbytes:
+        chunk = fp.read(min(_CHUNK, nbytes - pos))
+        if not chunk:
+            raise _Bad(f"member {name!r} is truncated")
+        view[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
+    if fp.read(1):
+        raise _Bad(f"member {name!r} is longer than it claims")
+    return buf
+
+
 class _Reader:
     def __init__(self, zf: zipfile.ZipFile, file_size: int):
         self.zf = zf
@@ -292,20 +325,10 @@ class _Reader:
         """Member ``key``'s array (its header already checked), writable, in native byte order."""
         shape, fortran, dtype, start = self.heads[key]
         nbytes = math.prod(shape) * dtype.itemsize
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
         with self.zf.open(self.infos[key + ".npy"]) as fp:
             if len(fp.read(start)) != start:
                 raise _Bad(f"member {key!r} is truncated")
-            pos = 0
-            while pos < nbytes:
-                chunk = fp.read(min(_CHUNK, nbytes - pos))
-                if not chunk:
-                    raise _Bad(f"member {key!r} is truncated")
-                view[pos:pos + len(chunk)] = chunk
-                pos += len(chunk)
-            if fp.read(1):
-                raise _Bad(f"member {key!r} is longer than its header says")
+            buf = read_exactly(fp, nbytes, key)
         a = np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
         return a.astype(dtype.newbyteorder("="), copy=False)
 
@@ -349,15 +372,7 @@ class _Reader:
             raise _Bad(f"it names sites {dup} more than once")
         # The member list, exactly; then every member's header, before any data is read.
         want = {_HEADER + ".npy"} | {f"s{k}.{m}.npy" for k in range(len(metas)) for m in self._site_members()}
-        have = set(self.infos)
-        if have != want:
-            extra, lack = sorted(have - want), sorted(want - have)
-            parts = []
-            if extra:
-                parts.append(f"members the format does not define: {extra[:5]}{'…' if len(extra) > 5 else ''}")
-            if lack:
-                parts.append(f"no members {lack[:5]}{'…' if len(lack) > 5 else ''}")
-            raise _Bad(f"it holds {' and '.join(parts)} (format version {version}, {len(metas)} sites)")
+        require_members(self.infos, want, f"format version {version}, {len(metas)} sites")
         for k, meta in enumerate(metas):
             self._site_heads(f"s{k}.", meta, max_tokens)
         records = {}

@@ -29,8 +29,9 @@ from ..core.errors import LilyLabFileError, LilyLabFileNotFoundError, LilyLabTyp
 from .distributed import _NamedBytes
 from .record import _to, device_of, evaluating, record_routing
 from .routing import Routing, RoutingError
-from .routing_file import (_CHUNK, _HEADER_RATIO, _MAX_HEADER_BYTES, _READ_ERRORS, _Bad, load_routing, npz_path,
-                           routing_bytes, write_npz, zip_members)
+from .routing_file import (_HEADER_RATIO, _MAX_HEADER_BYTES, _READ_ERRORS, _Bad, load_routing, npz_path,
+                           read_exactly, require_members, routing_bytes, write_npz,
+                           zip_members)
 from .routing_file import _HEADER as _ROUTING_HEADER_NAME
 
 _ROUTING_HEADER = _ROUTING_HEADER_NAME + ".npy"  # a routing file's header member
@@ -376,15 +377,7 @@ class _TimelineReader:
         want = {_HEADER_MEMBER} | {_ROUTING_MEMBER.format(i=i) for i in range(n)}
         if banks is not None:
             want |= {_BANK_MEMBER.format(i=i, k=k) for i, entry in enumerate(banks) for k in range(len(entry))}
-        have = set(self.infos)
-        if have != want:
-            extra, lack = sorted(have - want), sorted(want - have)
-            parts = []
-            if extra:
-                parts.append(f"members the format does not define: {extra[:5]}{'…' if len(extra) > 5 else ''}")
-            if lack:
-                parts.append(f"no members {lack[:5]}{'…' if len(lack) > 5 else ''}")
-            raise _Bad(f"it holds {' and '.join(parts)} (for the {n} steps its header lists)")
+        require_members(self.infos, want, f"for the {n} steps its header lists")
         # Every member's declared size, before any is read.
         for i in range(n):
             info = self.infos[_ROUTING_MEMBER.format(i=i)]
@@ -472,17 +465,5 @@ class _TimelineReader:
         """Member ``name``, whose declared size is already checked: exactly that many bytes, read in
         chunks (a member longer or shorter than it claims is refused; zipfile checks its CRC)."""
         info = self.infos[name]
-        size = info.file_size
-        buf = bytearray(size)
-        view = memoryview(buf)
         with self.zf.open(info) as fp:
-            pos = 0
-            while pos < size:
-                chunk = fp.read(min(_CHUNK, size - pos))
-                if not chunk:
-                    raise _Bad(f"member {name!r} is truncated")
-                view[pos:pos + len(chunk)] = chunk
-                pos += len(chunk)
-            if fp.read(1):
-                raise _Bad(f"member {name!r} is longer than it claims")
-        return buf
+            return read_exactly(fp, info.file_size, name)
