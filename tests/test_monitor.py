@@ -144,6 +144,8 @@ def test_early_warning_fires_once_on_identical_experts_and_stays_silent_on_a_hea
     assert sum("redundant_experts" in r.getMessage() for r in caplog.records) == 1
     assert "init_weights=False" in warning.remedy or "random" in warning.remedy.lower()
     assert not monitor.should_stop  # stop_on=None
+    assert [h["step"] for h in monitor.history] == [2, 4, 6, 8]  # every observation's dict, kept
+    assert [{**h, "step": None} for h in monitor.history] == [{**logs[s], "step": None} for s in (2, 4, 6, 8)]
     monitor.close()
 
     healthy = classifier(healthy=True)
