@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks --smoke               # tiny random models, seconds (make test runs it)
     .venv/bin/python -m benchmarks --only browser        # the dashboard's round trip in JupyterLab + Chromium
     .venv/bin/python -m benchmarks --only training,record
+    .venv/bin/python -m benchmarks --only monitor       # RoutingMonitor's cost to a training step
     .venv/bin/python -m benchmarks --device cuda --dtype bf16
 
 Each row runs its two sides in this one process, alternating them (A B A B …) after a warm-up;
@@ -30,11 +31,12 @@ import torch  # noqa: E402
 
 from ._common import Row, Settings, load_now, table  # noqa: E402
 
-SECTIONS = ["training", "record", "llm", "spectra", "adapter_file", "widgets", "browser", "demo"]
+SECTIONS = ["training", "record", "monitor", "llm", "spectra", "adapter_file", "widgets", "browser", "demo"]
 # Not in a plain `--smoke` run (which `make test` runs): starting JupyterLab and Chromium takes
 # ~30 s on 2 busy cores, and tests/test_browser.py drives the same page. `--smoke --only browser`
-# runs it.
-NOT_IN_SMOKE = {"browser"}
+# runs it. `monitor` (bench_monitor.py, issue 17): `--smoke --only monitor` runs it; the plain smoke
+# run's rows are the ones tests/test_benchmarks_smoke.py lists.
+NOT_IN_SMOKE = {"browser", "monitor"}
 WIDGET_PLACEHOLDER = "widget control update — see benchmarks/bench_widgets.py (issue 5)"
 
 
