@@ -266,3 +266,26 @@ def test_trainer_checkpoints_keep_one_copy_of_each_shared_tensor_and_resume(tmp_
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert trainer.state.global_step == 6
     assert [h["step"] for h in trainer.state.log_history if "lily/findings/dead_expert" in h] == [2, 4, 6]
+
+
+def test_a_peft_lily_model_in_a_trainer_logs_under_the_same_site_keys(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                                peft.LilyConfig(target_modules=["q_proj", "v_proj"], r=4, num_B=3, init_weights=False))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 64, (8,), generator=g), "labels": torch.randint(0, 64, (8,), generator=g)}
+            for _ in range(16)]
+    cb = ll.RoutingCallback()
+    trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path, max_steps=4), train_dataset=data,
+                                   callbacks=[cb])
+    trainer.train()
+    (first, second) = [h for h in trainer.state.log_history if "loss" in h]
+    assert "lily/model.layers.1.self_attn.v_proj/load_entropy" in first  # no base_model.model. prefix
+    assert not any(k.startswith("lily/base_model") for k in first)
+    assert {"lily/q_proj/expert_cosine", "lily/v_proj/expert_cosine"} <= set(second)
+    # the recording behind them: PEFT's layers, recomputed from their inputs, every token of the 2 steps
+    site = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert cb.timeline.routings[-1].record(site).n_tokens == 2 * 4 * 8

@@ -190,7 +190,7 @@ class RoutingMonitor:
                 for metric in SUMMARY_METRICS:
                     value = getattr(row, metric)
                     if np.isfinite(value):
-                        out[f"{PREFIX}/{row.site}/{metric}"] = float(value)
+                        out[f"{PREFIX}/{site_key(row.site)}/{metric}"] = float(value)
         banks = bank_summary(self.model)
         for group, label in bank_labels(banks.group).items():
             cosine = banks.loc[banks.group == group, "mean_cosine"].iloc[0]
@@ -298,6 +298,16 @@ def check_options(fn: str, *, probe, traffic, per, warn_after, stop_on, threshol
     if stop_on not in (None, "critical", "warning"):
         raise InputError(f"{fn}: stop_on must be None, 'critical' or 'warning', got {stop_on!r}")
     return traffic, as_thresholds(thresholds)
+
+
+#: The wrapper a PEFT model puts before every module name, left out of the keys: a site has the same
+#: key under lily_lab's Lily and under PEFT's (``lily/model.layers.0.self_attn.q_proj/...``).
+PEFT_PREFIX = "base_model.model."
+
+
+def site_key(site: str) -> str:
+    """The name a site is logged under: its module path, without PEFT's wrapper prefix."""
+    return site.removeprefix(PEFT_PREFIX)
 
 
 def bank_labels(groups) -> dict[str, str]:
