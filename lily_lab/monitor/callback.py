@@ -3,8 +3,8 @@
 The router metrics go into the logs the Trainer already writes, so every ``report_to`` backend
 (TensorBoard, W&B, MLflow, …) gets them with no code of the user's. A Trainer hands each log to
 its callbacks in order and puts the user's after the reporting ones, so the callback moves itself
-in front of the reporting integrations once training begins (docs/monitoring.md, "Where the
-metrics enter the logs").
+in front of the reporting integrations when the Trainer is built and again when training begins
+(docs/monitoring.md, "Where the metrics enter the logs").
 """
 
 from __future__ import annotations
