@@ -88,6 +88,16 @@ class Pairs:
     cpu_b: list[float] = field(default_factory=list)
 
 
+def timed(fn: Callable[[], object], settings: Settings) -> tuple[float, float]:
+    """``fn()``'s wall-clock seconds and this process's CPU seconds (all threads), the device
+    synchronised before and after (``settings.sync``)."""
+    settings.sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    settings.sync()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def alternate_pairs(a: Callable[[], object], b: Callable[[], object], settings: Settings,
                     repeats: int | None = None, warmup: int | None = None) -> Pairs:
     """Time ``a()`` and ``b()``: ``warmup`` untimed calls of each, then ``repeats`` timed pairs,
@@ -101,12 +111,9 @@ def alternate_pairs(a: Callable[[], object], b: Callable[[], object], settings: 
     for i in range(repeats):
         order = ((a, out.wall_a, out.cpu_a), (b, out.wall_b, out.cpu_b))
         for fn, wall, cpu in order if i % 2 == 0 else order[::-1]:
-            settings.sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            settings.sync()
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
+            seconds, cpu_seconds = timed(fn, settings)
+            wall.append(seconds)
+            cpu.append(cpu_seconds)
     return out
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import gc
 import statistics
-import time
 import tracemalloc
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ import torch
 
 import lily_lab as ll
 
-from ._common import LoadWindow, Pairs, Row, Settings, alternate_pairs, fmt_bytes, timing_row
+from ._common import LoadWindow, Pairs, Row, Settings, alternate_pairs, fmt_bytes, timed, timing_row
 from ._models import copy_adapter, train_step, trainable
 from .bench_training import check_same_loss
 
@@ -133,12 +132,9 @@ def round_robin(sides: dict, settings: Settings, repeats: int | None = None,
         for name in names[k:] + names[:k]:
             setup, fn = sides[name]
             setup()
-            settings.sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            settings.sync()
-            out[name][0].append(time.perf_counter() - t0)
-            out[name][1].append(time.process_time() - c0)
+            seconds, cpu_seconds = timed(fn, settings)
+            out[name][0].append(seconds)
+            out[name][1].append(cpu_seconds)
     return out
 
 

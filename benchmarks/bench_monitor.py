@@ -40,7 +40,7 @@ import torch
 
 import lily_lab as ll
 
-from ._common import LoadWindow, Pairs, Row, Settings, fmt_seconds, median_ratio, table, timing_row
+from ._common import LoadWindow, Pairs, Row, Settings, fmt_seconds, median_ratio, table, timed, timing_row
 from ._models import base_model, batch_for, shape_for, train_step, trainable, with_lily
 
 LIMIT = 1.03
@@ -147,21 +147,14 @@ def monitored_blocks(model, twin, batch, settings: Settings, blocks: int, every:
             for _ in range(every):
                 order = [(mine, steps.wall_a, steps.cpu_a), (plain, steps.wall_b, steps.cpu_b)]
                 for fn, wall, cpu in order if k % 2 == 0 else order[::-1]:
-                    settings.sync()
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    fn()
-                    settings.sync()
-                    wall.append(time.perf_counter() - t0)
-                    cpu.append(time.process_time() - c0)
+                    seconds, cpu_seconds = timed(fn, settings)
+                    wall.append(seconds)
+                    cpu.append(cpu_seconds)
                 k += 1
                 step += 1
                 wa, wb = wa + steps.wall_a[-1], wb + steps.wall_b[-1]
                 ca, cb = ca + steps.cpu_a[-1], cb + steps.cpu_b[-1]
-            settings.sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            monitor.observe(step)
-            settings.sync()
-            ow, oc = time.perf_counter() - t0, time.process_time() - c0
+            ow, oc = timed(lambda: monitor.observe(step), settings)
             observe_wall.append(ow)
             amortised.wall_a.append(wa + ow)
             amortised.wall_b.append(wb)

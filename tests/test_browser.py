@@ -320,16 +320,21 @@ def look(page, report: Report, tab: str, when: str, *, kernel: bool = True, log_
 
 
 def screenshot(page, name: str) -> None:
-    """The whole dashboard: the viewport made as tall as it for the shot (the notebook clips what
-    is scrolled out of it), then put back."""
+    """The whole dashboard (``screenshot_of`` the dashboard)."""
+    screenshot_of(page, DASH, name)
+
+
+def screenshot_of(page, sel: str, name: str) -> None:
+    """The first widget under ``sel``: the viewport made as tall as it for the shot (the notebook
+    clips what is scrolled out of it), then put back."""
     size = page.viewport_size
-    height = page.evaluate("s => Math.ceil(document.querySelector(s).getBoundingClientRect().height)", DASH)
+    height = page.evaluate("s => Math.ceil(document.querySelector(s).getBoundingClientRect().height)", sel)
     tall = min(max(size["height"], height + 240), 4000)
     if tall > size["height"]:
         page.set_viewport_size({"width": size["width"], "height": tall})
         _lab.quiet(page, 200)
     try:
-        page.locator(DASH).first.screenshot(path=str(OUT / f"{name}.png"))
+        page.locator(sel).first.screenshot(path=str(OUT / f"{name}.png"))
     finally:
         if tall > size["height"]:
             page.set_viewport_size(size)
@@ -686,22 +691,6 @@ def _experts_checks(page, report: Report, scope: str, where: str, *, runs: int, 
         report.add(where, f"bank → {other!r}", fig["title"], f"the figure is not of the chosen bank {other!r}")
     screenshot_of(page, dash, shots)
     _change(page, report, lambda: _lab.control(page, scope, selects[0]).select_option(index=selects[0]["selected"]))
-
-
-def screenshot_of(page, sel: str, name: str) -> None:
-    """``screenshot`` for any widget under ``sel`` (the viewport made as tall as it)."""
-    size = page.viewport_size
-    height = page.evaluate("s => Math.ceil(document.querySelector(s).getBoundingClientRect().height)", sel)
-    tall = min(max(size["height"], height + 240), 4000)
-    if tall > size["height"]:
-        page.set_viewport_size({"width": size["width"], "height": tall})
-        _lab.quiet(page, 200)
-    try:
-        page.locator(sel).first.screenshot(path=str(OUT / f"{name}.png"))
-    finally:
-        if tall > size["height"]:
-            page.set_viewport_size(size)
-            _lab.quiet(page, 200)
 
 
 def test_timeline_player_experts_view(lab):

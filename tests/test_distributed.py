@@ -10,7 +10,6 @@ tests compare what the ranks wrote with single-process references computed here.
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +20,10 @@ import lily_lab
 from lily_lab.core import fsdp
 from lily_lab.observe.routing_file import routing_bytes
 
-SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
+from _scripts import SCRIPTS, load_script
 
 
-def _load(name: str):
-    """A helper of dist_scripts/ under a name no other test module can shadow."""
-    spec = importlib.util.spec_from_file_location(f"lily_dist_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common, launch = _load("common"), _load("launch")
+common, launch = load_script("common"), load_script("launch")
 
 
 # --------------------------------------------------------------------------- the two launches

@@ -11,31 +11,22 @@ what one process gives on the whole batch.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import lily_lab
 
+from _scripts import SCRIPTS, load_script
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 
 
-def _load(name: str):
-    """A helper of dist_scripts/ under a name no other test module can shadow."""
-    spec = importlib.util.spec_from_file_location(f"lily_dist_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-launch = _load("launch")
-worker = _load("monitor_worker")
+launch = load_script("launch")
+worker = load_script("monitor_worker")
 
 SITES = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(4) for m in ("query", "value")]
 METRICS = ("load_entropy", "routing_mi", "max_usage", "z_loss")

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import tracemalloc
 
 import pytest
 import torch
@@ -31,6 +30,8 @@ from safetensors.torch import load as st_load
 
 import lily_lab as ll
 from lily_lab.app import demo as D
+
+from _measure import traced
 
 transformers = pytest.importorskip("transformers")
 
@@ -335,28 +336,15 @@ class Models:
                     now[k].copy_(before[k])
 
 
-def _traced(fn, *args):
-    """``(fn(*args), the peak of Python's allocations during the call)``; an exception gets that
-    peak as its ``peak``."""
-    tracemalloc.start()
-    try:
-        return fn(*args), tracemalloc.get_traced_memory()[1]
-    except BaseException as err:
-        err.peak = tracemalloc.get_traced_memory()[1]
-        raise
-    finally:
-        tracemalloc.stop()
-
-
 def _attempt(models: Models, folder, path) -> tuple[int, int]:
     """What report does with a head file: size the model by ``head_num_labels``, then
     ``load_head``. Returns (the number of labels, the peak Python allocated in either call; the
     model is built outside the measurement), or raises with that peak as ``peak``."""
-    n, peak = _traced(D.head_num_labels, path, HIDDEN)
+    n, peak = traced(D.head_num_labels, path, HIDDEN)
     assert isinstance(n, int) and n >= 1
     model = models(n)
     try:
-        return n, max(peak, _traced(D.load_head, model, folder)[1])
+        return n, max(peak, traced(D.load_head, model, folder)[1])
     except ll.CheckpointError as err:
         err.peak = max(peak, err.peak)
         raise

@@ -16,8 +16,6 @@ import json
 import os
 import random
 import struct
-import time
-import tracemalloc
 import zipfile
 import zlib
 
@@ -31,6 +29,8 @@ import lily_lab as ll
 import lily_lab.core.files
 from lily_lab import RoutingError
 from lily_lab.observe.routing_file import routing_bytes
+
+from _measure import refusal_cost
 
 SEED = 20261215
 N_CUTS, N_FLIPS = 200, 200
@@ -418,15 +418,8 @@ def test_a_gib_zip_bomb_is_refused_unread(where, good, gib_of_zeros, tmp_path):
     path.write_bytes(data)
     match = {"a bank": "claims 1,073,741,824 bytes, not 1,536", "a routing": "not stored",
              "an extra member": "does not define.*zeros.bin", "the header": "timeline.json claims"}[where]
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    try:
-        with pytest.raises(RoutingError, match=match):
-            ll.Timeline.load(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert time.perf_counter() - t0 < 2.0
+    seconds, peak = refusal_cost(lambda: ll.Timeline.load(path), RoutingError, match)
+    assert seconds < 2.0
     assert peak < 50 << 20, peak
 
 

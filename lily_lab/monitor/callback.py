@@ -15,7 +15,7 @@ from typing import Any
 
 from ..core.errors import InputError
 from ..observe import Timeline
-from .monitor import RoutingMonitor, check_options
+from .monitor import RoutingMonitor, check_options, timeline_for
 
 #: The file the callback keeps its timeline in, in the run's output_dir.
 TIMELINE_FILE = "lily_timeline.npz"
@@ -66,12 +66,8 @@ def _make_callback():
             traffic, _ = check_options("RoutingCallback", probe=probe, traffic=traffic, per=per,
                                        warn_after=warn_after, stop_on=stop_on, thresholds=thresholds,
                                        timeline=timeline)
-            if timeline is None:
-                timeline = Timeline(probe, track_experts=track_experts)
-            elif probe is not None:
-                timeline.probe = probe
             self.every = every
-            self.timeline = timeline
+            self.timeline = timeline_for(timeline, probe, track_experts=track_experts)
             self.save_timeline = bool(save_timeline)
             # Made when training begins (it needs the model); closed (hooks removed) when it ends.
             self.monitor: RoutingMonitor | None = None

@@ -113,11 +113,7 @@ class RoutingMonitor:
         self.per = ("site" if len(routed) <= AUTO_SITES else "module") if per == "auto" else per
         self.warn_after = warn_after
         self.stop_on = stop_on
-        if timeline is None:
-            timeline = Timeline(probe, track_experts=track_experts, max_tokens=max_tokens)
-        elif probe is not None:
-            timeline.probe = probe
-        self.timeline = timeline
+        self.timeline = timeline_for(timeline, probe, track_experts=track_experts, max_tokens=max_tokens)
         self.warnings: list[EarlyWarning] = []  # every warning given, in order
         self.history: list[dict[str, Any]] = []  # every observation's dict, with its "step" (rank 0)
         self.should_stop = False
@@ -308,6 +304,15 @@ PEFT_PREFIX = "base_model.model."
 def site_key(site: str) -> str:
     """The name a site is logged under: its module path, without PEFT's wrapper prefix."""
     return site.removeprefix(PEFT_PREFIX)
+
+
+def timeline_for(timeline: Timeline | None, probe, *, track_experts: bool = True, max_tokens: int = 2048) -> Timeline:
+    """The timeline a monitor keeps: ``timeline`` (given ``probe`` when one is passed), or a new one."""
+    if timeline is None:
+        return Timeline(probe, track_experts=track_experts, max_tokens=max_tokens)
+    if probe is not None:
+        timeline.probe = probe
+    return timeline
 
 
 def bank_labels(groups) -> dict[str, str]:
