@@ -13,6 +13,7 @@ from .analysis import (
     delta_spectra,
     diagnose,
     expert_layer_profile,
+    expert_load,
     expert_similarity,
     intruder_dimensions,
     lora_equivalent_rank,
@@ -51,6 +52,8 @@ from .core import (
     count_parameters,
     load_adapter,
     remove_lily,
+    RouterSite,
+    router_sites,
     save_adapter,
     set_lily_options,
 )
@@ -63,13 +66,13 @@ __version__ = "0.1.0"
 __all__ = [
     # core
     "LilyConfig", "LilyLayer", "Site", "add_lily", "remove_lily", "adapter_sites", "adapter_summary",
-    "count_parameters", "save_adapter", "load_adapter", "lily_aux_loss", "set_lily_options",
+    "count_parameters", "RouterSite", "router_sites", "save_adapter", "load_adapter", "lily_aux_loss", "set_lily_options",
     # observe
     "record_routing", "record_dataset", "Recorder", "Routing", "Timeline",
     # monitor
     "RoutingCallback", "RoutingMonitor", "EarlyWarning",
     # analysis
-    "router_metrics", "specialization", "expert_layer_profile", "top_tokens", "expert_similarity",
+    "router_metrics", "expert_load", "specialization", "expert_layer_profile", "top_tokens", "expert_similarity",
     "timeline_metrics", "timeline_expert_similarity", "timeline_expert_trajectories", "bank_summary",
     "delta_spectra", "rank_summary", "lora_equivalent_rank", "intruder_dimensions", "merge_at", "merge_error",
     "diagnose", "Diagnosis", "causal_consistency",

@@ -216,7 +216,12 @@ CASES = {
     "negative sequence": (_set("s0.tokens.sequence", lambda a: a - 100), "negative"),
     "negative position": (_set("s1.tokens.position", lambda a: a - 100), "negative"),
     "more samples than max_tokens": (_meta(lambda h: h.update(max_tokens=3)), "max_tokens"),
-    "format version from the future": (_meta(lambda h: h.update(format_version=3)), "format_version"),
+    "format version from the future": (_meta(lambda h: h.update(format_version=4)), "format_version"),
+    "version 2 with dispatch members": (_meta(lambda h: h.update(format_version=2)), "does not define"),
+    "dispatch counts off by one": (_set("s0.dispatch_counts", lambda a: a + np.eye(len(a), dtype=a.dtype)[0]),
+                                   "add up to"),
+    "negative dispatch counts": (_set("s1.phase_dispatch", lambda a: a - 1), "negative"),
+    "top_k more than the experts": (_meta(lambda h: h["sites"][0].update(top_k=99)), "top_k"),
     "version 1 with phase members": (_meta(lambda h: h.update(format_version=1)), "does not define"),
     "a site too many in the header": (_meta(lambda h: h["sites"].append(dict(h["sites"][0], name="x"))), "no members"),
     "header not JSON": (lambda d: _with_members(d, {"__header__.npy": _npy_member(
@@ -238,7 +243,13 @@ def test_each_tamper_is_refused(case, good, tmp_path):
 def test_the_good_file_and_a_version_1_file_load(good, tmp_path):
     loaded, _ = _load(tmp_path, good)
     _same(loaded, _arrays(good))
-    arrays = {k: v for k, v in _arrays(good).items() if ".phase" not in k and not k.split(".", 1)[-1].startswith("phase_")}
+    # Version 2: no dispatch members (no top-k router); version 1: no phases either.
+    v2 = {k: v for k, v in _arrays(good).items() if "dispatch" not in k}
+    header = _header(v2)
+    header["format_version"] = 2
+    old2, _ = _load(tmp_path, _pack(v2, header, compressed=False), "v2.npz")
+    assert old2.phases == loaded.phases and ll.router_metrics(old2).equals(ll.router_metrics(loaded))
+    arrays = {k: v for k, v in v2.items() if ".phase" not in k and not k.split(".", 1)[-1].startswith("phase_")}
     header = _header(arrays)
     header["format_version"] = 1
     old, _ = _load(tmp_path, _pack(arrays, header, compressed=False), "old.npz")

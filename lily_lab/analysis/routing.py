@@ -17,6 +17,9 @@ from ..observe.tokens import token_texts
 
 METRIC_COLUMNS = ["load_entropy", "token_entropy", "routing_mi", "effective_experts", "max_usage", "cv2",
                   "switch_balance", "z_loss"]
+#: The dispatch view of a top-k router (docs/metrics.md, "Top-k routers"): what each expert was
+#: actually sent. NaN for a site that mixes every expert (Lily).
+DISPATCH_COLUMNS = ["tokens_min", "tokens_max", "tokens_std", "aux_loss"]
 
 
 def require_routing(routing, fn: str, arg: str = "routing") -> None:
@@ -47,14 +50,31 @@ def site_metrics(rec: SiteRecord) -> dict[str, float]:
     }
 
 
+def dispatch_metrics(rec: SiteRecord) -> dict[str, float]:
+    """The dispatch metrics (docs/metrics.md) of one top-k router's sums (``n_tokens`` > 0,
+    ``top_k`` > 0): tokens sent to each expert — min, max and standard deviation over the experts
+    — and the auxiliary load-balancing loss of this layer alone,
+    ``aux_loss = E · Σ_e (c_e / N) · u_e`` (``c_e`` tokens sent to expert ``e``, ``u_e`` its mean
+    router probability), which is what transformers' ``load_balancing_loss_func`` computes when
+    given this one layer's router logits (and the attention mask)."""
+    c, n, E = rec.dispatch_counts.astype(np.float64), rec.n_tokens, rec.num_B
+    u = rec.sum_probs / n
+    return {"tokens_min": float(c.min()), "tokens_max": float(c.max()), "tokens_std": float(c.std()),
+            "aux_loss": float(E * (c / n * u).sum())}
+
+
 def _site_columns(rec: SiteRecord) -> dict:
     return {"site": rec.name, "module": rec.module, "group": rec.group, "index": rec.index,
-            "layer": layer_of(rec.name, rec.index), "kind": rec.kind, "routing": rec.routing, "num_B": rec.num_B}
+            "layer": layer_of(rec.name, rec.index), "kind": rec.kind, "routing": rec.routing, "num_B": rec.num_B,
+            "top_k": rec.top_k}
 
 
 def router_metrics(routing: Routing) -> pd.DataFrame:
-    """One row per routed site (``E ≥ 2``): site, module, group, index, layer, ``n_tokens``,
-    ``nonfinite`` and every router metric of docs/metrics.md. Sites that saw no token have NaN metrics."""
+    """One row per routed site (``E ≥ 2``): site, module, group, index, layer, kind, routing,
+    ``num_B`` (experts), ``top_k`` (0 for Lily, which mixes every expert), ``n_tokens``,
+    ``nonfinite``, every router metric of docs/metrics.md and, for top-k routers (mixture-of-experts
+    layers), the dispatch metrics (``DISPATCH_COLUMNS``; NaN elsewhere). Sites that saw no token
+    have NaN metrics."""
     require_routing(routing, "router_metrics")
     rows = []
     for name in routing.sites:
@@ -63,13 +83,37 @@ def router_metrics(routing: Routing) -> pd.DataFrame:
             continue
         row = {**_site_columns(rec), "n_tokens": rec.n_tokens, "nonfinite": rec.nonfinite}
         row.update(site_metrics(rec) if rec.n_tokens else dict.fromkeys(METRIC_COLUMNS, np.nan))
+        row.update(dispatch_metrics(rec) if rec.n_tokens and rec.top_k else dict.fromkeys(DISPATCH_COLUMNS, np.nan))
         rows.append(row)
-    columns = list(_site_columns_template()) + ["n_tokens", "nonfinite"] + METRIC_COLUMNS
+    columns = list(_site_columns_template()) + ["n_tokens", "nonfinite"] + METRIC_COLUMNS + DISPATCH_COLUMNS
     return pd.DataFrame(rows, columns=columns)
 
 
+def expert_load(routing: Routing) -> pd.DataFrame:
+    """The dispatch view of every top-k router (mixture-of-experts layer) in ``routing``: one row
+    per site × expert with ``tokens`` (tokens sent to the expert: the load the layer really
+    carried), ``share`` (``tokens / (top_k · n_tokens)``, adding up to 1 over a site's experts),
+    ``usage`` (its mean router probability ``u_e``) and the site's ``n_tokens``. Sites that mix every
+    expert (Lily) have no dispatch and are left out; a recording without top-k routers raises."""
+    require_routing(routing, "expert_load")
+    rows = []
+    for name in routing.sites:
+        rec = routing.record(name)
+        if not rec.top_k:
+            continue
+        n = max(rec.n_tokens, 1)
+        for e in range(rec.num_B):
+            rows.append({**_site_columns(rec), "expert": e, "tokens": int(rec.dispatch_counts[e]),
+                         "share": float(rec.dispatch_counts[e] / (rec.top_k * n)),
+                         "usage": float(rec.sum_probs[e] / n), "n_tokens": rec.n_tokens})
+    if not rows:
+        raise RoutingError("expert_load reads top-k routers (mixture-of-experts layers), and this recording has "
+                           "none: its sites mix every expert (router_metrics and specialization read those)")
+    return pd.DataFrame(rows)
+
+
 def _site_columns_template():
-    return ("site", "module", "group", "index", "layer", "kind", "routing", "num_B")
+    return ("site", "module", "group", "index", "layer", "kind", "routing", "num_B", "top_k")
 
 
 def _js_divergence(dists: np.ndarray) -> float:

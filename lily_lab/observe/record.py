@@ -22,6 +22,7 @@ from ..core import adapter_sites
 from ..core.errors import LilyLabTypeError
 from ..core.inject import kv_cache_of, past_length_of
 from ..core.layer import LilyLayer, RoutingEvent, in_backward, require_module
+from ..core.routers import RouterSite, router_output, router_sites
 from .routing import _NO_LABEL, LabelSums, Reservoir, Routing, RoutingError, SiteRecord, TokenSums, check_labels
 
 DEFAULT_MAX_TOKENS = 100_000
@@ -41,7 +42,8 @@ class Report:
     site: str
     logits: torch.Tensor  # (*lead, E)
     probs: torch.Tensor  # (*lead, E)
-    mixture: torch.Tensor  # the π applied: (E,) batch, (b, E) sequence, (*lead, E) token/causal
+    mixture: torch.Tensor  # the π applied: (E,) batch, (b, E) sequence, (*lead, E) token/causal/top-k
+    chosen: torch.Tensor | None = None  # (*lead, k) the experts a top-k router sent each token to
 
 
 @dataclass(slots=True)
@@ -150,7 +152,7 @@ class Recorder:
         self._keep_token_sums = token_sums
         require_module(model, "record_routing")
         sites = adapter_sites(model)
-        routed = [s for s in sites if s.router is not None]
+        routed = [s for s in sites if s.router is not None] + router_sites(model)
         if not routed:
             kinds = {}
             for s in sites:
@@ -158,14 +160,18 @@ class Recorder:
             names = {"peft-lora": "PEFT LoRA", "lily": "lily_lab Lily", "peft-lily": "PEFT Lily"}
             found = ", ".join(f"{n} {names.get(k, k)} site{'s' * (n != 1)}" for k, n in kinds.items()) \
                 or "no adapter sites at all"
-            raise RoutingError(f"nothing to record: this model has no routed sites ({found}, no router)")
+            raise RoutingError(f"nothing to record: this model has no routed sites ({found}, no router; "
+                               "no mixture-of-experts router either: docs/beyond_lily.md says which are read)")
         self.model = model
         self._sites = routed
         records = {}
         for k, s in enumerate(routed):
             E = s.num_B
-            routing = s.layer.routing if isinstance(s.layer, LilyLayer) else "batch"
-            rec = SiteRecord(s.name, s.module, s.group, s.index, s.kind, routing, E)
+            if isinstance(s, RouterSite):
+                routing, top_k = "top-k", s.top_k
+            else:
+                routing, top_k = (s.layer.routing if isinstance(s.layer, LilyLayer) else "batch"), 0
+            rec = SiteRecord(s.name, s.module, s.group, s.index, s.kind, routing, E, top_k=top_k)
             # One seed for every site's token sample: each site is offered the same tokens call
             # by call, so every site keeps the same tokens and a sampled sentence can be shown
             # across all sites at once (the token views of the dashboard and the report).
@@ -287,7 +293,9 @@ class Recorder:
             self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
         for s in self._sites:
-            if isinstance(s.layer, LilyLayer):
+            if isinstance(s, RouterSite):
+                self._handles.append(s.layer.register_forward_hook(self._router_hook(s)))
+            elif isinstance(s.layer, LilyLayer):
                 self._handles.append(s.layer.register_routing_observer(self._lily_observer(s.name)))
             else:
                 self._handles.append(s.layer.register_forward_hook(self._peft_hook(s)))
@@ -383,8 +391,24 @@ class Recorder:
             self._record(site.name, logits, probs, mixture)
         return hook
 
+    def _router_hook(self, site: RouterSite):
+        def hook(module, args, output):
+            if in_backward() or self._skipping:
+                return
+            logits, probs, mixture, chosen = router_output(site, output)
+            # A router sees the layer's tokens flattened (N = batch × positions): given back the
+            # call's (batch, positions) shape, its tokens are placed like any other site's.
+            call = self._call
+            shape = call.shape if call is not None and self._depth > 0 else None
+            if shape is not None and len(shape) == 2 and shape[0] * shape[1] == probs.shape[0]:
+                lead = tuple(shape)
+                logits, probs, mixture, chosen = (t.reshape(*lead, t.shape[-1]) for t in (logits, probs, mixture, chosen))
+            self._record(site.name, logits, probs, mixture, chosen)
+        return hook
+
     # ------------------------------------------------------------------ recording
-    def _record(self, name: str, logits: torch.Tensor, probs: torch.Tensor, mixture: torch.Tensor) -> None:
+    def _record(self, name: str, logits: torch.Tensor, probs: torch.Tensor, mixture: torch.Tensor,
+                chosen: torch.Tensor | None = None) -> None:
         if self._skipping or (self._depth == 0 and self._training_only and not self.model.training):
             return
         call = self._call
@@ -402,7 +426,8 @@ class Recorder:
             if len(lead) == 2:
                 gen.length = call.past + lead[1]
         # Kept as they are until the call is summed; then the sites are summed together.
-        call.reports.append(Report(name, logits.detach(), probs.detach(), mixture.detach()))
+        call.reports.append(Report(name, logits.detach(), probs.detach(), mixture.detach(),
+                                   None if chosen is None else chosen.detach()))
 
     def _enqueue(self) -> None:
         """Put the last call, finished, in the queue of calls to sum."""
@@ -420,7 +445,7 @@ class Recorder:
         calls, self._queue, self._queue_tokens = self._queue, [], 0
         run, run_sig = [], None
         for call in calls:
-            sig = tuple((e.site, e.probs.shape, e.probs.dtype, e.mixture.shape) for e in call.reports)
+            sig = tuple((e.site, e.probs.shape, e.probs.dtype, e.mixture.shape, e.chosen is None) for e in call.reports)
             if run and sig != run_sig:
                 self._sum_calls(run)
                 run = []
@@ -439,9 +464,10 @@ class Recorder:
             c.gen.summed = True
         groups: dict[tuple, list[int]] = {}
         for i, e in enumerate(per_call[0]):
-            key = (tuple(e.probs.shape), e.probs.dtype, e.probs.device, tuple(e.mixture.shape))
+            key = (tuple(e.probs.shape), e.probs.dtype, e.probs.device, tuple(e.mixture.shape),
+                   None if e.chosen is None else e.chosen.shape[-1])
             groups.setdefault(key, []).append(i)
-        for (shape, _, _, _), idx in groups.items():
+        for (shape, _, _, _, _), idx in groups.items():
             # As many sites at once as fit in _SUM_BYTES of float64: a huge call is summed in
             # slices rather than holding a copy of every site's routing at once.
             per_site = 2 * shape[-1] * max(math.prod(shape[:-1]), 1) * 8 * len(calls)
@@ -466,8 +492,15 @@ class Recorder:
         def stacked(what: str) -> torch.Tensor:  # (sites, calls × tokens, E), call-major within a site
             return torch.stack([getattr(r, what) for site in sites for r in site]).reshape(S, K * n, E)
 
-        # One copy to the host: (sites, tokens, 2E), columns [p | logits], float64 as every sum is.
-        X = torch.cat([stacked("probs"), stacked("logits")], dim=2).float().cpu().numpy().astype(np.float64)
+        # One copy to the host: (sites, tokens, 2E), columns [p | logits], float64 as every sum is;
+        # for top-k routers a third block of E columns, the times each token was sent to each expert.
+        parts = [stacked("probs").float(), stacked("logits").float()]
+        if sites[0][0].chosen is not None:
+            chosen = torch.stack([r.chosen for site in sites for r in site]).reshape(S, K * n, -1)
+            sent = torch.zeros(S, K * n, E, device=chosen.device).scatter_add_(
+                2, chosen, torch.ones(chosen.shape, device=chosen.device))
+            parts.append(sent)
+        X = torch.cat(parts, dim=2).cpu().numpy().astype(np.float64)
         # Which call, sequence, position and token id each row is; which rows are real tokens.
         indices, positions, token_ids = [], [], []
         for call in calls:
@@ -486,7 +519,7 @@ class Recorder:
         real = None if all(ix.real is None for ix in indices) else np.concatenate(
             [k * n + (np.arange(n) if ix.real is None else ix.real) for k, ix in enumerate(indices)])
         if np.isfinite(X).all():
-            self._sum_sites(calls, sites, X, rows, keep=real, b=b)
+            self._sum_sites(calls, sites, X, rows, keep=real, b=b, E=E)
             return
         is_real = np.zeros(K * n, dtype=bool)
         is_real[slice(None) if real is None else real] = True
@@ -494,19 +527,20 @@ class Recorder:
             finite = np.isfinite(X[j]).all(axis=1)
             rec = self._routing.record(site[0].site)
             rec.phase_record(calls[0].phase).nonfinite += int((is_real & ~finite).sum())
-            self._sum_sites(calls, [site], X[j : j + 1], rows, keep=np.flatnonzero(is_real & finite), b=b)
+            self._sum_sites(calls, [site], X[j : j + 1], rows, keep=np.flatnonzero(is_real & finite), b=b, E=E)
 
     def _sum_sites(self, calls: list[Call], sites: list[list[Report]], X: np.ndarray, rows: TokenRows, *,
-                   keep: np.ndarray | None, b: int) -> None:
-        """Fold ``X`` (sites × rows × 2E: p | logits) of ``sites`` (``sites[j][k]``: site j in call
+                   keep: np.ndarray | None, b: int, E: int) -> None:
+        """Fold ``X`` (sites × rows × 2E: p | logits, and a third block of E for top-k routers:
+        the times each token was sent to each expert) of ``sites`` (``sites[j][k]``: site j in call
         k) into their records, keeping the rows ``keep`` (None: all); ``b`` sequences per call."""
-        E = X.shape[-1] // 2
         if keep is not None:
             X = X[:, keep]
         rows = rows.take(keep)
         kcol, seq_c, pos_c, tok_c, has_id = rows.call, rows.sequence, rows.position, rows.token_id, rows.has_id
         K = len(calls)
-        P, LG = X[..., :E], X[..., E:]  # (sites, tokens, E)
+        P, LG = X[..., :E], X[..., E:2 * E]  # (sites, tokens, E)
+        dispatch = X[..., 2 * E:].sum(axis=1).round().astype(np.int64) if X.shape[-1] > 2 * E else None
         S, m = P.shape[:2]
         # Entropy and logsumexp through torch's vectorised float64 log/exp (views of the same
         # arrays): 3-5× numpy's time at these sizes, equal to it within an ulp.
@@ -544,6 +578,8 @@ class Recorder:
             ph.sum_probs += p_sum[j]
             ph.sum_token_entropy += float(H_sum[j])
             ph.argmax_counts += argmax_counts[j]
+            if dispatch is not None:
+                ph.dispatch_counts += dispatch[j]
             if m:
                 ph.sum_z += float(z_sum[j])
             ph.n_calls += K

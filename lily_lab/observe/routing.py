@@ -193,21 +193,31 @@ class SiteRecord:
     # empty samples whose ``seen`` counts the phase's offered rows). When not empty, the sums above
     # are exactly the phases' sums added in code order.
     phases: dict = field(default_factory=dict)
+    # A top-k router (a mixture-of-experts layer, docs/beyond_lily.md): the experts each token is
+    # sent to, and how many tokens each expert was sent (Σ = top_k · n_tokens). 0 and zeros for a
+    # site that mixes every expert (Lily).
+    top_k: int = 0
+    dispatch_counts: np.ndarray = None  # (E,) int64
 
     def __post_init__(self) -> None:
         E = self.num_B
         for name in ("sum_probs", "sum_mixture"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(E))
-        if self.argmax_counts is None:
-            self.argmax_counts = np.zeros(E, dtype=np.int64)
+        for name in ("argmax_counts", "dispatch_counts"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(E, dtype=np.int64))
+
+    def empty_like(self) -> "SiteRecord":
+        """A record of the same site with no sums and no samples."""
+        return SiteRecord(self.name, self.module, self.group, self.index, self.kind, self.routing, self.num_B,
+                          top_k=self.top_k)
 
     def phase_record(self, code: int) -> "SiteRecord":
         """The record of phase ``code``'s sums, created empty on first use."""
         rec = self.phases.get(code)
         if rec is None:
-            rec = self.phases[code] = SiteRecord(self.name, self.module, self.group, self.index, self.kind,
-                                                 self.routing, self.num_B)
+            rec = self.phases[code] = self.empty_like()
             rec.tokens, rec.mixtures = _counter(self.tokens), _counter(self.mixtures)
         return rec
 
@@ -228,11 +238,13 @@ class SiteRecord:
         self.n_calls = sum(p.n_calls for p in parts)
         self.sum_probs, self.sum_mixture = np.zeros(E), np.zeros(E)
         self.argmax_counts = np.zeros(E, dtype=np.int64)
+        self.dispatch_counts = np.zeros(E, dtype=np.int64)
         self.sum_token_entropy = self.sum_z = 0.0
         for p in parts:
             self.sum_probs = self.sum_probs + p.sum_probs
             self.sum_mixture = self.sum_mixture + p.sum_mixture
             self.argmax_counts = self.argmax_counts + p.argmax_counts
+            self.dispatch_counts = self.dispatch_counts + p.dispatch_counts
             self.sum_token_entropy += p.sum_token_entropy
             self.sum_z += p.sum_z
         self.label_sums = {}
@@ -254,7 +266,8 @@ class SiteRecord:
         """A new record holding copies of this one's sums (not its samples or phases)."""
         rec = SiteRecord(self.name, self.module, self.group, self.index, self.kind, self.routing, self.num_B,
                          self.n_tokens, self.sum_probs.copy(), self.sum_token_entropy, self.argmax_counts.copy(),
-                         self.sum_z, self.nonfinite, self.sum_mixture.copy(), self.n_calls)
+                         self.sum_z, self.nonfinite, self.sum_mixture.copy(), self.n_calls, top_k=self.top_k,
+                         dispatch_counts=self.dispatch_counts.copy())
         rec.label_sums = {c: v.copy() for c, v in self.label_sums.items()}
         rec.token_sums = {t: v.copy() for t, v in self.token_sums.items()}
         return rec
@@ -338,8 +351,7 @@ class Routing:
         records = {}
         for key, rec in self._records.items():
             src = rec.phase_records().get(code)
-            out = src.copy_sums() if src is not None else SiteRecord(
-                rec.name, rec.module, rec.group, rec.index, rec.kind, rec.routing, rec.num_B)
+            out = src.copy_sums() if src is not None else rec.empty_like()
             for attr in ("tokens", "mixtures"):
                 res = getattr(rec, attr)
                 keep = _phase_column(res) == code
@@ -441,7 +453,7 @@ class Routing:
             recs = [r.record(name) for r in recordings]
             remaps = [np.array([labels.index(v) for v in r.labels] + [_NO_LABEL], dtype=np.int64) for r in recordings]
             first = recs[0]
-            rec = SiteRecord(first.name, first.module, first.group, first.index, first.kind, first.routing, first.num_B)
+            rec = first.empty_like()
             rec.tokens, rec.mixtures = first.tokens, first.mixtures  # the column layout, for the phases' counters
             call_offset = seq_offset = 0
             token_parts, mixture_parts = [], []
@@ -452,6 +464,7 @@ class Routing:
                 rec.sum_probs += src.sum_probs
                 rec.sum_token_entropy += src.sum_token_entropy
                 rec.argmax_counts += src.argmax_counts
+                rec.dispatch_counts += src.dispatch_counts
                 rec.sum_z += src.sum_z
                 rec.nonfinite += src.nonfinite
                 rec.sum_mixture += src.sum_mixture
@@ -537,6 +550,7 @@ def _add_sums(acc: SiteRecord, src: SiteRecord, remap: np.ndarray) -> None:
     acc.sum_probs = acc.sum_probs + src.sum_probs
     acc.sum_token_entropy += src.sum_token_entropy
     acc.argmax_counts = acc.argmax_counts + src.argmax_counts
+    acc.dispatch_counts = acc.dispatch_counts + src.dispatch_counts
     acc.sum_z += src.sum_z
     acc.nonfinite += src.nonfinite
     acc.sum_mixture = acc.sum_mixture + src.sum_mixture

@@ -31,7 +31,9 @@ from ..core.files import atomic_write
 from .routing import _PHASE_NAMES, LabelSums, Reservoir, Routing, RoutingError, SiteRecord, TokenSums
 
 FORMAT = "lily_lab-routing"
-FORMAT_VERSION = 2  # 2: per-phase sums and a phase column in the samples (1 still reads)
+# 2: per-phase sums and a phase column in the samples; 3: top-k routers' dispatch counts and top_k
+# (1 and 2 still read, as sites that mix every expert)
+FORMAT_VERSION = 3
 
 _TOKEN_COLS = ("probs", "logits", "call", "sequence", "position", "token_id", "label")
 _MIX_COLS = ("mixture", "call", "sequence")
@@ -100,6 +102,7 @@ def routing_bytes(routing: Routing) -> bytes:
             arrays[p + "mixtures." + col] = arr
         arrays[p + "sum_probs"], arrays[p + "argmax_counts"] = rec.sum_probs, rec.argmax_counts
         arrays[p + "sum_mixture"] = rec.sum_mixture
+        arrays[p + "dispatch_counts"] = rec.dispatch_counts
         codes = sorted(rec.label_sums)
         arrays[p + "label_codes"] = np.array(codes, dtype=np.int64)
         arrays[p + "label_counts"] = np.array([rec.label_sums[c].count for c in codes], dtype=np.int64)
@@ -114,7 +117,7 @@ def routing_bytes(routing: Routing) -> bytes:
         _phase_arrays(arrays, p, rec)
         sites.append({
             "name": rec.name, "module": rec.module, "group": rec.group, "index": rec.index, "kind": rec.kind,
-            "routing": rec.routing, "num_B": rec.num_B, "n_tokens": rec.n_tokens,
+            "routing": rec.routing, "num_B": rec.num_B, "top_k": rec.top_k, "n_tokens": rec.n_tokens,
             "sum_token_entropy": rec.sum_token_entropy, "sum_z": rec.sum_z, "nonfinite": rec.nonfinite,
             "n_calls": rec.n_calls, "tokens_seen": rec.tokens.seen, "mixtures_seen": rec.mixtures.seen,
         })
@@ -145,6 +148,7 @@ def _phase_arrays(arrays: dict, p: str, rec: SiteRecord) -> None:
     arrays[p + "phase_sum_probs"] = rows([ph.sum_probs for ph in phs])
     arrays[p + "phase_sum_mixture"] = rows([ph.sum_mixture for ph in phs])
     arrays[p + "phase_argmax"] = rows([ph.argmax_counts for ph in phs], np.int64)
+    arrays[p + "phase_dispatch"] = rows([ph.dispatch_counts for ph in phs], np.int64)
     arrays[p + "phase_sum_entropy"] = np.array([ph.sum_token_entropy for ph in phs], dtype=np.float64)
     arrays[p + "phase_sum_z"] = np.array([ph.sum_z for ph in phs], dtype=np.float64)
     labels = [(c, code, v) for c, ph in zip(codes, phs) for code, v in sorted(ph.label_sums.items())]
@@ -391,6 +395,8 @@ class _Reader:
         if self.version >= 2:
             out += ["phase_codes"] + [f"phase_{k}" for k in
                                       _PHASE_INTS + _PHASE_ROWS + _PHASE_FLOATS + _PHASE_LABELS + _PHASE_TOKENS]
+        if self.version >= 3:
+            out += ["dispatch_counts", "phase_dispatch"]
         return out
 
     def _site_meta(self, k: int, meta) -> dict:
@@ -402,6 +408,9 @@ class _Reader:
         out["num_B"] = _int(meta, "num_B", what, low=1)
         if out["num_B"] > 1 << 20:
             raise _Bad(f"{what} num_B is {out['num_B']}")
+        out["top_k"] = _int(meta, "top_k", what) if self.version >= 3 else 0
+        if out["top_k"] > out["num_B"]:
+            raise _Bad(f"{what} top_k {out['top_k']} is more than its {out['num_B']} experts")
         for key in ("n_tokens", "nonfinite", "n_calls", "tokens_seen", "mixtures_seen"):
             out[key] = _int(meta, key, what)
         for key in ("sum_token_entropy", "sum_z"):
@@ -427,6 +436,8 @@ class _Reader:
         self.expect(p + "sum_probs", (E,), "f")
         self.expect(p + "argmax_counts", (E,), "i")
         self.expect(p + "sum_mixture", (E,), "f")
+        if self.version >= 3:
+            self.expect(p + "dispatch_counts", (E,), "i")
         n = self.expect(p + "label_codes", (None,), "i")[0]
         if n > self.n_labels + 1:
             raise _Bad(f"routing array {p}label_codes has {n} codes for {self.n_labels} labels")
@@ -446,6 +457,8 @@ class _Reader:
             self.expect(p + "phase_" + key, (P, E), "i" if key == "argmax" else "f")
         for key in _PHASE_FLOATS:
             self.expect(p + "phase_" + key, (P,), "f")
+        if self.version >= 3:
+            self.expect(p + "phase_dispatch", (P, E), "i")
         n = self.expect(p + "phase_label_phase", (None,), "i")[0]
         if n > P * (self.n_labels + 1):
             raise _Bad(f"routing array {p}phase_label_phase has {n} rows for {P} phases and {self.n_labels} labels")
@@ -476,7 +489,8 @@ class _Reader:
 
     def _site(self, p: str, meta: dict, max_tokens: int) -> SiteRecord:
         E = meta["num_B"]
-        rec = SiteRecord(meta["name"], meta["module"], meta["group"], meta["index"], meta["kind"], meta["routing"], E)
+        rec = SiteRecord(meta["name"], meta["module"], meta["group"], meta["index"], meta["kind"], meta["routing"], E,
+                         top_k=meta["top_k"])
         rec.n_tokens, rec.nonfinite, rec.n_calls = meta["n_tokens"], meta["nonfinite"], meta["n_calls"]
         rec.sum_token_entropy, rec.sum_z = meta["sum_token_entropy"], meta["sum_z"]
         what = f"site {rec.name!r}"
@@ -486,6 +500,9 @@ class _Reader:
             raise _Bad(f"{what}'s argmax_counts add up to {int(rec.argmax_counts.sum())}, "
                        f"not its {rec.n_tokens} tokens")
         rec.sum_mixture = self._floats(p + "sum_mixture")
+        if self.version >= 3:
+            rec.dispatch_counts = _dispatch(self._ints(p + "dispatch_counts"), rec.top_k, rec.n_tokens,
+                                            f"{what}'s dispatch_counts")
         rec.label_sums = self._label_sums(p + "label_", None, rec.n_tokens, what)[None]
         rec.token_sums = self._token_sums(p + "token_", None, rec.n_tokens, what)[None]
         rec.tokens = self._reservoir(p + "tokens.", "tokens", max_tokens, meta["tokens_seen"], what)
@@ -570,6 +587,9 @@ class _Reader:
         if not np.array_equal(argmax.sum(axis=1), ints["n_tokens"]):
             raise _Bad(f"{what}'s phase_argmax rows do not add up to the phases' token counts")
         entropy, z = self._floats(p + "phase_sum_entropy"), self._floats(p + "phase_sum_z")
+        dispatch = self._ints(p + "phase_dispatch") if self.version >= 3 else np.zeros_like(argmax)
+        for i, n in enumerate(ints["n_tokens"].tolist()):
+            _dispatch(dispatch[i], rec.top_k, n, f"{what}'s phase_dispatch")
         if (entropy < 0).any() or (z < 0).any():
             raise _Bad(f"{what}'s per-phase entropy or z sums are negative")
         lphase = self._ints(p + "phase_label_phase")
@@ -583,6 +603,7 @@ class _Reader:
             ph.n_tokens, ph.nonfinite, ph.n_calls = (int(ints[k][i]) for k in ("n_tokens", "nonfinite", "n_calls"))
             ph.tokens.seen, ph.mixtures.seen = int(ints["tokens_seen"][i]), int(ints["mixtures_seen"][i])
             ph.sum_probs, ph.sum_mixture, ph.argmax_counts = sum_probs[i], sum_mixture[i], argmax[i]
+            ph.dispatch_counts = dispatch[i]
             ph.sum_token_entropy, ph.sum_z = float(entropy[i]), float(z[i])
             ph.label_sums = labels.get(code, {})
             ph.token_sums = tokens.get(code, {})
@@ -606,6 +627,15 @@ def _site_cols(version: int, which: str) -> tuple:
 def _counts(a: np.ndarray, what: str) -> np.ndarray:
     if a.size and a.min() < 0:
         raise _Bad(f"{what} holds negative counts")
+    return a
+
+
+def _dispatch(a: np.ndarray, top_k: int, n_tokens: int, what: str) -> np.ndarray:
+    """A top-k router's dispatch counts: not negative, adding up to ``top_k`` per token (all zero
+    for a site that mixes every expert, ``top_k`` 0)."""
+    _counts(a, what)
+    if int(a.sum()) != top_k * n_tokens:
+        raise _Bad(f"{what} add up to {int(a.sum())}, not top_k {top_k} × {n_tokens} tokens")
     return a
 
 
