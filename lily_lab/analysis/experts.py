@@ -9,6 +9,15 @@
 
 All three are undefined (NaN) for a pair with an all-zero expert, as every expert is at
 ``init_weights=True`` before the first step.
+
+**PEFT X-LoRA** (kind ``"xlora"``): each expert is a LoRA of its own, ``ΔW_e = s_e B_e A_e``, held
+in the site as a block-sparse ``B[e]`` over the stacked ``A`` (``lily_lab.Site``), so the flattened
+``B[e]`` of two experts never overlap and their plain cosine would be 0 whatever the experts are.
+For X-LoRA banks ``cosine`` is therefore the cosine of the experts' updates ``ΔW_e`` (equal to
+``functional_cosine``), in ``expert_similarity`` and in ``bank_summary`` (``mean_cosine``,
+``max_cosine``, ``distinct_experts``; what ``diagnose``'s ``redundant_experts`` reads).
+``subspace_overlap`` compares the experts' output directions (the column spaces of their
+``B_e``), as for any bank.
 """
 
 from __future__ import annotations
@@ -99,7 +108,7 @@ def distinct_experts(cos: np.ndarray) -> float:
 
 
 def banks(model: nn.Module) -> dict[str, dict]:
-    """``{group: {"B": (E, r, d_out), "As": [(r, d_in), …]}}`` as float64 arrays."""
+    """``{group: {"B": (E, r, d_out), "As": [(r, d_in), …], "kind": kind}}`` as float64 arrays."""
     out: dict[str, dict] = {}
     for s in adapter_sites(model):
         g = out.setdefault(s.group, {"B": s.B.detach().double().cpu().numpy(), "As": {}, "kind": s.kind})
@@ -109,9 +118,18 @@ def banks(model: nn.Module) -> dict[str, dict]:
     return out
 
 
+def expert_cosines(bank: dict) -> np.ndarray:
+    """The ``cosine`` of a bank of :func:`banks`: of the flattened ``B_e`` (:func:`bank_cosines`),
+    or for X-LoRA of the experts' updates ``ΔW_e`` (:func:`_functional_cosines`; module docstring)."""
+    if bank.get("kind") == "xlora":
+        return _functional_cosines(bank["B"], bank["As"])
+    return bank_cosines(bank["B"])
+
+
 def expert_similarity(model: nn.Module) -> pd.DataFrame:
     """Every pair of experts of every bank (``i < j``): ``group, expert_i, expert_j, cosine,
-    subspace_overlap, functional_cosine``. Banks of one expert (LoRA) have no rows."""
+    subspace_overlap, functional_cosine``. Banks of one expert (LoRA) have no rows; for X-LoRA
+    banks ``cosine`` is that of the experts' updates ``ΔW_e`` (module docstring)."""
     require_module(model, "expert_similarity")
     require_finite(adapter_sites(model), "expert_similarity", ("A", "B"))
     rows = []
@@ -119,7 +137,8 @@ def expert_similarity(model: nn.Module) -> pd.DataFrame:
         B = bank["B"]
         if len(B) < 2:
             continue
-        cos, sub, fun = bank_cosines(B), _subspace_overlaps(B), _functional_cosines(B, bank["As"])
+        fun = _functional_cosines(B, bank["As"])
+        cos, sub = (fun if bank["kind"] == "xlora" else bank_cosines(B)), _subspace_overlaps(B)
         for i in range(len(B)):
             for j in range(i + 1, len(B)):
                 rows.append({"group": group, "expert_i": i, "expert_j": j, "cosine": float(cos[i, j]),
@@ -131,7 +150,9 @@ def expert_similarity(model: nn.Module) -> pd.DataFrame:
 def bank_summary(model: nn.Module) -> pd.DataFrame:
     """One row per bank: ``group, num_B, mean_cosine, max_cosine, distinct_experts,
     mean_norm`` (mean Frobenius norm of the experts), ``max_norm``, ``nonfinite_B`` (NaN or ±inf
-    entries of the bank: a diverged run; its other measures are then NaN)."""
+    entries of the bank: a diverged run; its other measures are then NaN). For X-LoRA banks the
+    cosines are those of the experts' updates ``ΔW_e`` (module docstring) and the norms those of
+    the ``B[e]`` (``(s_e / s)·‖B_e‖``)."""
     require_module(model, "bank_summary")
     rows = []
     for group, bank in banks(model).items():
@@ -142,7 +163,7 @@ def bank_summary(model: nn.Module) -> pd.DataFrame:
                 ("mean_cosine", "max_cosine", "distinct_experts", "mean_norm", "max_norm"), float("nan")),
                 "nonfinite_B": bad})
             continue
-        cos = bank_cosines(B)
+        cos = expert_cosines(bank)
         norms = np.linalg.norm(B.reshape(len(B), -1), axis=1)
         off = cos[np.triu_indices(len(B), k=1)]
         off = off[~np.isnan(off)]  # pairs with an all-zero expert have no cosine

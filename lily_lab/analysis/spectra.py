@@ -3,6 +3,10 @@
 ``ΔW(π) = s · B_πᵀ A_j`` with ``B_π = Σ_e π_e B_e``. With ``A_jᵀ = Q_a R_a`` and ``B_πᵀ = Q_b R_b``
 (reduced QR), ``ΔW = s · Q_b (R_b R_aᵀ) Q_aᵀ``: its singular values are ``s`` times those of the
 small core ``R_b R_aᵀ``. Cost ``O((d_in + d_out) r²)`` per site; no dense ``d_out × d_in`` matrix.
+
+A PEFT X-LoRA site (``lily_lab.Site``, kind ``"xlora"``) is in this form exactly, with ``A`` its
+experts' ``A_e`` stacked (``r = Σ r_e``) and block-sparse ``B_e``: ``ΔW(π) = Σ_e π_e s_e B_e A_e``,
+the update the layer applies when the classifier weights its experts ``π``.
 """
 
 from __future__ import annotations
@@ -121,6 +125,10 @@ def delta_spectra(model: nn.Module | str | os.PathLike | list[Site], mixture: An
     Per-label and per-token mixtures are the router's distributions ``p``: under batch or sequence
     routing the layer never applies them (it applies the call's or the sequence's mean), so those
     spectra show the update the router *would* pick for that label or token, not one it made.
+
+    PEFT X-LoRA: ``ΔW(π) = Σ_e π_e s_e B_e A_e`` at each X-LoRA layer (its ``r`` is the experts'
+    ranks summed); with a ``Routing`` the mean of the weights the layer applied (the recorded
+    scalings, after top-k where configured), ``None`` the uniform ``1/E``.
     """
     sites = _sites_of(model)
     if not sites:

@@ -1,7 +1,9 @@
-"""``adapter_sites`` and ``count_parameters``: one view of lily_lab Lily, PEFT Lily and PEFT LoRA.
+"""``adapter_sites`` and ``count_parameters``: one view of lily_lab Lily, PEFT Lily, PEFT LoRA and
+PEFT X-LoRA.
 
 PEFT models are read by duck typing (``lily_A`` / ``lora_A`` ``ModuleDict``s on a layer with a
-``base_layer``), so peft is never imported here. ``lily_layers_by_group`` is the grouping of
+``base_layer``; X-LoRA's classifier and layers as :mod:`lily_lab.core.xlora` finds them), so peft is
+never imported here. ``lily_layers_by_group`` is the grouping of
 lily_lab's own layers by bank that checkpoints and FSDP layouts are built on.
 """
 
@@ -15,6 +17,7 @@ from torch import nn
 
 from .inject import get_state, match_target
 from .layer import LilyLayer, base_dims, require_module
+from .xlora import XLoraSite, find_xlora
 
 
 @dataclass(eq=False)
@@ -24,6 +27,20 @@ class Site:
     ``A`` (``r × d_in``), ``B`` (``E × r × d_out``; LoRA: ``E = 1``) and ``router`` (``E × r`` or
     ``None``) are the live parameters or views of them: editing them in place under
     ``torch.no_grad()`` edits the model.
+
+    **X-LoRA** (kind ``"xlora"``): one site per X-LoRA layer, whose bank is its ``E`` LoRA experts
+    ``(A_e, B_e, s_e)`` (``B_e`` as PEFT stores it, ``d_out × r_e``). Each expert has its own ``A``,
+    so the site is written exactly in Lily's shape with ``A = [A_0; …; A_{E-1}]``
+    (``Σ r_e × d_in``) and block-sparse experts: ``B[e]`` (``Σ r_e × d_out``) is zero but for rows
+    of block ``e``, which hold ``(s_e / s) · B_eᵀ``, ``s = scaling`` (the first expert's). Then
+    ``s · (Σ_e π_e B[e])ᵀ A = Σ_e π_e s_e B_e A_e``: the update the layer applies at the weights
+    ``π`` (dense_delta, delta_spectra). ``router`` is ``None`` (the X-LoRA classifier routes), and
+    ``A`` and ``B`` are copies built from the experts, not views: editing them changes nothing;
+    ``parameters`` holds the live LoRA weights, then the classifier's (shared by every X-LoRA site;
+    X-LoRA trains the classifier, its experts frozen). The group (``"<module>@<layer>:<d_out>x<d_in>"``)
+    is the site's own, ``index`` and ``a_index`` 0. Plain cosines of such ``B[e]`` are 0 by
+    construction: lily_lab's expert measures compare X-LoRA experts by their updates ``ΔW_e``
+    (``expert_similarity``).
     """
 
     name: str  # path in model.named_modules() of the model passed to adapter_sites
@@ -35,7 +52,7 @@ class Site:
     B: torch.Tensor
     router: torch.Tensor | None
     scaling: float
-    kind: str  # "lily", "peft-lily" or "peft-lora"
+    kind: str  # "lily", "peft-lily", "peft-lora" or "xlora"
     layer: nn.Module = field(repr=False)  # the adapter module itself
     parameters: tuple[nn.Parameter, ...] = field(default=(), repr=False)  # the tensors it trains
 
@@ -57,9 +74,13 @@ class Site:
 
 
 def adapter_sites(model: nn.Module) -> list[Site]:
-    """Every adapted layer of ``model`` in traversal order (lily_lab Lily, PEFT Lily, PEFT LoRA)."""
+    """Every adapted layer of ``model`` in traversal order (lily_lab Lily, PEFT Lily, PEFT LoRA,
+    PEFT X-LoRA: one site per X-LoRA layer, see :class:`Site`). A model whose X-LoRA parts do not
+    fit together (a classifier without layers, say) is an :class:`~lily_lab.InputError`."""
     require_module(model, "adapter_sites")
     sites: list[Site] = []
+    xlora = find_xlora(model)
+    xlora_of = {id(xs.layer): xs for xs in xlora.sites} if xlora is not None else {}
     targets = _peft_targets(model)
     # Group and A-index by identity of the shared tensors, as they really are in the model.
     group_pos: dict[str, int] = {}
@@ -70,6 +91,11 @@ def adapter_sites(model: nn.Module) -> list[Site]:
                 Site(name, mod.target, mod.group, mod.index, mod.a_index, mod.lily_A, mod.lily_B,
                      mod.lily_router, mod.scaling, "lily", mod, (mod.lily_A, mod.lily_B, mod.lily_router))
             )
+            continue
+        if id(mod) in xlora_of:
+            site = _xlora_site(xlora_of[id(mod)], xlora.classifier)
+            if site is not None:
+                sites.append(site)
             continue
         kind, adapter = _peft_kind(mod)
         if kind is None:
@@ -92,6 +118,33 @@ def adapter_sites(model: nn.Module) -> list[Site]:
             sites.append(Site(name, target, group, index, index, A_w, B_w.t().unsqueeze(0), None,
                               float(mod.scaling[adapter]), kind, mod, (A_w, B_w)))
     return sites
+
+
+def _xlora_site(xs: XLoraSite, classifier: nn.Module) -> Site | None:
+    """The Site of one X-LoRA layer (see :class:`Site`); ``None`` for one that is not linear-like
+    (X-LoRA's embedding and convolution layers: still recorded, without a bank)."""
+    mod = xs.layer
+    experts = []
+    for name in xs.experts:
+        a, b = getattr(mod, "lora_A", {}), getattr(mod, "lora_B", {})
+        if name not in a or name not in b:
+            return None
+        A_w, B_w = getattr(a[name], "weight", None), getattr(b[name], "weight", None)
+        if not (isinstance(A_w, torch.Tensor) and isinstance(B_w, torch.Tensor) and A_w.dim() == B_w.dim() == 2):
+            return None
+        experts.append((A_w, B_w, float(mod.scaling[name])))
+    s = next((s_e for _, _, s_e in experts if s_e != 0), 1.0)
+    d_out = experts[0][1].shape[0]
+    ranks = [A_w.shape[0] for A_w, _, _ in experts]
+    with torch.no_grad():
+        A = torch.cat([A_w.detach() for A_w, _, _ in experts], dim=0)  # (Σ r_e, d_in)
+        B = A.new_zeros(len(experts), sum(ranks), d_out)
+        lo = 0
+        for e, (_, B_w, s_e) in enumerate(experts):
+            B[e, lo:lo + ranks[e]] = B_w.detach().t().to(B.dtype) * (s_e / s)
+            lo += ranks[e]
+    params = tuple(p for A_w, B_w, _ in experts for p in (A_w, B_w)) + tuple(classifier.parameters())
+    return Site(xs.name, xs.module, xs.group, xs.index, 0, A, B, None, s, "xlora", mod, params)
 
 
 def lily_layers_by_group(model: nn.Module) -> dict[str, list[tuple[str, LilyLayer]]]:
@@ -149,12 +202,14 @@ def adapter_summary(model: nn.Module) -> str:
     for group, members in by_group.items():
         s0 = members[0]
         n_A = len({id(p) for s in members for p in s.parameters[:1]})
-        n_params = sum({id(p): p.numel() for s in members for p in s.parameters}.values())
+        # An X-LoRA bank's own parameters are its experts' (the classifier is every bank's router).
+        own = (lambda s: s.parameters[:2 * s.num_B]) if s0.kind == "xlora" else (lambda s: s.parameters)
+        n_params = sum({id(p): p.numel() for s in members for p in own(s)}.values())
+        routers = ("routed by the X-LoRA classifier" if s0.kind == "xlora" else "no routers" if s0.router is None
+                   else f"{len(members)} routers of {s0.num_B}×{s0.r}")
         lines.append(
             f"group {group}: {len(members)} sites ({s0.kind}), {n_A} A of {s0.r}×{s0.d_in}, "
-            f"bank of {s0.num_B} B of {s0.r}×{s0.d_out}, "
-            f"{'no routers' if s0.router is None else f'{len(members)} routers of {s0.num_B}×{s0.r}'}"
-            f" — {n_params:,} parameters"
+            f"bank of {s0.num_B} B of {s0.r}×{s0.d_out}, {routers} — {n_params:,} parameters"
         )
         for s in members:
             lines.append(f"    [{s.index:>2}] {s.name}  A{s.a_index}")

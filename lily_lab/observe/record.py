@@ -2,7 +2,9 @@
 
 lily_lab layers report their routing through ``LilyLayer.register_routing_observer`` (nothing is
 recomputed); PEFT ``lily`` layers are watched with a forward hook that recomputes ``h``, the logits
-and ``p`` from the layer's input — the PEFT model is not modified.
+and ``p`` from the layer's input — the PEFT model is not modified. PEFT X-LoRA is watched at its
+classifier (a forward hook, and one on its last module for the raw logits): each of its outputs
+gives every X-LoRA layer's routing at once (:func:`lily_lab.core.xlora.xlora_routing`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..core.errors import LilyLabTypeError
 from ..core.inject import kv_cache_of, past_length_of
 from ..core.layer import LilyLayer, RoutingEvent, in_backward, require_module
 from ..core.routers import RouterSite, router_output, router_sites
+from ..core.xlora import XLoraSite, find_xlora, xlora_routing
 from .routing import _NO_LABEL, LabelSums, Reservoir, Routing, RoutingError, SiteRecord, TokenSums, check_labels
 
 DEFAULT_MAX_TOKENS = 100_000
@@ -140,6 +143,17 @@ class Recorder:
     given an empty KV cache (the prompt), ``"decode"`` for a call continuing one, ``None`` for a
     call given no cache. ``position`` is the token's column in its sequence's padded text: the
     prompt's padded columns, left padding included, then one per decode step.
+
+    **PEFT X-LoRA.** Each X-LoRA layer is a site (kind ``"xlora"``, token routing) recorded from
+    the classifier, which runs once per forward: ``probs`` are the layer's scalings as X-LoRA logs
+    them (``get_scalings_log()``), ``logits`` the classifier's raw logits, the mixture the weights
+    the layer applies (after ``top_k_lora`` / ``enable_softmax_topk`` and ``global_scaling_weight``;
+    see :func:`lily_lab.core.xlora.xlora_routing`). X-LoRA's scaling pass (the base model run once
+    without the adapters to feed the classifier) routes nothing and is not recorded. X-LoRA has no
+    KV cache (its ``generate`` forces ``use_cache=False``): every generation step is a full
+    forward over the whole text so far, so each step is recorded as a call of its own, with no
+    phase, its sequences counted anew and the prompt's and earlier steps' tokens routed (and
+    counted) again at every step; padding is left out by the attention mask as for any call.
     """
 
     def __init__(self, model: nn.Module, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0,
@@ -152,7 +166,9 @@ class Recorder:
         self._keep_token_sums = token_sums
         require_module(model, "record_routing")
         sites = adapter_sites(model)
-        routed = [s for s in sites if s.router is not None] + router_sites(model)
+        self._xlora = find_xlora(model)  # adapter_sites checked it already
+        routed = [s for s in sites if s.router is not None] + router_sites(model) + \
+            (self._xlora.sites if self._xlora is not None else [])
         if not routed:
             kinds = {}
             for s in sites:
@@ -169,6 +185,8 @@ class Recorder:
             E = s.num_B
             if isinstance(s, RouterSite):
                 routing, top_k = "top-k", s.top_k
+            elif isinstance(s, XLoraSite):
+                routing, top_k = s.routing, 0
             else:
                 routing, top_k = (s.layer.routing if isinstance(s.layer, LilyLayer) else "batch"), 0
             rec = SiteRecord(s.name, s.module, s.group, s.index, s.kind, routing, E, top_k=top_k)
@@ -292,7 +310,15 @@ class Recorder:
         for m in self._hooked:
             self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        if self._xlora is not None:
+            self._xlora_logits = None
+            logits_module = self._xlora.logits_module
+            if logits_module is not None:
+                self._handles.append(logits_module.register_forward_hook(self._xlora_logits_hook))
+            self._handles.append(self._xlora.classifier.register_forward_hook(self._xlora_hook))
         for s in self._sites:
+            if isinstance(s, XLoraSite):
+                continue  # recorded from the classifier
             if isinstance(s, RouterSite):
                 self._handles.append(s.layer.register_forward_hook(self._router_hook(s)))
             elif isinstance(s.layer, LilyLayer):
@@ -405,6 +431,17 @@ class Recorder:
                 logits, probs, mixture, chosen = (t.reshape(*lead, t.shape[-1]) for t in (logits, probs, mixture, chosen))
             self._record(site.name, logits, probs, mixture, chosen)
         return hook
+
+    def _xlora_logits_hook(self, module, args, output):
+        self._xlora_logits = output if isinstance(output, torch.Tensor) else None
+
+    def _xlora_hook(self, module, args, output):
+        """One X-LoRA classifier call: every X-LoRA site's routing, from the scalings it returned."""
+        logits, self._xlora_logits = self._xlora_logits, None
+        if in_backward() or self._skipping:
+            return
+        for name, (lg, probs, mixture) in xlora_routing(self._xlora, output, logits).items():
+            self._record(name, lg, probs, mixture)
 
     # ------------------------------------------------------------------ recording
     def _record(self, name: str, logits: torch.Tensor, probs: torch.Tensor, mixture: torch.Tensor,
@@ -587,7 +624,7 @@ class Recorder:
             # mixture is p itself, already on the host; causal routing's (per token, running means)
             # and the per-sequence and per-call mixtures are copied.
             dims = mixture.dim()
-            if rec.routing == "token":
+            if rec.routing == "token" and rec.kind != "xlora":  # X-LoRA's applied weights are not p
                 mix_tok = p
                 mixed = {"mixture": p.astype(np.float32), "call": call_col, "sequence": seq_col, "phase": phase_col}
             else:
