@@ -745,3 +745,80 @@ def test_timeline_player_experts_view(lab):
     finally:
         player.close()
     report.assert_clean()
+
+
+# ------------------------------------------------------------------------- a mixture-of-experts model
+# RoutingDashboard on a tiny random Mixtral (4 layers, top-2 of 4 experts; layer 2's router steered
+# to send every token to expert 2): no adapter, so only the Routers and Diagnosis tabs. A notebook
+# of its own (its own kernel, a fresh JupyterLab workspace), as the player's above.
+
+MOE = """import json, re, torch, transformers, plotly.graph_objects as go, lily_lab as ll
+from lily_lab.widgets import RoutingDashboard
+cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                 num_experts_per_tok=2)
+torch.manual_seed(0)
+model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(3, 64, (3, 7), generator=g)
+with torch.no_grad():
+    for s in ll.router_sites(model):
+        s.layer.weight.normal_(0, 0.5)
+    seen = []
+    gate = model.model.layers[2].mlp.gate
+    hook = gate.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    model(input_ids=ids)
+    hook.remove()
+    gate.weight[2] = 100 * torch.linalg.lstsq(seen[0], torch.ones(len(seen[0]), 1)).solution[:, 0]
+with ll.record_routing(model) as rec, torch.no_grad():
+    model(input_ids=ids)
+    rec.annotate(labels=["pos", %r, "neg"])
+dash = RoutingDashboard(model, rec.routing)
+""" % XSS_LABEL + SETUP[SETUP.index("def _lab_probe"):] + """
+print("MOE", len(dash.children))
+dash"""
+
+
+def test_moe_dashboard_routers_and_diagnosis(lab):
+    """Both tabs of a mixture-of-experts model's dashboard, every toggle view of Routers (the
+    "tokens sent" view first), read back as the Lily dashboard's are. Screenshots:
+    ``moe_dashboard_<tab>.png`` and ``moe_dashboard_<tab>_<view>.png``."""
+    import urllib.request
+
+    nb = OUT / "_moe.ipynb"
+    _lab.write_notebook(nb, [MOE], hide_sources=True)
+    body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nb.read_text())}).encode()
+    nb.unlink()
+    urllib.request.urlopen(urllib.request.Request(f"{lab.url}/api/contents/moe.ipynb", data=body, method="PUT",
+                                                  headers={"Content-Type": "application/json"}), timeout=30)
+    page = lab.browser.new_page(viewport={"width": 1280, "height": 720})
+    report = Report("mixture of experts")
+    try:
+        page.goto(f"{lab.url}/lab/workspaces/moe/tree/moe.ipynb?reset")
+        page.wait_for_selector(".jp-Notebook", timeout=90_000)
+        page.wait_for_selector(_lab.IDLE, timeout=90_000)
+        page.click("li.lm-MenuBar-item:has-text('Run')")
+        page.click("li.lm-Menu-item:has-text('Run All Cells')")
+        printed = page.wait_for_selector(".jp-OutputArea-output:has-text('MOE')", timeout=300_000).inner_text()
+        assert printed.split()[-1] == "2", printed
+        page.wait_for_selector(f"{SCOPE} .js-plotly-plot .main-svg", timeout=90_000)
+        state = _lab.install(page)
+        assert state["ok"] and state["kernel"], state
+        _lab.quiet(page, 500)
+        _lab.fitted(page)
+        assert [t.strip() for t in _lab.tab_titles(page).all_inner_texts()] == ["Routers", "Diagnosis"]
+        assert "No low-rank update in this model" in page.locator(DASH).first.inner_text()
+        for i in range(2):
+            tab = open_tab(page, i)
+            look(page, report, tab, "tab opened")
+            screenshot(page, f"moe_dashboard_{_lab.slug(tab)}")
+            sweep_tab(page, report, tab, full=False, shots="moe_dashboard")
+        drawn = page.locator(DASH).first.inner_text()
+        assert "layer 2 of 4: expert 2 takes 100% of the tokens" in drawn
+        assert page.evaluate("window.__xss") is None
+    except Exception:
+        _save_failure(page, "moe_dashboard")
+        raise
+    finally:
+        page.close()
+    report.assert_clean()

@@ -93,6 +93,17 @@ def _no_banks(x):
     return t
 
 
+def _xlora_without_layers() -> torch.nn.Module:
+    """A model holding an X-LoRA classifier (by its attributes) but no X-LoRA layer."""
+    clf = torch.nn.Module()
+    clf.layers = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    clf.log_scalings, clf.n_layers, clf.n_classes = [], 2, 3
+    clf.make_dummy_scalings = lambda *args, **kwargs: None
+    model = torch.nn.Module()
+    model.proj, model.clf = torch.nn.Linear(4, 4), clf
+    return model
+
+
 def _enter(cm):
     """Enter and leave a context manager (``record_routing`` checks its arguments on entry)."""
     with cm:
@@ -133,6 +144,7 @@ CASES = [
     ("remove_lily: no adapter", lambda x: ll.remove_lily(x.plain), V, ("no lily_lab Lily adapter", "add_lily")),
     ("set_lily_options: unknown option", lambda x: ll.set_lily_options(x.model, colour=1), V, ("'colour'",)),
     ("adapter_sites: not a model", lambda x: ll.adapter_sites("bert"), T, ("adapter_sites", "model", "str")),
+    ("router_sites: not a model", lambda x: ll.router_sites("mixtral"), T, ("router_sites", "model", "str")),
     ("adapter_summary: not a model", lambda x: ll.adapter_summary(42), T, ("adapter_summary", "model", "int")),
     ("count_parameters: not a model", lambda x: ll.count_parameters(None), T,
      ("count_parameters", "model", "NoneType")),
@@ -202,6 +214,10 @@ CASES = [
      ("expert_layer_profile", "routing")),
     ("top_tokens: k=0", lambda x: ll.top_tokens(x.routing, k=0), V, ("k must be", "0")),
     ("top_tokens: not a recording", lambda x: ll.top_tokens(None), T, ("top_tokens", "routing")),
+    ("expert_load: not a recording", lambda x: ll.expert_load(x.usage), T,
+     ("expert_load", "routing must be a lily_lab.Routing", "DataFrame")),
+    ("expert_load: no top-k router", lambda x: ll.expert_load(x.routing), V,
+     ("expert_load", "top-k routers", "mix every expert")),
     ("expert_similarity: not a model", lambda x: ll.expert_similarity("adapter/"), T, ("expert_similarity", "model")),
     ("bank_summary: not a model", lambda x: ll.bank_summary(x.routing), T, ("bank_summary", "model", "Routing")),
     ("timeline_metrics: not a timeline", lambda x: ll.timeline_metrics(x.routing), T,
@@ -260,6 +276,10 @@ CASES = [
      ("plot_usage_heatmap", "['usage']", "Routing.usage()")),
     ("plots.plot_usage_bars: unknown site", lambda x: plots.plot_usage_bars(x.usage, "nope"), V,
      ("plot_usage_bars", "site='nope'", "encoder.layer.0.attention.self.query")),
+    ("plots.plot_expert_load: missing columns", lambda x: plots.plot_expert_load(x.usage), V,
+     ("plot_expert_load", "'tokens'", "expert_load(routing)")),
+    ("plots.plot_expert_load: not a frame", lambda x: plots.plot_expert_load(x.routing), T,
+     ("plot_expert_load", "DataFrame", "Routing")),
     ("plots.plot_label_usage: not a frame", lambda x: plots.plot_label_usage(x.routing), T,
      ("plot_label_usage", "DataFrame", "Routing")),
     ("plots.plot_expert_profile: unknown group", lambda x: plots.plot_expert_profile(x.profile, "keys:32x32"), V,
@@ -308,6 +328,8 @@ CASES = [
      ("LilyDashboard", "model", "str")),
     ("widgets.LilyDashboard: timeline is a recording", lambda x: widgets.LilyDashboard(x.model, timeline=x.routing), T,
      ("timeline", "Routing")),
+    ("widgets.RoutingDashboard: routing is a path", lambda x: widgets.RoutingDashboard(x.model, "r.npz"), T,
+     ("RoutingDashboard", "routing", "str")),
     ("widgets.RouterExplorer: not a recording", lambda x: widgets.RouterExplorer(x.usage), T,
      ("RouterExplorer", "routing", "DataFrame")),
     ("widgets.ExpertMap: not a model", lambda x: widgets.ExpertMap(x.routing), T, ("ExpertMap", "model", "Routing")),
@@ -393,11 +415,19 @@ CASES = [
     ("commands.run_demo: steps=0", lambda x: commands.run_demo(steps=0), V, ("steps", "0")),
     ("commands.run_report: no adapter folder", lambda x: commands.run_report(x.tmp / "no_adapter"), V,
      ("no_adapter",)),
+    # ---- PEFT X-LoRA (tests/test_xlora.py): a classifier without the layers it routes
+    ("adapter_sites: an X-LoRA classifier without layers", lambda x: ll.adapter_sites(_xlora_without_layers()), V,
+     ("X-LoRA classifier 'clf'", "no X-LoRA layers")),
+    ("record_routing: an X-LoRA classifier without layers", lambda x: _enter(ll.record_routing(_xlora_without_layers())),
+     V, ("X-LoRA classifier 'clf'", "no X-LoRA layers")),
+    ("expert_similarity: an X-LoRA classifier without layers",
+     lambda x: ll.expert_similarity(_xlora_without_layers()), V, ("X-LoRA classifier 'clf'", "no X-LoRA layers")),
 ]
 
 # Public callables that take no input a user can get wrong: nothing to refuse.
 NO_USER_INPUT = {
     "Site": "a record of one adapted layer, built by adapter_sites",
+    "RouterSite": "a record of one mixture-of-experts router, built by router_sites",
     "LilyLayer": "the module add_lily and load_adapter build; not constructed by hand",
     "Diagnosis": "the result diagnose returns (a dataclass of findings); not constructed by hand",
     "Diagnosis.to_frame": "no arguments",

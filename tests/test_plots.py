@@ -57,8 +57,20 @@ def lab(tiny_bert):
              profile=ll.expert_layer_profile(routing), top=ll.top_tokens(routing, k=5, tokenizer=Tokenizer()),
              timeline=ll.timeline_metrics(timeline), spectra=spectra, ranks=ll.rank_summary(spectra),
              similarity=ll.expert_similarity(model), findings=_findings(), layout=ll.sharing_layout(model),
-             budget=ll.parameter_budget(32, 32, 4, range(1, 9), 2, 3), modes=mixture_modes(routing))
+             budget=ll.parameter_budget(32, 32, 4, range(1, 9), 2, 3), modes=mixture_modes(routing),
+             load=_moe_load())
     return SimpleNamespace(model=model, routing=routing, site=routing.sites[0], f=f, E=3, n_sites=8)
+
+
+def _moe_load() -> pd.DataFrame:
+    """``expert_load`` of a tiny random Mixtral (2 layers, top-2 of 4 experts): the dispatch view's frame."""
+    import _tiny_moe
+
+    m = _tiny_moe.model("mixtral")
+    ids, mask = _tiny_moe.batch()
+    with torch.no_grad(), ll.record_routing(m) as rec:
+        m(input_ids=ids, attention_mask=mask)
+    return ll.expert_load(rec.routing)
 
 
 def _findings() -> pd.DataFrame:
@@ -80,6 +92,8 @@ def assert_escaped(fig: go.Figure, raw: str) -> None:
 CASES = [
     ("plot_usage_heatmap", lambda L: (L.f["usage"],), {}, 1, go.Heatmap, "expert", "site (module · layer)"),
     ("plot_usage_bars", lambda L: (L.f["usage"], L.site), {}, 1, go.Bar, "expert", "usage (mean router probability)"),
+    # the dispatch of a mixture-of-experts model: the share heatmap and the aux-loss bars beside it
+    ("plot_expert_load", lambda L: (L.f["load"],), {}, 2, (go.Heatmap, go.Bar), "expert", "layer (router)"),
     ("plot_token_probs", lambda L: (L.f["tokens"], L.site), {}, 3, go.Box, "expert", "router probability p(expert | token)"),
     ("plot_token_probs", lambda L: (L.f["tokens"], L.site), {"kind": "violin"}, 3, go.Violin, "expert", None),
     ("plot_label_usage", lambda L: (L.f["spec"],), {}, 3, go.Bar, "label", "usage (mean router probability)"),
@@ -132,6 +146,7 @@ def test_the_exports_and_the_template():
 MISSING = [
     ("plot_usage_heatmap", "usage", ["site", "module", "index", "expert", "usage"], lambda L: ()),
     ("plot_usage_bars", "usage", ["site", "expert", "usage"], lambda L: (L.site,)),
+    ("plot_expert_load", "load", ["site", "expert", "tokens", "share"], lambda L: ()),
     ("plot_token_probs", "tokens", ["site", "p0"], lambda L: (L.site,)),
     ("plot_label_usage", "spec", ["site", "value", "expert", "usage"], lambda L: ()),
     ("plot_expert_profile", "profile", ["group", "expert", "site", "index", "usage"], lambda L: ()),
@@ -733,3 +748,21 @@ def test_evidence_html_of_many_places_shows_twelve_and_counts_the_rest():
     html_ = plots.evidence_html({"max_usage": {s: 0.95 for s in sites}}, sites, "site")
     assert html_.count("<tr><td title=") == 12 and "… and 8 more sites" in html_
     assert "q_proj · layer 11" in html_ and "q_proj · layer 12" not in html_
+
+
+def test_expert_load_is_layers_by_experts_each_row_the_whole_dispatch(lab):
+    load = lab.f["load"]
+    fig = plots.plot_expert_load(load)
+    heat, bars = fig.data
+    assert list(heat.y) == list(dict.fromkeys(load.site))
+    np.testing.assert_allclose(np.asarray(heat.z).sum(axis=1), 1.0)  # a layer's shares add up to 1
+    assert heat.zmin == 0 and heat.zmax == pytest.approx(0.5)  # red: an expert sent every token (1 / top_k)
+    assert bars.orientation == "h" and bars.xaxis == "x2" and len(bars.x) == 2
+    assert [s.x0 for s in fig.layout.shapes if s.type == "line"] == [2.0]  # balanced aux loss: top_k
+    hover = heat.hovertext[0][0]
+    assert "mlp.gate · layer 0" in hover and "of the layer's dispatch" in hover and "tokens (" in hover
+    # Without the optional columns: the heatmap alone.
+    bare = plots.plot_expert_load(load[["site", "expert", "tokens", "share"]])
+    assert len(bare.data) == 1 and bare.layout.xaxis.domain == (0, 1)
+    evil = load.assign(site=load.site.str.replace("model.", "<b>model</b>.", regex=False))
+    assert_escaped(plots.plot_expert_load(evil), "<b>model</b>")

@@ -3,6 +3,12 @@
 Each finding says what is wrong (``kind``, ``severity``), where (``sites``: site names, or group
 keys for bank-level findings), the numbers that triggered it (``evidence``) and a ``remedy`` in
 plain words. Remedies name only options lily_lab has, and only ones measured to help.
+
+The routers of a mixture-of-experts LLM (``core.routers.router_sites``: Mixtral, Qwen2-MoE, OLMoE,
+DeepSeek-V3, GPT-OSS) are diagnosed too, per layer: their ``dominant_expert`` and ``dead_expert``
+read the dispatch (the tokens each expert was actually sent), and their findings name the layers,
+since an average over layers hides one collapsed layer among healthy ones. Such a model has no
+bank of B experts: the bank checks are skipped, with a note.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from ..core.errors import InputError, LilyLabError, LilyLabTypeError
 from ..core.inject import get_state
 from ..core.palette import SEVERITY_COLORS
 from ..core.layer import require_module
+from ..core.routers import router_sites
 from ..observe.routing import Routing
 from .causal import CausalConsistencyError, batch_of, causal_consistency, is_causal_lm, pad_token_id, \
     recorded_sequences, vocab_size
@@ -43,6 +50,11 @@ class Thresholds:
     redundant_critical: float = 0.99
     inactive_norm: float = 1e-6  # every ‖B_e‖ below this → inactive_adapter
     future_leak: float = 1e-4  # future_leak or generation_drift (|Δ logit|) above this → future_leak
+    # Top-k routers (mixture-of-experts layers) are judged by their dispatch: dominant_expert when
+    # one expert is sent ≥ dominant_usage of the layer's tokens (dispatch share ≥ dominant_usage /
+    # top_k), dead_expert when an expert is sent < dead_fraction of its fair k·N/E tokens — checked
+    # only where that fair share is at least dead_min_tokens tokens (fewer: a note, not a finding).
+    dead_min_tokens: float = 10.0
 
 
 def as_thresholds(thresholds: Thresholds | dict | None) -> Thresholds:
@@ -115,7 +127,7 @@ class Diagnosis:
 
     def __str__(self) -> str:
         head = _plural(len(self.findings), "finding") if not self.ok else self.headline or "no collapse found"
-        lines = [f"Diagnosis: {head} (checked: {', '.join(self.checked)})"]
+        lines = [f"Diagnosis: {head} (checked: {', '.join(self.checked) or 'nothing'})"]
         lines += [str(f) for f in self.findings]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -132,7 +144,7 @@ class Diagnosis:
         status = ("" if not self.ok else f"<p><b>{html.escape(self.headline)}</b></p>" if self.headline
                   else f"<p style='color:{SEVERITY_COLORS['ok']}'><b>No collapse found.</b></p>")
         notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in self.notes)
-        return (f"<div><b>lily_lab diagnosis</b> — checked: {', '.join(self.checked)}{status}"
+        return (f"<div><b>lily_lab diagnosis</b> — checked: {', '.join(self.checked) or 'nothing'}{status}"
                 + (f"<table><tr><th>severity</th><th>kind</th><th>what</th><th>where</th><th>try</th></tr>{rows}</table>"
                    if rows else "") + notes + "</div>")
 
@@ -195,40 +207,70 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     ``checks``: the finding kinds to look for (``KINDS``; None: all). ``nonfinite_weights`` is
     always checked, since the other checks skip the banks it names. ``RoutingMonitor`` passes the
     bank and router checks only, which are cheap enough to run at every logging step.
+
+    ``model`` may also be a mixture-of-experts LLM without an adapter (its top-k routers:
+    ``router_sites``). Its bank checks are skipped with a note; its router checks run per layer,
+    ``dominant_expert`` and ``dead_expert`` on the dispatch (the tokens each expert was sent:
+    ``expert_load``), and every finding names its layers ("layer 2 of 4: expert 2 takes 100% of
+    the tokens"). ``dead_expert`` needs a fair share of ``Thresholds.dead_min_tokens`` tokens per
+    expert; fewer, and a note says which layers it did not check. A model with neither adapter
+    sites nor routers raises :class:`~lily_lab.InputError`.
     """
     wanted = _wanted_checks(checks)
     t = as_thresholds(thresholds)
     require_module(model, "diagnose")
     if routing is not None:
         require_routing(routing, "diagnose")
-    if not adapter_sites(model):
-        raise InputError("diagnose needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
-    mode = _routing_mode(model)
-    d = Diagnosis(checked=[k for k in ("nonfinite_weights", "inactive_adapter", "redundant_experts") if k in wanted])
-    bad = nonfinite_counts(adapter_sites(model))
+    sites = adapter_sites(model)
+    routers = [] if sites else router_sites(model)
+    if not sites and not routers:
+        raise InputError("diagnose needs a model with a Lily (or LoRA) adapter or the top-k routers of a "
+                         "mixture-of-experts model; this one has no adapter sites and no router")
+    d = Diagnosis()
+    bad: dict = {}
+    if sites:
+        mode = _routing_mode(model)
+        d.checked = [k for k in ("nonfinite_weights", "inactive_adapter", "redundant_experts") if k in wanted]
+        bad = nonfinite_counts(sites)
+        if bad:
+            _report_nonfinite(bad, d, routing is not None)
+        banks = bank_summary(model)
+        banks = banks[~banks.group.isin(list(bad))]
+        for kind, check in (("inactive_adapter", _check_inactive_adapter),
+                            ("redundant_experts", _check_redundant_experts)):
+            if kind in wanted and (finding := check(banks, t, mode)) is not None:
+                d.findings.append(finding)
+    else:
+        d.notes.append(f"bank checks ({', '.join(sorted(BANK_KINDS))}) skipped: this model has no low-rank adapter "
+                       f"(no Lily or LoRA site), only the {_plural(len(routers), 'top-k router')} of its "
+                       "mixture-of-experts layers, so there is no bank of B experts to check")
     bad_sites = {name for entry in bad.values() for name in entry["sites"]}
-    if bad:
-        _report_nonfinite(bad, d, routing is not None)
-    banks = bank_summary(model)
-    banks = banks[~banks.group.isin(list(bad))]
-    for kind, check in (("inactive_adapter", _check_inactive_adapter), ("redundant_experts", _check_redundant_experts)):
-        if kind in wanted and (finding := check(banks, t, mode)) is not None:
-            d.findings.append(finding)
     leaky = _leaky_sites(model) if "future_leak" in wanted else []
     if routing is None:
         d.notes.append("router checks skipped: pass routing= a recording from record_routing on your data")
         if leaky:
             d.notes.append("future_leak not checked: it replays sequences of a recording (pass routing=)")
+        if not sites:
+            d.headline = "nothing checked: a mixture-of-experts model has router checks only, and they need routing="
         return d
     if not _recorded_anything(routing, d, bool(leaky)):
+        if not sites:
+            d.headline = "nothing recorded: router checks not run (the model has no adapter for bank checks)"
         return d
     d.checked += [k for k in ROUTER_CHECKS if k in wanted]
     m = router_metrics(routing).dropna(subset=["max_usage"])
     m = m[~m.group.isin(list(bad)) & ~m.site.isin(bad_sites)]
-    router_checks = (_check_dominant_expert, _check_dead_expert, _check_input_blind_router)
-    for kind, check in zip(ROUTER_CHECKS, router_checks):
-        if kind in wanted and (finding := check(m, routing, t)) is not None:
-            d.findings.append(finding)
+    lily, moe = m[m.top_k == 0], m[m.top_k > 0]
+    router_checks = ((_check_dominant_expert, _check_dominant_dispatch), (_check_dead_expert, _check_dead_dispatch),
+                     (_check_input_blind_router, _check_input_blind_topk))
+    for kind, (check, check_topk) in zip(ROUTER_CHECKS, router_checks):
+        if kind not in wanted:
+            continue
+        for part, fn in ((lily, check), (moe, check_topk)):
+            if len(part) and (finding := fn(part, routing, t)) is not None:
+                d.findings.append(finding)
+    if "dead_expert" in wanted:
+        _note_small_dispatch(moe, t, d)
     if leaky and bad:
         d.notes.append("future_leak not checked: the adapter has non-finite weights, so the model's outputs are "
                        "not finite either")
@@ -338,6 +380,129 @@ def _check_input_blind_router(m: pd.DataFrame, routing: Routing, t: Thresholds) 
          "the routers, or init_weights=False), then train; router_entropy_weight > 0 with "
          "balance_loss_weight makes tokens choose experts decisively."),
         f"{_plural(len(blind), 'site')} whose routing barely depends on the input (routing_mi < {t.blind_mi})")
+
+
+# ---- top-k routers (mixture-of-experts layers): per layer, from the dispatch
+
+#: What a top-k router's collapse costs and the levers transformers' MoE models have, shared by
+#: the dominant and dead findings (docs/diagnosis.md, "Mixture-of-experts routers").
+MOE_BALANCE_REMEDY = (
+    "Train with the load-balancing loss: in transformers, set output_router_logits=True (in the config or the "
+    "forward call) and the model adds router_aux_loss_coef × its auxiliary loss to the loss it returns when given "
+    "labels; raise router_aux_loss_coef if it is on already. router_metrics' aux_loss column is that loss for "
+    "each layer alone (top_k when dispatch and router probabilities are uniform): the model's own loss averages "
+    "the layers, so one collapsed layer moves it little. A router z-loss (the mean of logsumexp(logits)², "
+    "router_metrics' z_loss) keeps the router logits small, so that the choice can still change; "
+    "transformers' Mixtral, Qwen2-MoE, OLMoE and GPT-OSS do not add one — add it to the loss yourself. A "
+    "DeepSeek-V3-style router (sigmoid scores with an e_score_correction_bias) is balanced through that bias "
+    "instead: after each step lower the bias of the experts above their fair load and raise it for those "
+    "below by a small fixed step — transformers keeps the bias as a buffer and never updates it. "
+    "These are the levers of the models' authors; lily_lab has not measured how much each helps.")
+
+
+def _layer_of(row) -> str:
+    layer = row.layer
+    return str(row.index) if layer is None or (isinstance(layer, float) and np.isnan(layer)) else str(layer)
+
+
+def _layers(layers: list[str], total: int | None = None) -> str:
+    """``layer 3``, ``layers 3, 5``; with ``total``: ``layers 3, 5 of 8``."""
+    return f"layer{'s' * (len(layers) != 1)} {', '.join(layers)}" + (f" of {total}" if total else "")
+
+
+def _percent(lo: float, hi: float) -> str:
+    return f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%}–{hi:.0%}"
+
+
+def _check_dominant_dispatch(m: pd.DataFrame, routing: Routing, t: Thresholds) -> Finding | None:
+    """Top-k routers that send ≥ ``dominant_usage`` of their layer's tokens to one expert (the
+    dispatch: what the layer computed), named by layer."""
+    rows = []
+    for s in m.itertuples():
+        rec = routing.record(s.site)
+        if rec.top_k >= rec.num_B or not rec.n_tokens:  # every expert gets every token: nothing to dominate
+            continue
+        e = int(np.argmax(rec.dispatch_counts))
+        frac = float(rec.dispatch_counts[e] / rec.n_tokens)
+        if frac >= t.dominant_usage:
+            rows.append((s, e, frac, float(rec.dispatch_counts[e] / (rec.top_k * rec.n_tokens))))
+    if not rows:
+        return None
+    by_expert: dict[int, list] = {}
+    for r in rows:
+        by_expert.setdefault(r[1], []).append(r)
+    parts = [f"{_layers([_layer_of(r[0]) for r in rs], len(m))}: expert {e} takes "
+             f"{_percent(min(r[2] for r in rs), max(r[2] for r in rs))} of the tokens" for e, rs in by_expert.items()]
+    names = [r[0].site for r in rows]
+    return Finding(
+        "dominant_expert", "critical" if any(r[2] >= t.dominant_critical for r in rows) else "warning", names,
+        {"layer": {r[0].site: _layer_of(r[0]) for r in rows}, "top_expert": {r[0].site: r[1] for r in rows},
+         "tokens_share": {r[0].site: round(r[2], 4) for r in rows},
+         "dispatch_share": {r[0].site: round(r[3], 4) for r in rows},
+         "top_k": {r[0].site: int(r[0].top_k) for r in rows}, "moe_layers": len(m)},
+        "One expert does this layer's work for almost every token, so the layer's other experts learn almost "
+        "nothing. " + MOE_BALANCE_REMEDY,
+        f"{'; '.join(parts)} (≥ {t.dominant_usage:.0%} of a layer's tokens sent to one expert)")
+
+
+def _fair_tokens(rec) -> float:
+    """The tokens each expert of a top-k router would be sent under a perfectly balanced dispatch."""
+    return rec.top_k * rec.n_tokens / rec.num_B
+
+
+def _check_dead_dispatch(m: pd.DataFrame, routing: Routing, t: Thresholds) -> Finding | None:
+    """Top-k routers with experts sent fewer than ``dead_fraction`` of their fair ``k·N/E`` tokens,
+    where that fair share is at least ``dead_min_tokens`` tokens; named by layer."""
+    rows = []
+    for s in m.itertuples():
+        rec = routing.record(s.site)
+        fair = _fair_tokens(rec)
+        if rec.top_k >= rec.num_B or fair < t.dead_min_tokens:
+            continue
+        dead = np.flatnonzero(rec.dispatch_counts < t.dead_fraction * fair)
+        if len(dead):
+            rows.append((s, dead.tolist(), rec.dispatch_counts[dead].astype(int).tolist(), fair))
+    if not rows:
+        return None
+    parts = [f"layer {_layer_of(r[0])} of {len(m)}: expert{'s' * (len(r[1]) != 1)} {', '.join(map(str, r[1]))} "
+             f"({'/'.join(map(str, r[2]))} of a fair {r[3]:.0f} tokens)" for r in rows]
+    return Finding(
+        "dead_expert", "warning", [r[0].site for r in rows],
+        {"layer": {r[0].site: _layer_of(r[0]) for r in rows}, "dead_experts": {r[0].site: r[1] for r in rows},
+         "tokens": {r[0].site: r[2] for r in rows}, "fair_tokens": {r[0].site: round(r[3], 1) for r in rows},
+         "moe_layers": len(m)},
+        "Experts that are sent almost no token neither contribute nor learn. " + MOE_BALANCE_REMEDY,
+        f"{'; '.join(parts)} (under {t.dead_fraction:.0%} of a fair share of the tokens)")
+
+
+def _note_small_dispatch(m: pd.DataFrame, t: Thresholds, d: Diagnosis) -> None:
+    """A note naming the top-k routers whose recording is too small for ``dead_expert``."""
+    small = [s for s in m.itertuples() if 0 < s.top_k < s.num_B and s.top_k * s.n_tokens / s.num_B < t.dead_min_tokens]
+    if small:
+        d.notes.append(f"dead_expert not checked at {_layers([_layer_of(s) for s in small])}: a fair share there is "
+                       f"under {t.dead_min_tokens:g} tokens per expert (top_k · tokens / experts), too few to call "
+                       "an expert dead; record more tokens")
+
+
+def _check_input_blind_topk(m: pd.DataFrame, routing: Routing, t: Thresholds) -> Finding | None:
+    """Top-k routers whose distribution barely depends on the token (``routing_mi`` below
+    ``blind_mi``), named by layer."""
+    blind = m[m.routing_mi < t.blind_mi]
+    if not len(blind):
+        return None
+    layers = [_layer_of(r) for r in blind.itertuples()]
+    return Finding(
+        "input_blind_router", "warning", list(blind.site),
+        {"layer": dict(zip(blind.site, layers)), "routing_mi": dict(zip(blind.site, blind.routing_mi.round(5))),
+         "moe_layers": len(m)},
+        "The router gives nearly the same distribution to every token, so which experts a token reaches does not "
+        "depend on the token. A router freshly initialised by transformers (normal weights, std "
+        "initializer_range) routes this way — routing_mi ≈ 0.004 on tests/test_moe_views.py's tiny Mixtral — so "
+        "first check that the router (gate) weights were loaded from the checkpoint (transformers warns about "
+        "newly initialised weights) and, when training, that they are trained (requires_grad, in the optimizer). "
+        "A layer that is also named by dominant_expert ignores its input because it sends every token to one "
+        "expert: balance that one first (see dominant_expert).",
+        f"{_layers(layers, len(m))}: routing barely depends on the token (routing_mi < {t.blind_mi})")
 
 
 def _report_nonfinite(bad: dict[str, dict], d: Diagnosis, with_routing: bool) -> None:

@@ -23,13 +23,14 @@ from .. import plots
 from ..plots import FINDING_CSS, SEVERITY_COLORS, finding_html, message_figure, number_label
 from ..plots.experts import RANK_TITLES
 from ..plots.routing import METRIC_TITLES
-from ..analysis import (bank_summary, delta_spectra, diagnose, expert_layer_profile, expert_similarity, rank_summary,
-                       router_metrics, specialization, top_tokens)
+from ..analysis import (bank_summary, delta_spectra, diagnose, expert_layer_profile, expert_load, expert_similarity,
+                       rank_summary, router_metrics, specialization, top_tokens)
 from ..analysis.finite import describe, nonfinite_counts
 from ..analysis.layout import sharing_layout
 from ..core import adapter_sites, adapter_summary, count_parameters
 from ..core.errors import InputError, LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError
 from ..core.layer import require_module
+from ..core.routers import router_sites
 from ..observe.routing import Routing, RoutingError
 
 _CSS = """
@@ -160,7 +161,17 @@ def _metrics_columns(metrics: pd.DataFrame) -> list[_Column]:
         _Column("routing", "routing", text=True, about="the mixture a site applies: per batch, sequence or token"),
         _Column("experts", "num_B", about="experts in the site's bank (E)"),
         _Column("tokens", "n_tokens", about="real tokens recorded"),
-    ] + [_Column(h, c, about=METRIC_TITLES.get(c, c)) for h, c in shown if c in metrics.columns]
+    ] + [_Column(h, c, about=METRIC_TITLES.get(c, c)) for h, c in shown if c in metrics.columns] + (
+        _dispatch_columns() if "top_k" in metrics.columns and (metrics["top_k"] > 0).any() else [])
+
+
+def _dispatch_columns() -> list[_Column]:
+    """The dispatch of top-k routers (mixture-of-experts layers): ``router_metrics``' DISPATCH_COLUMNS."""
+    return [_Column("top-k", "top_k", about="experts each token is sent to (0: Lily, which mixes every expert)"),
+            _Column("fewest tokens", "tokens_min", about="tokens sent to the least loaded expert"),
+            _Column("most tokens", "tokens_max", about="tokens sent to the most loaded expert"),
+            _Column("aux loss", "aux_loss", about="this layer's auxiliary load-balancing loss, as transformers' "
+                                                 "load_balancing_loss_func computes it (top_k when balanced)")]
 
 
 def _rank_columns(ranks: pd.DataFrame) -> list[_Column]:
@@ -205,8 +216,20 @@ def _router_sections(page: _Page, routing: Routing, tokenizer, predictions=None)
         return
     page.figure(plots.plot_usage_heatmap(usage[usage["site"].isin(metrics["site"])]))
     page.table(metrics, "Router metrics (one row per routed site)", _metrics_columns(metrics))
+    if (metrics["top_k"] > 0).any():
+        page.section("dispatch", "Tokens sent to each expert", "The tokens each mixture-of-experts layer actually "
+                     "sent to each of its experts (its top-k choice), layer by layer: a collapsed layer shows here "
+                     "however healthy the average over layers is.")
+        page.figure(plots.plot_expert_load(expert_load(routing)))
+        page.caption("How to read: each row is a layer's router, each column one of its experts; the colour is the "
+                     "share of the layer's tokens sent to the expert (white: the fair share 1/E; red: every token; "
+                     "blue: fewer than fair). The bars beside it: each layer's auxiliary load-balancing loss (top_k "
+                     "when balanced, dashed), labelled with the fewest and most tokens an expert was sent.")
+    # Lily's cross-layer view: one bank shared by a group's layers (a mixture-of-experts layer's
+    # experts are its own, so its routers are left out).
+    lily_groups = set(metrics.loc[metrics["top_k"] == 0, "group"])
     profile = expert_layer_profile(routing)
-    for group in dict.fromkeys(profile["group"]):
+    for group in [g for g in dict.fromkeys(profile["group"]) if g in lily_groups]:
         page.figure(plots.plot_expert_profile(profile, group,
                                               title=f"{_plain(plots.bank_label(group))}: each expert across the group's layers"))
     if routing.labels:
@@ -326,13 +349,22 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     router sections out. ``predictions``: the model's prediction for each recorded sequence (a list
     by the recording's sequence number, or a mapping), shown beside each example's label.
 
+    A mixture-of-experts model without an adapter (its top-k routers: ``router_sites``) gets a
+    model line, the router sections with "Tokens sent to each expert" (each layer's dispatch,
+    ``plot_expert_load``) and the diagnosis, per layer; with no low-rank update, the adapter,
+    experts and spectra sections are left out, and the report says so. A recording with top-k
+    routers gets the dispatch section and columns for any model.
+
     ``include_plotlyjs``: ``"inline"`` (default: plotly.js inside the file, which opens offline),
     ``"cdn"`` (plotly's hosted copy), a path or URL of a plotly.js file, or ``False`` (the page
     that embeds the report provides plotly.js). The file is written atomically.
     """
     require_module(model, "report")
-    if not adapter_sites(model):
-        raise InputError("report needs a model with a Lily (or LoRA) adapter; this one has no adapter sites")
+    low_rank = bool(adapter_sites(model))
+    routers = [] if low_rank else router_sites(model)
+    if not low_rank and not routers:
+        raise InputError("report needs a model with a Lily (or LoRA) adapter or mixture-of-experts routers; this one "
+                         "has no adapter sites and no router")
     if routing is not None and not isinstance(routing, Routing):
         raise LilyLabTypeError(f"routing must be a lily_lab.Routing (recorder.routing) or None, got "
                                f"{type(routing).__name__}")
@@ -345,6 +377,8 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     if not path.parent.is_dir():
         raise LilyLabFileNotFoundError(f"report: the directory {str(path.parent)!r} does not exist; create it first")
     page = _Page(include_plotlyjs)
+    if not low_rank:
+        return _moe_report(page, model, routers, routing, path, title, tokenizer, predictions)
     counts = count_parameters(model)
     page.section("adapter", "Adapter", f"{counts['adapter']:,} adapter parameters; {counts['trainable']:,} trainable "
                  f"of {counts['total']:,} in the model.")
@@ -388,6 +422,24 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     page.caption(_spectra_caption(spectra, baseline))
     page.figure(plots.plot_rank_by_layer(ranks))
     page.table(ranks, "Rank summary (one row per site and mixture)", _rank_columns(ranks))
+    _diagnosis_section(page, model, routing)
+    if routing is None:
+        page.text("Router sections left out: pass routing= a recording from lily_lab.record_routing on your data.")
+    return _write(path, _document(page, title, routing))
+
+
+def _moe_report(page: _Page, model, routers: list, routing: Routing | None, path: Path, title: str, tokenizer,
+                predictions) -> Path:
+    """The report of a mixture-of-experts model without a low-rank adapter: its routers, the
+    dispatch, the diagnosis; no adapter, bank or spectrum section (there is no ΔW)."""
+    layers = {(r.group, r.top_k) for r in routers}
+    shape = ", ".join(f"top-{k} of {g.rsplit(':E', 1)[-1]} experts ({g.split(':', 1)[0]})" for g, k in sorted(layers))
+    page.section("model", "Model", f"A mixture-of-experts model: {len(routers)} top-k router(s), {shape}; "
+                 f"{count_parameters(model)['total']:,} parameters.")
+    page.text("No low-rank update in this model (no Lily or LoRA adapter): the adapter, expert-similarity and "
+              "ΔW-spectrum sections are left out.")
+    if routing is not None:
+        _router_sections(page, routing, tokenizer, predictions)
     _diagnosis_section(page, model, routing)
     if routing is None:
         page.text("Router sections left out: pass routing= a recording from lily_lab.record_routing on your data.")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .layer import require_module
 from .names import layer_of
 
 SCORINGS = ("softmax", "sigmoid")
@@ -70,6 +71,7 @@ def is_topk_router(module: nn.Module) -> bool:
 def router_sites(model: nn.Module) -> list[RouterSite]:
     """Every top-k router of ``model`` (:func:`is_topk_router`), in traversal order. A model
     without any gives ``[]``."""
+    require_module(model, "router_sites")
     sites: list[RouterSite] = []
     position: dict[str, int] = {}
     for name, mod in model.named_modules():

@@ -13,7 +13,7 @@ from .findings import (FINDING_CSS, KIND_TITLES, count_label, evidence_html, fin
                        place_label)
 from .experts import (plot_diagnosis, plot_expert_similarity, plot_expert_trajectories, plot_rank_by_layer,
                       plot_spectra)
-from .routing import (plot_expert_profile, plot_label_usage, plot_metric_timeline, plot_mixture_modes, plot_usage_bars,
+from .routing import (plot_expert_load, plot_expert_profile, plot_label_usage, plot_metric_timeline, plot_mixture_modes, plot_usage_bars,
                       plot_usage_heatmap)
 from .teaching import plot_parameter_budget, plot_sharing_diagram
 from .theme import EXPERT_COLORS, SEVERITY_COLORS, TEMPLATE, expert_color, severity_color
@@ -23,6 +23,8 @@ __all__ = [
     # routing views
     "plot_usage_heatmap", "plot_usage_bars", "plot_label_usage", "plot_expert_profile", "plot_metric_timeline",
     "plot_mixture_modes",
+    # the dispatch of mixture-of-experts layers (tokens actually sent to each expert)
+    "plot_expert_load",
     # token views
     "plot_token_probs", "plot_top_tokens", "plot_token_text", "plot_token_routes", "prediction_for",
     # adapter views

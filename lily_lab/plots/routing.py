@@ -1,7 +1,7 @@
 """Router views: how much each expert is used, where, for which label, and over training.
 
-Inputs are the frames of ``Routing.usage()``, ``specialization``, ``expert_layer_profile`` and
-``timeline_metrics``; every text from the data is escaped (see ``_common.escape``).
+Inputs are the frames of ``Routing.usage()``, ``specialization``, ``expert_layer_profile``,
+``expert_load`` (the dispatch of mixture-of-experts layers) and ``timeline_metrics``; every text from the data is escaped (see ``_common.escape``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,97 @@ def plot_usage_heatmap(usage: pd.DataFrame, *, highlight: list[str] | None = Non
             fig.add_shape(type="line", xref="paper", x0=0, x1=1, yref="y", y0=i - 0.5, y1=i - 0.5,
                           line=dict(color="#222", width=2))
     return fig
+
+
+def plot_expert_load(load: pd.DataFrame, *, highlight: list[str] | None = None,
+                     title: str | None = None) -> go.Figure:
+    """The dispatch of mixture-of-experts layers (``expert_load(routing)``): a layer × expert
+    heatmap of each expert's share of the tokens the layer actually sent (``share``, adding up to
+    1 per layer; white is the fair share ``1/E``, red an expert sent more, blue less) and, beside
+    it, each layer's auxiliary load-balancing loss (``E · Σ_e (tokens_e / N) · usage_e``, ``top_k``
+    when balanced: dashed) with its fewest and most tokens per expert. One row per router; a layer
+    whose router collapsed shows as one red cell, however healthy the average over layers.
+    ``highlight``: site names (a finding's ``sites``) whose rows are outlined."""
+    fn = "plot_expert_load"
+    require(load, ["site", "expert", "tokens", "share"], fn, "lily_lab.expert_load(routing)")
+    if load.empty:
+        return message_figure(title or "Tokens sent to each expert", "no top-k router in this recording")
+    df = load.assign(layer=layers(load), module=modules(load))
+    order = [c for c in ("module", "index") if c in df.columns]
+    sites = df.drop_duplicates("site")
+    sites = sites.sort_values(order, kind="stable") if order else sites
+    experts = sorted(df["expert"].unique().tolist())
+    E = len(experts)
+    share = df.groupby(["site", "expert"])["share"].sum().unstack().reindex(index=sites["site"], columns=experts)
+    tokens = df.groupby(["site", "expert"])["tokens"].sum().unstack().reindex(index=sites["site"], columns=experts)
+    y = [escape(s) for s in sites["site"]]
+    ticks = [site_label(m, l) for m, l in zip(sites["module"], sites["layer"])]
+    n = sites.set_index("site")["n_tokens"] if "n_tokens" in sites.columns else None
+    k = sites.set_index("site")["top_k"] if "top_k" in sites.columns else None
+    usage = (df.groupby(["site", "expert"])["usage"].sum().unstack().reindex(index=sites["site"], columns=experts)
+             if "usage" in df.columns else None)
+    hover = []
+    for i, site in enumerate(sites["site"]):
+        row = []
+        for j, e in enumerate(experts):
+            c = tokens.iat[i, j]
+            text = (f"{ticks[i]} ({y[i]})<br>expert {e}: {fmt(share.iat[i, j])} of the layer's dispatch "
+                    f"(fair share 1/E = {1 / E:.3f})")
+            if n is not None and n[site]:
+                text += f"<br>sent {int(c):,} of {int(n[site]):,} tokens ({c / n[site]:.0%})"
+            if k is not None:
+                text += f", top-{int(k[site])}"
+            if usage is not None:
+                text += f"<br>mean router probability {fmt(usage.iat[i, j])}"
+            row.append(text)
+        hover.append(row)
+    both = n is not None and k is not None and usage is not None
+    head = (f"Tokens sent to each expert, per layer ({len(y)} router{'s' * (len(y) != 1)} × {E} experts"
+            + (f", top-{int(k.iloc[0])}" if k is not None and k.nunique() == 1 else "") + ")")
+    if title is None and both:
+        head += ("<br><sup>red: an expert sent every token · bars: each layer's aux loss (dashed: balanced), "
+                 "labelled with the fewest–most tokens an expert was sent</sup>")
+    fig = figure(escape(title) if title else head, height=max(320, 160 + 26 * len(y)),
+                 xaxis=dict(title=dict(text="expert"), tickmode="array", tickvals=experts,
+                            domain=[0, 0.62] if both else [0, 1]),
+                 yaxis=dict(title=dict(text="layer (router)"), tickmode="array", tickvals=y, ticktext=ticks,
+                            autorange="reversed", type="category"))
+    # Red at 1/top_k, the most an expert can be sent (every token); white at the fair share 1/E.
+    zmax = 1 / int(k.min()) if k is not None and k.min() >= 1 else 1.0
+    zmax = max(zmax, float(np.nanmax(share.to_numpy())))
+    fig.add_heatmap(z=share.to_numpy(), x=experts, y=y, zmin=0, zmax=zmax, colorscale=_dispatch_colorscale(E, zmax),
+                    hovertext=hover, hoverinfo="text", xgap=1, ygap=1, name="share",
+                    colorbar=dict(title=dict(text="share sent (white: 1/E)", side="right"),
+                                  x=0.64 if both else 1.02, len=1, thickness=14))
+    if both:
+        N = n.reindex(sites["site"]).to_numpy(dtype=float)
+        frac = tokens.to_numpy(dtype=float) / np.where(N > 0, N, np.nan)[:, None]
+        aux = E * np.nansum(frac * usage.to_numpy(dtype=float), axis=1)
+        lo, hi = tokens.min(axis=1).to_numpy(), tokens.max(axis=1).to_numpy()
+        fig.add_bar(x=aux.tolist(), y=y, orientation="h", xaxis="x2", yaxis="y", name="aux loss",
+                    marker=dict(color=NEUTRAL), text=[f"{int(a):,}–{int(b):,}" for a, b in zip(lo, hi)],
+                    textposition="auto", showlegend=False,
+                    hovertext=[f"{ticks[i]}<br>aux loss {fmt(aux[i])} (balanced: {int(k[site])})<br>tokens per expert: "
+                               f"fewest {int(lo[i]):,}, most {int(hi[i]):,}" for i, site in enumerate(sites["site"])],
+                    hoverinfo="text")
+        fig.update_layout(xaxis2=dict(domain=[0.78, 1], anchor="y", rangemode="tozero",
+                                      title=dict(text="aux loss")))
+        if k.nunique() == 1:
+            fig.add_vline(x=float(k.iloc[0]), xref="x2", line=dict(dash="dash", color=SEVERITY_COLORS["ok"], width=1))
+    marked = set(highlight or ())
+    for i, site in enumerate(sites["site"]):
+        if site in marked:
+            fig.add_shape(type="rect", xref="x domain", x0=0, x1=1, yref="y", y0=i - 0.5, y1=i + 0.5,
+                          line=dict(color=SEVERITY_COLORS["critical"], width=3))
+    return fig
+
+
+def _dispatch_colorscale(E: int, zmax: float) -> list[list]:
+    """Blue below the fair share ``1/E``, white at it, red above, on ``[0, zmax]``."""
+    mid = (1 / max(E, 1)) / zmax
+    if mid >= 0.99:
+        return [[0.0, "#2166ac"], [1.0, "#f7f7f7"]]
+    return [[0.0, "#2166ac"], [mid / 2, "#92c5de"], [mid, "#f7f7f7"], [(1 + mid) / 2, "#f4a582"], [1.0, "#b2182b"]]
 
 
 def plot_usage_bars(usage: pd.DataFrame, site: str, *, title: str | None = None) -> go.Figure:
@@ -228,5 +319,5 @@ def plot_mixture_modes(modes: pd.DataFrame, site: str, *, title: str | None = No
     return fig
 
 
-__all__ = ["plot_usage_heatmap", "plot_usage_bars", "plot_label_usage", "plot_expert_profile", "plot_metric_timeline",
+__all__ = ["plot_usage_heatmap", "plot_expert_load", "plot_usage_bars", "plot_label_usage", "plot_expert_profile", "plot_metric_timeline",
            "plot_mixture_modes", "METRIC_TITLES"]

@@ -2,10 +2,10 @@
 
 from .budget import BudgetCalculator
 from .collapse import CollapseDashboard
-from .dashboard import LilyDashboard
+from .dashboard import LilyDashboard, RoutingDashboard
 from .experts import ExpertMap, SpectrumExplorer
 from .router import RouterExplorer
 from .timeline import TimelinePlayer
 
-__all__ = ["LilyDashboard", "RouterExplorer", "ExpertMap", "SpectrumExplorer", "CollapseDashboard",
+__all__ = ["LilyDashboard", "RoutingDashboard", "RouterExplorer", "ExpertMap", "SpectrumExplorer", "CollapseDashboard",
            "TimelinePlayer", "BudgetCalculator"]

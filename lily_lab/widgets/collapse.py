@@ -7,7 +7,8 @@ import ipywidgets as W
 import pandas as pd
 
 from .. import plots
-from ..analysis import diagnose, expert_similarity
+from ..analysis import diagnose, expert_load, expert_similarity
+from ..core import adapter_sites
 from ..core.errors import NonFiniteWeightsError
 from ..observe import Routing
 from ..plots import FINDING_CSS, SEVERITY_COLORS, count_label, finding_html
@@ -15,6 +16,9 @@ from ._common import ALL, FigurePane, caption, check_inputs, dropdown, escape, g
 
 HEATMAP_NOTE = ("Each cell: an expert's usage at a site; white is the fair share 1/E, red an expert used more, "
                 "blue less. A red outline marks the sites of the selected finding.")
+DISPATCH_NOTE = ("Each cell: the share of a mixture-of-experts layer's tokens actually sent to an expert; white is "
+                 "the fair share 1/E, red every token, blue fewer. A red outline marks the layers of the selected "
+                 "finding; the bars give each layer's aux loss.")
 SIMILARITY_NOTE = ("The bank of the selected finding: the cosine of each pair of its B experts. 1 means copies "
                    "(the second expert adds parameters but no capacity), 0 unrelated.")
 
@@ -30,12 +34,18 @@ class CollapseDashboard(W.VBox):
         self.diagnosis = diagnose(model, routing, thresholds)
         self.findings = self.diagnosis.to_frame()
         self.usage = routing.usage() if routing is not None else None
+        # The dispatch of mixture-of-experts layers (top-k routers), for their findings.
+        self.load = None
+        if routing is not None and any(routing.record(s).top_k for s in routing.sites):
+            self.load = expert_load(routing)
         try:
-            self.similarity = expert_similarity(model)
+            self.similarity = expert_similarity(model) if adapter_sites(model) else None
         except NonFiniteWeightsError:  # a diverged run: the nonfinite_weights card says where
+            self.similarity = None
+        if self.similarity is None:
             self.similarity = pd.DataFrame(columns=["group", "expert_i", "expert_j", "cosine"])
         findings = self.diagnosis.findings
-        options = [("no finding (plain usage heatmap)", ALL)] + [
+        options = [("no finding (plain heatmap)", ALL)] + [
             (f"{i + 1}. {f.severity}: {f.kind} ({count_label(len(f.sites), f.scope)})", i)
             for i, f in enumerate(findings)]
         self.finding = dropdown(options, description="show on the figure", width="min(560px, 100%)",
@@ -94,6 +104,12 @@ class CollapseDashboard(W.VBox):
                 self.caption.value = caption(SIMILARITY_NOTE).value
                 guarded(self.heat, lambda: plots.plot_expert_similarity(self.similarity, bank))
                 return
+        if self.load is not None and (set(self.selected_sites) & set(self.load.site)
+                                      or (f is None and self.usage is not None
+                                          and set(self.usage.site) <= set(self.load.site))):
+            self.caption.value = caption(DISPATCH_NOTE).value
+            guarded(self.heat, lambda: plots.plot_expert_load(self.load, highlight=self.selected_sites))
+            return
         self.caption.value = caption(HEATMAP_NOTE).value
         if self.usage is not None and not self.usage.empty:
             guarded(self.heat, lambda: plots.plot_usage_heatmap(self.usage, highlight=self.selected_sites))

@@ -74,6 +74,10 @@ class SpectrumExplorer(W.VBox):
     def __init__(self, model, routing: Routing | None = None, baseline=None, *, height: int = 420):
         check_inputs("SpectrumExplorer", model, routing)
         super().__init__()
+        if not adapter_sites(model):
+            self.children = [empty_notice("SpectrumExplorer: no low-rank update in this model (no Lily or LoRA "
+                                          "adapter), so there is no ΔW to take the spectrum of.")]
+            return
         parts = [delta_spectra(model)]
         if routing is not None:
             parts.append(delta_spectra(model, routing))

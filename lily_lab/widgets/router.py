@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipywidgets as W
 
 from .. import plots
-from ..analysis import expert_layer_profile, mixture_modes, router_metrics, specialization
+from ..analysis import expert_layer_profile, expert_load, mixture_modes, router_metrics, specialization
 from ..observe import Routing, record_routing
 from ..plots import bank_label, site_label
 from ..core.errors import InputError
@@ -20,10 +20,16 @@ VIEWS = {
     "modes": ("routing modes", "The mixtures batch, sequence and token routing would apply at this site"),
     "profile": ("across layers", "Each expert of this site's bank, its usage at every layer of the group"),
     "sentence": ("sentence × sites", "One recorded sequence across every routed site: colour = top expert"),
+    "dispatch": ("tokens sent", "Mixture-of-experts layers: the share of the tokens each layer actually sent to each "
+                                "expert, every layer at once, the selected one outlined"),
 }
+#: Views of Lily's mixtures (one bank shared across layers, routing modes): left out for a
+#: recording of mixture-of-experts routers only, whose layers each have experts of their own.
+LILY_VIEWS = ("modes", "profile")
 # Which controls a view reads; the others are disabled while it is shown.
 USES = {"usage": {"module", "layer", "label"}, "tokens": {"module", "layer", "label"}, "labels": {"module", "layer"},
-        "modes": {"module", "layer"}, "profile": {"module"}, "sentence": {"label", "sequence"}}
+        "modes": {"module", "layer"}, "profile": {"module"}, "sentence": {"label", "sequence"},
+        "dispatch": {"module", "layer"}}
 CAPTIONS = {
     "usage": "Bars: how much of the site's routing each expert receives (mean of p over tokens). Equal bars at the "
              "dashed line 1/E: balanced; one tall bar: the router sends everything to one expert.",
@@ -37,6 +43,10 @@ CAPTIONS = {
                "with a flat line serves every layer alike, a peaked one serves a few layers.",
     "sentence": "Rows: sites (module · layer); columns: the sequence's tokens. Colour: the token's top expert; a "
                 "stronger tint: a more decisive router. Hover a cell for the whole distribution.",
+    "dispatch": "Rows: the mixture-of-experts layers; columns: their experts. Colour: the share of the layer's "
+                "tokens actually sent to the expert (white: the fair share 1/E, red: every token). Bars: each "
+                "layer's auxiliary load-balancing loss (top_k when balanced, dashed), labelled with the fewest and "
+                "most tokens an expert was sent. One collapsed layer shows here, however healthy the average.",
 }
 
 
@@ -65,13 +75,17 @@ class RouterExplorer(W.VBox):
             self.by_label = specialization(routing, by="label")
         except ValueError:
             self.by_label = None
-        self.profile = expert_layer_profile(routing)
-        self.modes = mixture_modes(routing)
+        self.has_lily = bool((self.metrics.top_k == 0).any())
+        self.load = expert_load(routing) if (self.metrics.top_k > 0).any() else None
+        self.profile = expert_layer_profile(routing) if self.has_lily else None
+        self.modes = mixture_modes(routing) if self.has_lily else None
+        self.views = {k: v for k, v in VIEWS.items()
+                      if (self.has_lily or k not in LILY_VIEWS) and (k != "dispatch" or self.load is not None)}
         self.predictions = predictions
         modules = list(dict.fromkeys(self.metrics.module))
         self.module = dropdown(modules, description="module", tooltip="The adapted module (target) to look at")
         self.layer = dropdown([], description="layer", tooltip="The layer of the module: together they pick one site")
-        self.view = toggles(VIEWS, "usage")
+        self.view = toggles(self.views, "usage" if self.has_lily or self.load is None else "dispatch")
         labels = [] if self.by_label is None else list(dict.fromkeys(self.by_label.value))
         self.label = dropdown([("all labels", ALL)] + [(str(v), v) for v in labels], description="label",
                               tooltip="Only the tokens of sequences with this label (views that use tokens)")
@@ -193,6 +207,10 @@ class RouterExplorer(W.VBox):
                 return f"{where} — no tokens with label {escape(label)}"
             return (f"{where} · label <b>{escape(label)}</b> — {n:,} tokens · load entropy "
                     f"{part.load_entropy.iloc[0]:.3f} · max usage {part.usage.max():.3f} · routing {escape(m.routing)}")
+        if m.top_k:
+            return (f"{where} — {int(m.n_tokens):,} tokens · top-{int(m.top_k)} of {int(m.num_B)} experts · tokens "
+                    f"per expert {int(m.tokens_min):,}–{int(m.tokens_max):,} · aux loss {m.aux_loss:.3f} · "
+                    f"load entropy {m.load_entropy:.3f} · routing MI {m.routing_mi:.3f}")
         return (f"{where} — {int(m.n_tokens):,} tokens · load entropy {m.load_entropy:.3f} · "
                 f"routing MI {m.routing_mi:.3f} · max usage {m.max_usage:.3f} · routing {escape(m.routing)}")
 
@@ -215,6 +233,8 @@ class RouterExplorer(W.VBox):
             if self.by_label is None:
                 raise InputError("no labels in this recording: call recorder.annotate(labels=…) after each call")
             return plots.plot_label_usage(self.by_label, site)
+        if view == "dispatch":
+            return plots.plot_expert_load(self.load, highlight=[site])
         if view == "modes":
             return plots.plot_mixture_modes(self.modes, site)
         if view == "sentence":
