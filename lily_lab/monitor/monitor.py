@@ -25,7 +25,7 @@ from torch import nn
 
 from ..analysis import bank_summary, diagnose, router_metrics
 from ..analysis.diagnose import Thresholds, as_thresholds
-from ..core import adapter_sites
+from ..core import adapter_sites, router_sites
 from ..core.errors import InputError, LilyLabTypeError
 from ..core.layer import require_module
 from ..observe import Routing, Timeline, bank_snapshot, record_routing
@@ -36,6 +36,9 @@ logger = logging.getLogger("transformers.trainer")  # the Trainer's own logger: 
 PREFIX = "lily"
 #: The router metrics summarised per module across layers (docs/metrics.md).
 SUMMARY_METRICS = ("load_entropy", "routing_mi", "max_usage", "z_loss")
+#: Logged too for top-k routers (mixture-of-experts layers): the load each layer really sent
+#: (docs/metrics.md, "Top-k routers"); Lily sites have none.
+TOPK_METRICS = ("aux_loss", "tokens_min", "tokens_max", "tokens_std")
 #: The statistics across a module's layers.
 STATS = ("min", "median", "max")
 #: The findings watched for an early warning: diagnose's bank and router checks.
@@ -105,9 +108,10 @@ class RoutingMonitor:
         traffic, self._thresholds = check_options("RoutingMonitor", probe=probe, traffic=traffic, per=per,
                                                   warn_after=warn_after, stop_on=stop_on, thresholds=thresholds,
                                                   timeline=timeline)
-        routed = [s for s in adapter_sites(model) if s.router is not None and s.num_B >= 2]
+        routed = [s for s in adapter_sites(model) if s.router is not None and s.num_B >= 2] + router_sites(model)
         if not routed:
-            raise InputError("RoutingMonitor: this model has no routed adapter sites (Lily with num_B ≥ 2)")
+            raise InputError("RoutingMonitor: this model has no routed sites (Lily with num_B ≥ 2, or the top-k "
+                             "routers of a mixture-of-experts model)")
         self.model = model
         self.traffic = traffic
         self.per = ("site" if len(routed) <= AUTO_SITES else "module") if per == "auto" else per
@@ -175,7 +179,7 @@ class RoutingMonitor:
         out: dict[str, float] = {}
         if self.per in ("module", "both"):
             for module, rows in m.groupby("module", sort=False):
-                for metric in SUMMARY_METRICS:
+                for metric in SUMMARY_METRICS + TOPK_METRICS:
                     values = rows[metric].dropna().to_numpy()
                     if len(values):
                         out[f"{PREFIX}/{module}/{metric}/min"] = float(values.min())
@@ -183,7 +187,7 @@ class RoutingMonitor:
                         out[f"{PREFIX}/{module}/{metric}/max"] = float(values.max())
         if self.per in ("site", "both"):
             for row in m.itertuples():
-                for metric in SUMMARY_METRICS:
+                for metric in SUMMARY_METRICS + TOPK_METRICS:
                     value = getattr(row, metric)
                     if np.isfinite(value):
                         out[f"{PREFIX}/{site_key(row.site)}/{metric}"] = float(value)
