@@ -59,3 +59,21 @@ def batch(seed: int = 0, b: int = 3, t: int = 7):
     for i in range(1, b):
         mask[i, t - i:] = 0
     return ids, mask
+
+
+def steer(m, layer: int, expert: int, sign: float = 1.0) -> None:
+    """Make ``layer``'s router give ``expert`` a logit of ``sign · 100`` for every token of
+    ``batch()`` (21 router inputs of 32 dimensions: ``H d = 1`` has an exact solution): ``+``
+    sends every token there, ``-`` none."""
+    gate = m.model.layers[layer].mlp.gate
+    seen = []
+    hook = gate.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    ids, mask = batch()
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=mask)
+    hook.remove()
+    H = seen[0]
+    d = torch.linalg.lstsq(H, torch.ones(len(H), 1)).solution[:, 0]
+    assert torch.allclose(H @ d, torch.ones(len(H)), atol=1e-3)
+    with torch.no_grad():
+        gate.weight[expert] = sign * 100 * d

@@ -20,7 +20,7 @@ import lily_lab as ll
 from lily_lab import Routing
 from lily_lab.core.routers import is_topk_router, router_sites
 
-from _tiny_moe import ARCHITECTURES, batch, model
+from _tiny_moe import ARCHITECTURES, batch, model, steer
 
 ROUTERS = {"mixtral": 2, "qwen2_moe": 1, "olmoe": 2, "deepseek_v3": 2, "gpt_oss": 2}
 
@@ -228,3 +228,36 @@ def test_a_model_without_routers_is_refused_with_what_it_has():
     with pytest.raises(ll.RoutingError, match="no mixture-of-experts router"):
         with ll.record_routing(m):
             pass
+
+
+def test_routing_monitor_logs_a_moe_models_routers_per_layer_and_across_layers():
+    """RoutingMonitor on training traffic: the per-site dispatch metrics are a recording's of the
+    same forwards, the per-module ones their min / median / max across layers, and a layer made
+    to collapse raises the early warning (the finding names it)."""
+    m = model("mixtral")
+    m.train()
+    data = [batch(seed=s) for s in range(3)]
+    monitor = ll.RoutingMonitor(m, per="both", warn_after=1)
+    with ll.record_routing(m, training_only=True) as rec:
+        for ids, mask in data:
+            m(input_ids=ids, attention_mask=mask)
+    logs = monitor.observe(3)
+    want = ll.router_metrics(rec.routing)
+    for row in want.itertuples():
+        for metric in ("aux_loss", "tokens_min", "tokens_max", "tokens_std", "load_entropy"):
+            assert logs[f"lily/{row.site}/{metric}"] == pytest.approx(getattr(row, metric), rel=1e-9)
+    for metric in ("aux_loss", "tokens_max"):
+        assert logs[f"lily/mlp.gate/{metric}/max"] == pytest.approx(want[metric].max(), rel=1e-9)
+        assert logs[f"lily/mlp.gate/{metric}/median"] == pytest.approx(want[metric].median(), rel=1e-9)
+    assert not any(k.endswith("expert_cosine") for k in logs)  # no bank of low-rank experts here
+    assert not monitor.warnings
+    # Layer 1's router sends every token of batch() to expert 3: the early warning names that layer alone.
+    m.eval()  # steering runs the batch once: not training traffic
+    steer(m, layer=1, expert=3)
+    m.train()
+    with torch.no_grad():
+        m(input_ids=data[0][0], attention_mask=data[0][1])
+    monitor.observe(6)
+    dominant = [w for w in monitor.warnings if w.kind == "dominant_expert"]
+    assert dominant and dominant[0].sites == ["model.layers.1.mlp.gate"]
+    monitor.close()

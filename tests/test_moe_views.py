@@ -18,7 +18,7 @@ import transformers as T
 import lily_lab as ll
 from lily_lab import plots, widgets
 
-from _tiny_moe import batch, config
+from _tiny_moe import batch, config, steer
 
 LAYERS = 4
 
@@ -43,24 +43,6 @@ def record(m, ids, mask, labels=None):
         if labels is not None:
             rec.annotate(labels=labels)
     return rec.routing
-
-
-def steer(m, layer: int, expert: int, sign: float = 1.0) -> None:
-    """Make ``layer``'s router give ``expert`` a logit of ``sign · 100`` for every token of
-    ``batch()`` (21 router inputs of 32 dimensions: ``H d = 1`` has an exact solution): ``+``
-    sends every token there, ``-`` none."""
-    gate = m.model.layers[layer].mlp.gate
-    seen = []
-    hook = gate.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    ids, mask = batch()
-    with torch.no_grad():
-        m(input_ids=ids, attention_mask=mask)
-    hook.remove()
-    H = seen[0]
-    d = torch.linalg.lstsq(H, torch.ones(len(H), 1)).solution[:, 0]
-    assert torch.allclose(H @ d, torch.ones(len(H)), atol=1e-3)
-    with torch.no_grad():
-        gate.weight[expert] = sign * 100 * d
 
 
 def kinds(d):
