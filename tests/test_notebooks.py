@@ -15,7 +15,7 @@ LIMIT_S = 240
 
 
 PLANNED = ["01_quickstart.ipynb", "02_teaching_peft.ipynb", "03_diagnosing_expert_collapse.ipynb",
-           "04_delta_w_spectra.ipynb", "05_lily_on_a_small_llm.ipynb"]
+           "04_delta_w_spectra.ipynb", "05_lily_on_a_small_llm.ipynb", "06_beyond_lily.ipynb"]
 
 
 def test_the_notebooks_are_the_documented_ones():
