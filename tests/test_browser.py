@@ -709,23 +709,10 @@ def test_timeline_player_experts_view(lab):
     except Exception:
         _save_failure(page, "timeline_experts")
         raise
-    # Two runs: a notebook of their own, written through the server's contents API.
-    import urllib.request
-
-    nb = OUT / "_player.ipynb"
-    _lab.write_notebook(nb, [PLAYER], hide_sources=True)
-    body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nb.read_text())}).encode()
-    nb.unlink()
-    urllib.request.urlopen(urllib.request.Request(f"{lab.url}/api/contents/player.ipynb", data=body, method="PUT",
-                                                  headers={"Content-Type": "application/json"}), timeout=30)
-    player = lab.browser.new_page(viewport={"width": 1280, "height": 720})
+    # Two runs: a notebook of their own.
+    player = _own_notebook(lab, "player", PLAYER)
     try:
-        # A workspace of its own: JupyterLab would otherwise reopen the dashboard beside it.
-        player.goto(f"{lab.url}/lab/workspaces/player/tree/player.ipynb?reset")
-        player.wait_for_selector(".jp-Notebook", timeout=90_000)
-        player.wait_for_selector(_lab.IDLE, timeout=90_000)
-        player.click("li.lm-MenuBar-item:has-text('Run')")
-        player.click("li.lm-Menu-item:has-text('Run All Cells')")
+        _run_all(player)
         printed = player.wait_for_selector(".jp-OutputArea-output:has-text('PLAYER')", timeout=300_000).inner_text()
         assert printed.split()[-1] == str(2 * 3 + 2), printed
         player.wait_for_selector(f"{PLAYER_SCOPE} .js-plotly-plot .main-svg", timeout=90_000)
@@ -745,6 +732,34 @@ def test_timeline_player_experts_view(lab):
     finally:
         player.close()
     report.assert_clean()
+
+
+def _own_notebook(lab, name: str, source: str):
+    """A page of its own showing ``<name>.ipynb``, one cell of ``source`` written through the
+    server's contents API, in a workspace of its own (JupyterLab would otherwise reopen the
+    dashboard beside it), its kernel idle."""
+    import urllib.request
+
+    nb = OUT / f"_{name}.ipynb"
+    _lab.write_notebook(nb, [source], hide_sources=True)
+    body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nb.read_text())}).encode()
+    nb.unlink()
+    urllib.request.urlopen(urllib.request.Request(f"{lab.url}/api/contents/{name}.ipynb", data=body, method="PUT",
+                                                  headers={"Content-Type": "application/json"}), timeout=30)
+    page = lab.browser.new_page(viewport={"width": 1280, "height": 720})
+    try:
+        page.goto(f"{lab.url}/lab/workspaces/{name}/tree/{name}.ipynb?reset")
+        page.wait_for_selector(".jp-Notebook", timeout=90_000)
+        page.wait_for_selector(_lab.IDLE, timeout=90_000)
+    except Exception:
+        page.close()
+        raise
+    return page
+
+
+def _run_all(page) -> None:
+    page.click("li.lm-MenuBar-item:has-text('Run')")
+    page.click("li.lm-Menu-item:has-text('Run All Cells')")
 
 
 # ------------------------------------------------------------------------- a mixture-of-experts model
@@ -783,22 +798,10 @@ def test_moe_dashboard_routers_and_diagnosis(lab):
     """Both tabs of a mixture-of-experts model's dashboard, every toggle view of Routers (the
     "tokens sent" view first), read back as the Lily dashboard's are. Screenshots:
     ``moe_dashboard_<tab>.png`` and ``moe_dashboard_<tab>_<view>.png``."""
-    import urllib.request
-
-    nb = OUT / "_moe.ipynb"
-    _lab.write_notebook(nb, [MOE], hide_sources=True)
-    body = json.dumps({"type": "notebook", "format": "json", "content": json.loads(nb.read_text())}).encode()
-    nb.unlink()
-    urllib.request.urlopen(urllib.request.Request(f"{lab.url}/api/contents/moe.ipynb", data=body, method="PUT",
-                                                  headers={"Content-Type": "application/json"}), timeout=30)
-    page = lab.browser.new_page(viewport={"width": 1280, "height": 720})
+    page = _own_notebook(lab, "moe", MOE)
     report = Report("mixture of experts")
     try:
-        page.goto(f"{lab.url}/lab/workspaces/moe/tree/moe.ipynb?reset")
-        page.wait_for_selector(".jp-Notebook", timeout=90_000)
-        page.wait_for_selector(_lab.IDLE, timeout=90_000)
-        page.click("li.lm-MenuBar-item:has-text('Run')")
-        page.click("li.lm-Menu-item:has-text('Run All Cells')")
+        _run_all(page)
         printed = page.wait_for_selector(".jp-OutputArea-output:has-text('MOE')", timeout=300_000).inner_text()
         assert printed.split()[-1] == "2", printed
         page.wait_for_selector(f"{SCOPE} .js-plotly-plot .main-svg", timeout=90_000)
