@@ -261,3 +261,29 @@ def test_routing_monitor_logs_a_moe_models_routers_per_layer_and_across_layers()
     dominant = [w for w in monitor.warnings if w.kind == "dominant_expert"]
     assert dominant and dominant[0].sites == ["model.layers.1.mlp.gate"]
     monitor.close()
+
+
+def test_routing_callback_logs_a_moe_models_routers_into_the_trainer(tmp_path):
+    """RoutingCallback on a tiny Mixtral fine-tuned by transformers' Trainer: each logging step's
+    history holds every layer's dispatch metrics and the module's min / median / max, and the
+    timeline is saved in the run's folder."""
+    import transformers
+
+    m = model("mixtral")
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(3, 64, (6,), generator=g)), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": ids} for _ in range(16)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=2,
+                                          use_cpu=True, disable_tqdm=True)
+    cb = ll.RoutingCallback(per="both")
+    trainer = transformers.Trainer(model=m, args=args, train_dataset=rows, callbacks=[cb])
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+    for h in logged:
+        for s in router_sites(m):
+            assert h[f"lily/{s.name}/tokens_max"] <= 2 * 4 * 6  # at most every token of the two steps' batches
+            assert h[f"lily/{s.name}/aux_loss"] >= 0
+        assert h["lily/mlp.gate/aux_loss/min"] <= h["lily/mlp.gate/aux_loss/median"] <= h["lily/mlp.gate/aux_loss/max"]
+    assert ll.Timeline.load(tmp_path / "lily_timeline.npz").steps == [2, 4]
