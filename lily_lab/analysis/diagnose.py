@@ -26,7 +26,7 @@ from ..core.errors import InputError, LilyLabError, LilyLabTypeError
 from ..core.inject import get_state
 from ..core.palette import SEVERITY_COLORS
 from ..core.layer import require_module
-from ..core.routers import router_sites
+from ..core.sites import sites_or_routers
 from ..observe.routing import Routing
 from .causal import CausalConsistencyError, batch_of, causal_consistency, is_causal_lm, pad_token_id, \
     recorded_sequences, vocab_size
@@ -221,11 +221,7 @@ def diagnose(model: nn.Module, routing: Routing | None = None, thresholds: Thres
     require_module(model, "diagnose")
     if routing is not None:
         require_routing(routing, "diagnose")
-    sites = adapter_sites(model)
-    routers = [] if sites else router_sites(model)
-    if not sites and not routers:
-        raise InputError("diagnose needs a model with a Lily (or LoRA) adapter or the top-k routers of a "
-                         "mixture-of-experts model; this one has no adapter sites and no router")
+    sites, routers = sites_or_routers(model, "diagnose")
     d = Diagnosis()
     bad: dict = {}
     if sites:
@@ -446,7 +442,8 @@ def _check_dominant_dispatch(m: pd.DataFrame, routing: Routing, t: Thresholds) -
 
 
 def _fair_tokens(rec) -> float:
-    """The tokens each expert of a top-k router would be sent under a perfectly balanced dispatch."""
+    """The tokens each expert of a top-k router would be sent under a perfectly balanced dispatch
+    (``rec``: a SiteRecord or a ``router_metrics`` row: ``top_k``, ``n_tokens``, ``num_B``)."""
     return rec.top_k * rec.n_tokens / rec.num_B
 
 
@@ -477,7 +474,7 @@ def _check_dead_dispatch(m: pd.DataFrame, routing: Routing, t: Thresholds) -> Fi
 
 def _note_small_dispatch(m: pd.DataFrame, t: Thresholds, d: Diagnosis) -> None:
     """A note naming the top-k routers whose recording is too small for ``dead_expert``."""
-    small = [s for s in m.itertuples() if 0 < s.top_k < s.num_B and s.top_k * s.n_tokens / s.num_B < t.dead_min_tokens]
+    small = [s for s in m.itertuples() if 0 < s.top_k < s.num_B and _fair_tokens(s) < t.dead_min_tokens]
     if small:
         d.notes.append(f"dead_expert not checked at {_layers([_layer_of(s) for s in small])}: a fair share there is "
                        f"under {t.dead_min_tokens:g} tokens per expert (top_k · tokens / experts), too few to call "

@@ -27,10 +27,10 @@ from ..analysis import (bank_summary, delta_spectra, diagnose, expert_layer_prof
                        rank_summary, router_metrics, specialization, top_tokens)
 from ..analysis.finite import describe, nonfinite_counts
 from ..analysis.layout import sharing_layout
-from ..core import adapter_sites, adapter_summary, count_parameters
+from ..core import adapter_summary, count_parameters
 from ..core.errors import InputError, LilyLabFileError, LilyLabFileNotFoundError, LilyLabTypeError
 from ..core.layer import require_module
-from ..core.routers import router_sites
+from ..core.sites import sites_or_routers
 from ..observe.routing import Routing, RoutingError
 
 _CSS = """
@@ -360,11 +360,7 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     that embeds the report provides plotly.js). The file is written atomically.
     """
     require_module(model, "report")
-    low_rank = bool(adapter_sites(model))
-    routers = [] if low_rank else router_sites(model)
-    if not low_rank and not routers:
-        raise InputError("report needs a model with a Lily (or LoRA) adapter or mixture-of-experts routers; this one "
-                         "has no adapter sites and no router")
+    sites, routers = sites_or_routers(model, "report")
     if routing is not None and not isinstance(routing, Routing):
         raise LilyLabTypeError(f"routing must be a lily_lab.Routing (recorder.routing) or None, got "
                                f"{type(routing).__name__}")
@@ -377,7 +373,7 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     if not path.parent.is_dir():
         raise LilyLabFileNotFoundError(f"report: the directory {str(path.parent)!r} does not exist; create it first")
     page = _Page(include_plotlyjs)
-    if not low_rank:
+    if not sites:
         return _moe_report(page, model, routers, routing, path, title, tokenizer, predictions)
     counts = count_parameters(model)
     page.section("adapter", "Adapter", f"{counts['adapter']:,} adapter parameters; {counts['trainable']:,} trainable "
@@ -386,7 +382,6 @@ def report(model, routing: Routing | None = None, path: str | os.PathLike = "lil
     page.figure(plots.plot_sharing_diagram(sharing_layout(model)))
     if routing is not None:
         _router_sections(page, routing, tokenizer, predictions)
-    sites = adapter_sites(model)
     bad = nonfinite_counts(sites)  # a diverged run: these banks are left out, the diagnosis says why
     skipped = (f"Left out: non-finite weights (NaN or inf) in {describe(bad)} — see the diagnosis below."
                if bad else "")

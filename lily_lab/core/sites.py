@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from .inject import get_state, match_target
+from .errors import InputError
 from .layer import LilyLayer, base_dims, require_module
+from .routers import RouterSite, router_sites
 from .xlora import XLoraSite, find_xlora
 
 
@@ -145,6 +147,18 @@ def _xlora_site(xs: XLoraSite, classifier: nn.Module) -> Site | None:
             lo += ranks[e]
     params = tuple(p for A_w, B_w, _ in experts for p in (A_w, B_w)) + tuple(classifier.parameters())
     return Site(xs.name, xs.module, xs.group, xs.index, 0, A, B, None, s, "xlora", mod, params)
+
+
+def sites_or_routers(model: nn.Module, fn: str) -> tuple[list[Site], list[RouterSite]]:
+    """What a view of ``model`` can show: its adapter sites and, when it has none, the top-k
+    routers of its mixture-of-experts layers (``[]`` when it has adapter sites). Raises
+    :class:`~lily_lab.InputError` naming ``fn`` when the model has neither."""
+    sites = adapter_sites(model)
+    routers = [] if sites else router_sites(model)
+    if not sites and not routers:
+        raise InputError(f"{fn} needs a model with a Lily (or LoRA) adapter or the top-k routers of a "
+                         "mixture-of-experts model; this one has no adapter sites and no router")
+    return sites, routers
 
 
 def lily_layers_by_group(model: nn.Module) -> dict[str, list[tuple[str, LilyLayer]]]:

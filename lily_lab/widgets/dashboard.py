@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipywidgets as W
 
 from ..core import adapter_sites
-from ..core.routers import router_sites
+from ..core.sites import sites_or_routers
 from ..observe import Routing, Timeline
 from ._common import check_inputs, empty_notice
 from .budget import BudgetCalculator
@@ -46,12 +46,7 @@ class RoutingDashboard(W.Tab):
 
             raise LilyLabTypeError(f"{name}: timeline must be a lily_lab.Timeline or None, got "
                                    f"{type(timeline).__name__}")
-        self.low_rank = bool(adapter_sites(model))
-        if not self.low_rank and not router_sites(model):
-            from ..core.errors import InputError
-
-            raise InputError(f"{name} needs a model with a Lily (or LoRA) adapter or mixture-of-experts routers; "
-                             "this one has no adapter sites and no router")
+        self.low_rank = bool(sites_or_routers(model, name)[0])
         super().__init__()
         tabs = []
         if routing is not None:
