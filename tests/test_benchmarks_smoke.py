@@ -140,6 +140,7 @@ def test_llm_record_check_catches_missing_tokens(monkeypatch):
         bench_llm.record_row(model, "tiny", SMOKE)
 
 
+@pytest.mark.full  # make test-full; tests/test_browser.py changes every control in make test
 def test_browser_benchmark_smoke_times_every_control():
     """`--smoke --only browser`: JupyterLab + Chromium on a tiny model; both rows, and a time for
     each control (no target judged at smoke size)."""
@@ -159,6 +160,7 @@ def test_browser_benchmark_smoke_times_every_control():
     assert {"Routers", "Experts", "Spectra", "Diagnosis", "Budget"} <= {t.split()[2] for t in timed}
 
 
+@pytest.mark.full  # make test-full: five MiniLM runs
 def test_measure_remedies_prints_one_row_per_run(capsys):
     """The measurement behind diagnose's remedy text, at 64 tweets and 2 steps: every run trains
     and prints its two cosines and an accuracy (numbers at this size mean nothing)."""

@@ -554,6 +554,7 @@ def test_every_control_1280x720_side_panel_open(lab):
     _pass(page, "1280×720, side panel open, every control", full=True, shots="dashboard").assert_clean()
 
 
+@pytest.mark.full  # make test-full: the sweep above at 1280×720 is the one `make test` runs
 def test_every_tab_1280x720_side_panel_closed(lab):
     """The same page after Ctrl+B closed the side panel: the notebook (and the dashboard) widen."""
     page = lab.page
@@ -574,6 +575,7 @@ def test_every_tab_1280x720_side_panel_closed(lab):
     report.assert_clean()
 
 
+@pytest.mark.full
 def test_every_tab_1920x1080(lab):
     """A fresh page at 1920×1080 (the notebook run again in the same kernel)."""
     page = lab.open(1920, 1080)
