@@ -79,12 +79,24 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch, tmp_path):
 
 
 def test_an_interrupted_first_load_leaves_no_copy(smollm2, monkeypatch, tmp_path):
-    from transformers import LlamaForCausalLM
+    """Interrupted while the copy is being written (part of the weights file on disk): nothing is
+    left in the cache folder. The GGUF read is replaced by a tiny Llama, so the interruption comes
+    in seconds rather than after the 40 s de-quantization; the write path is the real one."""
+    from pathlib import Path
 
-    def fail(self, *a, **k):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=smollm2[2].config.vocab_size, hidden_size=16,
+                                        intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+
+    def interrupted(self, folder, *a, **k):
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 4096)  # a part of the weights written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", fail)
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         llm.load_smollm2(tmp_path)
     assert not any(tmp_path.iterdir())

