@@ -313,3 +313,11 @@ def test_x_lora_parts_that_do_not_fit_are_refused(models):
     finally:
         owner.layer_number = 1
     assert len(ll.adapter_sites(m)) == N_LAYERS
+
+
+def test_causal_consistency_names_x_lora_not_lora(models):
+    """causal_consistency measures Lily's routing modes; on X-LoRA it says which adapter it found."""
+    ids, _ = _batch()
+    with pytest.raises(ll.TargetError, match="X-LoRA") as err:
+        ll.causal_consistency(models(), ids)
+    assert "PEFT LoRA adapter" not in str(err.value)

@@ -214,7 +214,9 @@ def _lily_owner(model: nn.Module) -> tuple[nn.Module, str]:
             return owner, "lily"
     if "peft-lily" in kinds:
         return model, "peft-lily"
-    what = "a PEFT LoRA adapter, which has no router" if kinds else "no adapter"
+    what = ("a PEFT X-LoRA adapter (its scalings are read by record_routing; causal_consistency measures Lily's "
+            "routing modes)" if "xlora" in kinds else "a PEFT LoRA adapter, which has no router" if kinds
+            else "no adapter")
     raise TargetError(f"causal_consistency needs a model with a Lily adapter (lily_lab's add_lily / load_adapter, "
                       f"or PEFT's Lily); this one has {what}")
 
