@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from ..core import adapter_sites
 from ..core.sites import sites_or_routers
 from ..observe import Routing, Timeline
 from ._common import check_inputs, empty_notice
@@ -46,7 +45,8 @@ class RoutingDashboard(W.Tab):
 
             raise LilyLabTypeError(f"{name}: timeline must be a lily_lab.Timeline or None, got "
                                    f"{type(timeline).__name__}")
-        self.low_rank = bool(sites_or_routers(model, name)[0])
+        sites = sites_or_routers(model, name)[0]
+        self.low_rank = bool(sites)
         super().__init__()
         tabs = []
         if routing is not None:
@@ -67,7 +67,7 @@ class RoutingDashboard(W.Tab):
             self.timeline = TimelinePlayer(timeline)
             tabs.append(("Timeline", self.timeline))
         if self.low_rank:
-            tabs.append(("Budget", BudgetCalculator(**_budget_of(model))))
+            tabs.append(("Budget", BudgetCalculator(**_budget_of(sites))))
         self.children = [w for _, w in tabs]
         for i, (title, _) in enumerate(tabs):
             self.set_title(i, title)
@@ -77,9 +77,8 @@ class LilyDashboard(RoutingDashboard):
     """:class:`RoutingDashboard` under its first name (the same dashboard)."""
 
 
-def _budget_of(model) -> dict:
-    """The BudgetCalculator's starting point: the model's first group."""
-    sites = adapter_sites(model)
+def _budget_of(sites) -> dict:
+    """The BudgetCalculator's starting point: the first group of the model's adapter ``sites``."""
     if not sites:
         return {}
     s0 = sites[0]
