@@ -55,22 +55,19 @@ def _private_names(source: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebooks_use_public_names_only(path):
-    """A notebook teaches the API a user has: no private lily_lab name (they may change unannounced)."""
-    nbformat = pytest.importorskip("nbformat")
-    cells = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
-    used = set().union(*(_private_names("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
-                         for src in cells))
-    assert not used, f"{path.name} uses private lily_lab names: {sorted(used)}"
-    assert _private_names("from lily_lab.app.demo import _rows\nfrom lily_lab.app import demo\ndemo._x(1)") == {"_rows", "demo._x"}
-
-
 def _code(path) -> list[str]:
     """A notebook's code cells, without IPython's ``%magic`` and ``!shell`` lines."""
     nbformat = pytest.importorskip("nbformat")
     cells = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
     return ["\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))) for src in cells]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_use_public_names_only(path):
+    """A notebook teaches the API a user has: no private lily_lab name (they may change unannounced)."""
+    used = set().union(*(_private_names(src) for src in _code(path)))
+    assert not used, f"{path.name} uses private lily_lab names: {sorted(used)}"
+    assert _private_names("from lily_lab.app.demo import _rows\nfrom lily_lab.app import demo\ndemo._x(1)") == {"_rows", "demo._x"}
 
 
 def _lily_lab_names(source: str) -> set[tuple[str, str]]:
